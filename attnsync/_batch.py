@@ -1,0 +1,275 @@
+"""`Batch`: the validated host description of one serving step, and `reorder`.
+
+A `Batch` is what the scheduler knows on the host before the step runs: how many new tokens
+each request gets, how long each sequence will be, which KV-cache pages it owns. Everything
+attnsync builds is derived from it, so it is checked here once, completely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._validate import (
+    INT32_MAX,
+    SpecError,
+    as_bool_array,
+    as_int,
+    as_int_array,
+    freeze,
+)
+
+# Region codes of the decode-first order (vllm-backends.md 1.4): decode, short extend,
+# long extend, prefill. A backend that needs decode-first order needs rows sorted by region.
+DECODE, SHORT_EXTEND, LONG_EXTEND, PREFILL = 0, 1, 2, 3
+REGION_NAMES = ("decode", "short extend", "long extend", "prefill")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Batch:
+    """Host description of one serving step (numpy int32 inside, read-only).
+
+    Every argument is keyword-only and validated on construction; a malformed batch raises
+    `SpecError` (a `ValueError`) or `TypeError` naming the field, what was expected, what was
+    received and how to fix it. Inputs may be lists, numpy arrays or CPU tensors of any
+    framework (read with `np.asarray`); device arrays are refused, since reading them would
+    synchronise.
+
+    Args:
+        query_lens: shape [R], int. New tokens of each request this step (exact).
+        seq_lens: shape [R], int. Sequence length of each request after this step, as the host
+            knows it: exact, or for rows marked inexact an upper bound (async speculative
+            decoding assumes every draft was accepted). `query_lens[r] <= seq_lens[r]`.
+        block_table: shape [R, W], int. KV-cache page ids of each request; row r needs at least
+            `ceil(seq_lens[r] / block_size)` columns. Page ids are >= 0 (0 is the null page).
+        block_size: tokens per KV-cache page, > 0.
+        seq_lens_exact: shape [R] bool, or one bool for all rows (default True). False marks a
+            row whose `seq_lens` is only an upper bound (a decode row under async speculative
+            decoding, too large by at most the number of rejected drafts). Such a row must
+            already have context and must not be prefilling.
+        is_prefilling: shape [R] bool, optional. True while a request is still in its prompt
+            (chunked prefill); separates short extends from decodes in `reorder`.
+        padded_num_reqs: rows to pad the batch to (a CUDA-graph or jit bucket), >= R.
+        padded_num_tokens: tokens to pad the batch to, >= sum(query_lens).
+        num_cache_pages: optional number of pages in the KV cache; page ids must be below it.
+
+    Attributes:
+        num_reqs: R, the real request count.
+        num_tokens: sum of `query_lens`, the real token count.
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[1, 4], seq_lens=[9, 4], block_table=[[3, 5], [7, 0]],
+        ...                        block_size=8)
+        >>> batch.num_reqs, batch.num_tokens
+        (2, 5)
+    """
+
+    query_lens: np.ndarray
+    seq_lens: np.ndarray
+    block_table: np.ndarray
+    block_size: int
+    seq_lens_exact: Any = True
+    is_prefilling: Any = None
+    padded_num_reqs: int | None = None
+    padded_num_tokens: int | None = None
+    num_cache_pages: int | None = None
+    num_reqs: int = field(init=False)
+    num_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        block_size = as_int(self.block_size, "block_size", minimum=1)
+        query_lens = as_int_array(self.query_lens, "query_lens", ndim=1, minimum=0)
+        num_reqs = query_lens.shape[0]
+        seq_lens = as_int_array(self.seq_lens, "seq_lens", ndim=1, minimum=0)
+        if seq_lens.shape[0] != num_reqs:
+            raise SpecError(
+                f"seq_lens: expected one value per request ({num_reqs}, the length of query_lens), "
+                f"received {seq_lens.shape[0]}. Fix: query_lens, seq_lens and block_table rows "
+                f"must describe the same requests."
+            )
+        block_table = as_int_array(self.block_table, "block_table", ndim=2, minimum=0)
+        if block_table.shape[0] != num_reqs:
+            if block_table.size == 0 and num_reqs == 0:
+                block_table = block_table.reshape(0, block_table.shape[1] if block_table.ndim == 2 else 0)
+            else:
+                raise SpecError(
+                    f"block_table: expected {num_reqs} rows (one per request), received shape "
+                    f"{block_table.shape}. Fix: pass one row of page ids per request."
+                )
+        too_long = query_lens > seq_lens
+        if too_long.any():
+            row = int(np.argmax(too_long))
+            raise SpecError(
+                f"query_lens: row {row} has query_len {int(query_lens[row])} > seq_len "
+                f"{int(seq_lens[row])}. seq_lens counts this step's new tokens too, so it is at "
+                f"least query_len. Fix: pass seq_lens = num_computed_tokens + query_lens."
+            )
+        total_tokens = int(query_lens.sum(dtype=np.int64))
+        if total_tokens > INT32_MAX:
+            raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
+        pages_needed = -(-seq_lens.astype(np.int64) // block_size)
+        width = block_table.shape[1]
+        narrow = pages_needed > width
+        if narrow.any():
+            row = int(np.argmax(narrow))
+            raise SpecError(
+                f"block_table: row {row} needs {int(pages_needed[row])} pages for seq_len "
+                f"{int(seq_lens[row])} at block_size {block_size}, but the table has only {width} "
+                f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
+                f"(pad unused entries with 0)."
+            )
+        if block_table.size and (int(block_table.max()) + 1) * block_size - 1 > INT32_MAX:
+            raise SpecError(
+                f"block_table: page id {int(block_table.max())} at block_size {block_size} gives "
+                f"slot ids beyond int32. Fix: the KV cache cannot have that many slots."
+            )
+        if self.num_cache_pages is not None:
+            num_pages = as_int(self.num_cache_pages, "num_cache_pages", minimum=1)
+            if block_table.size and int(block_table.max()) >= num_pages:
+                bad = np.unravel_index(int(np.argmax(block_table)), block_table.shape)
+                raise SpecError(
+                    f"block_table: page id {int(block_table.max())} at {tuple(int(i) for i in bad)} "
+                    f"is outside the cache of num_cache_pages={num_pages} pages. Fix: page ids must "
+                    f"be below num_cache_pages."
+                )
+        exact = as_bool_array(self.seq_lens_exact, "seq_lens_exact", length=num_reqs)
+        computed = seq_lens - query_lens
+        no_context = ~exact & (computed <= 0)
+        if no_context.any():
+            row = int(np.argmax(no_context))
+            raise SpecError(
+                f"seq_lens_exact: row {row} is marked inexact but has no context (seq_len "
+                f"{int(seq_lens[row])}, query_len {int(query_lens[row])}). Only decode rows under "
+                f"async speculative decoding may carry an upper bound; prefill rows are always "
+                f"exact. Fix: mark the row exact."
+            )
+        if self.is_prefilling is None:
+            prefilling = None
+        else:
+            prefilling = as_bool_array(self.is_prefilling, "is_prefilling", length=num_reqs)
+            both = prefilling & ~exact
+            if both.any():
+                row = int(np.argmax(both))
+                raise SpecError(
+                    f"seq_lens_exact: row {row} is prefilling but marked inexact. A prefilling row "
+                    f"carries no drafts, so its length is always exact. Fix: mark it exact."
+                )
+            freeze(prefilling)
+        padded_reqs = num_reqs if self.padded_num_reqs is None else as_int(
+            self.padded_num_reqs, "padded_num_reqs", minimum=0, maximum=INT32_MAX - 1
+        )
+        if padded_reqs < num_reqs:
+            raise SpecError(
+                f"padded_num_reqs: {padded_reqs} is smaller than the batch's {num_reqs} requests. "
+                f"Fix: choose a bucket >= {num_reqs} (or leave it None for no padding)."
+            )
+        padded_tokens = total_tokens if self.padded_num_tokens is None else as_int(
+            self.padded_num_tokens, "padded_num_tokens", minimum=0, maximum=INT32_MAX
+        )
+        if padded_tokens < total_tokens:
+            raise SpecError(
+                f"padded_num_tokens: {padded_tokens} is smaller than the batch's {total_tokens} "
+                f"tokens. Fix: choose a bucket >= {total_tokens} (or leave it None)."
+            )
+        set_(self, "block_size", block_size)
+        set_(self, "query_lens", freeze(query_lens))
+        set_(self, "seq_lens", freeze(seq_lens))
+        set_(self, "block_table", freeze(block_table))
+        set_(self, "seq_lens_exact", freeze(exact))
+        set_(self, "is_prefilling", prefilling)
+        set_(self, "padded_num_reqs", padded_reqs)
+        set_(self, "padded_num_tokens", padded_tokens)
+        set_(self, "num_reqs", num_reqs)
+        set_(self, "num_tokens", total_tokens)
+
+    @property
+    def num_computed_tokens(self) -> np.ndarray:
+        """shape [R], int32: `seq_lens - query_lens` (an upper bound where a row is inexact)."""
+        return self.seq_lens - self.query_lens
+
+    def regions(self, decode_threshold: int = 1) -> np.ndarray:
+        """Region of each row in the decode-first order: shape [R], int8 in {0, 1, 2, 3}.
+
+        0 decode (query_len <= threshold, not prefilling), 1 short extend (<= threshold, still
+        prefilling), 2 long extend (> threshold, has context), 3 prefill (> threshold, no
+        context). Without `is_prefilling`, short rows count as decodes.
+        """
+        threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+        short = self.query_lens <= threshold
+        prefilling = (
+            self.is_prefilling if self.is_prefilling is not None else np.zeros(self.num_reqs, dtype=bool)
+        )
+        region = np.where(
+            short,
+            np.where(prefilling, SHORT_EXTEND, DECODE),
+            np.where(self.num_computed_tokens > 0, LONG_EXTEND, PREFILL),
+        )
+        return region.astype(np.int8)
+
+    def take(self, rows: np.ndarray) -> Batch:
+        """A new batch holding `rows` of this one, in that order (padding sizes kept)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Batch(
+            query_lens=self.query_lens[rows],
+            seq_lens=self.seq_lens[rows],
+            block_table=self.block_table[rows],
+            block_size=self.block_size,
+            seq_lens_exact=self.seq_lens_exact[rows],
+            is_prefilling=None if self.is_prefilling is None else self.is_prefilling[rows],
+            padded_num_reqs=self.padded_num_reqs,
+            padded_num_tokens=self.padded_num_tokens,
+            num_cache_pages=self.num_cache_pages,
+        )
+
+
+def reorder(batch: Batch, *, decode_threshold: int = 1) -> tuple[np.ndarray, Batch]:
+    """Put `batch` in decode-first order: decode, short extend, long extend, prefill.
+
+    Host only. The order inside each region is kept (a stable sort), unlike vLLM's in-place
+    swaps, so the permutation is deterministic and easy to apply to the caller's own per-row
+    state.
+
+    Args:
+        batch: the batch to reorder.
+        decode_threshold: rows with at most this many new tokens count as decodes (1, or
+            1 + k for k speculative tokens when the backend treats them as decodes).
+
+    Returns:
+        `(permutation, reordered)`: `permutation` has shape [R], int64; row i of `reordered`
+        is row `permutation[i]` of `batch`.
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[5, 1], seq_lens=[5, 9], block_table=[[1], [2]],
+        ...                        block_size=16)
+        >>> perm, ordered = attnsync.reorder(batch)
+        >>> perm.tolist(), ordered.query_lens.tolist()
+        ([1, 0], [1, 5])
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(f"reorder: expected an attnsync.Batch, received {type(batch).__name__}.")
+    permutation = np.argsort(batch.regions(decode_threshold), kind="stable").astype(np.int64)
+    return permutation, batch.take(permutation)
+
+
+def require_decode_first(batch: Batch, *, decode_threshold: int, backend: str, strict: bool) -> None:
+    """Refuse a batch that is not in decode-first order for `backend`.
+
+    With `strict`, all four regions must be sorted (Mamba); otherwise only decodes must come
+    before everything else (FlashInfer, TurboQuant, Tree).
+    """
+    region = batch.regions(decode_threshold)
+    key = region if strict else np.minimum(region, 1)
+    if key.size > 1 and (np.diff(key) < 0).any():
+        row = int(np.argmax(np.diff(key) < 0)) + 1
+        raise SpecError(
+            f"batch: backend {backend!r} needs decode-first order (decode_threshold="
+            f"{decode_threshold}), but row {row} is a {REGION_NAMES[int(region[row])]} row after a "
+            f"{REGION_NAMES[int(region[row - 1])]} row. Fix: "
+            f"`perm, batch = attnsync.reorder(batch, decode_threshold={decode_threshold})` and apply "
+            f"`perm` to your per-request state."
+        )

@@ -1,0 +1,48 @@
+"""`attnsync.build`: the one entry point from a batch to a backend's host metadata."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ._batch import Batch
+from ._validate import SpecError
+from .backends import backend_module
+
+
+def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
+    """Build `backend`'s metadata for `batch` on the host (numpy only; the "plan" phase).
+
+    Never touches a device and never imports a framework. The result is a frozen dataclass
+    of read-only numpy arrays and host scalars, lowered to a framework by
+    `attnsync.adapters.torch.lower` or `attnsync.adapters.jax.lower`.
+
+    Args:
+        batch: the validated step description.
+        backend: one of `attnsync.available_backends()`.
+        **options: keyword options of that backend (its module docstring lists them).
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[1, 3], seq_lens=[17, 3], block_table=[[4, 9], [2, 0]],
+        ...                        block_size=16)
+        >>> md = attnsync.build(batch)
+        >>> md.query_start_loc.tolist(), md.max_seq_len, md.num_decodes
+        ([0, 1, 4], 17, 1)
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"build: expected an attnsync.Batch as the first argument, received "
+            f"{type(batch).__name__}. Fix: attnsync.build(attnsync.Batch(...), backend=...)."
+        )
+    module = backend_module(backend)
+    accepted = [
+        p.name for p in inspect.signature(module.build).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SpecError(
+            f"build: backend {backend!r} has no option(s) {unknown}; its options are {accepted}."
+        )
+    return module.build(batch, **options)

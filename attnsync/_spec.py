@@ -1,0 +1,220 @@
+"""The common host metadata every backend builds on (vLLM's CommonAttentionMetadata).
+
+Also the one place that says how a metadata field travels: every array field of a metadata
+dataclass is declared with `array_field(place=...)`:
+
+- ``"device"``: staged to the device by the adapters (one packed copy per lowering);
+- ``"host"``: stays on the host (numpy, or a CPU tensor in the torch adapter);
+- ``"both"``: a device copy plus a host mirror (vLLM's ``x`` / ``x_cpu`` pairs).
+
+Plain int/bool fields are host scalars (torch: attributes; JAX: static pytree fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._batch import DECODE, PREFILL, Batch
+from ._validate import SpecError, as_int, freeze
+
+PAD_SLOT_ID = -1  # slot of a padding token; cache-write kernels skip it (vLLM convention)
+
+
+def array_field(*, place: str, device_name: str | None = None, host_name: str | None = None) -> Any:
+    """Declare an array field and how it travels (see the module docstring).
+
+    `device_name` / `host_name` rename the field in lowered objects (vLLM's names); by default
+    the device copy keeps the field name and a host mirror of a "both" field gets `_cpu`.
+    """
+    assert place in ("device", "host", "both"), place
+    return field(metadata={"place": place, "device_name": device_name, "host_name": host_name})
+
+
+def array_fields(md: Any) -> list[dataclasses.Field]:
+    """The array fields of a metadata dataclass, in declaration order."""
+    return [f for f in dataclasses.fields(md) if "place" in f.metadata]
+
+
+def scalar_fields(md: Any) -> list[dataclasses.Field]:
+    """The host scalar fields (int, bool, str) of a metadata dataclass."""
+    return [f for f in dataclasses.fields(md) if "place" not in f.metadata]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class CommonMetadata:
+    """Metadata shared by every backend, built on the host in numpy (the "plan" phase).
+
+    R is `num_reqs` (padded request rows), T is `num_actual_tokens` (padded tokens). Arrays are
+    read-only. Padded rows follow vLLM: `query_start_loc` repeats its last value, `seq_lens` 0,
+    block-table rows 0, `slot_mapping` -1.
+
+    Attributes:
+        query_start_loc: [R+1] int32, [0] == 0, non-decreasing; row r's tokens are
+            `[query_start_loc[r], query_start_loc[r+1])`. Always exact. Device and host.
+        query_lens: [R] int32, `diff(query_start_loc)`. Host.
+        seq_lens: [R] int32, context including this step's tokens; exact where
+            `seq_lens_exact`, else an upper bound. Device (`seq_lens`) and host
+            (`seq_lens_cpu_upper_bound`).
+        seq_lens_exact: [R] bool, True for exact rows (padded rows True). Host.
+        num_computed_tokens: [R] int32, `seq_lens - query_lens` (a bound where inexact). Host.
+        is_prefilling: [R] bool, from the batch (all False when not given). Host.
+        block_table: [R, W] int32 page ids, padded rows 0. Device (`block_table_tensor`).
+        slot_mapping: [T] int32 cache slot of each new token, `page * block_size + offset`;
+            padding tokens -1. Rows that are not exact get -1 too (the host cannot know where
+            their tokens go) and `slot_mapping_exact` is False: the adapters then require exact
+            device `seq_lens` and recompute the slots on the device. Device (int64 in torch).
+        token_to_req: [T] int32 row of each token (padding tokens: R, one past the last row).
+            Host.
+        num_reqs, num_actual_tokens: R and T (padded sizes, vLLM's meaning).
+        num_scheduled_reqs, num_scheduled_tokens: the real request and token counts.
+        max_query_len: longest query (exact). max_seq_len: longest `seq_lens` (a bound).
+        block_size: tokens per page.
+        decode_threshold: rows with at most this many tokens count as decodes.
+        num_decodes, num_decode_tokens, num_extends, num_extend_tokens, num_prefills,
+        num_prefill_tokens: the split of the real rows (extends: short and long extends).
+        is_decode_first: True when decode rows come before all others.
+        all_exact: True when every row's length is exact.
+        slot_mapping_exact: True when every real token's slot is known on the host.
+    """
+
+    query_start_loc: np.ndarray = array_field(place="both")
+    query_lens: np.ndarray = array_field(place="host")
+    seq_lens: np.ndarray = array_field(place="both", host_name="seq_lens_cpu_upper_bound")
+    seq_lens_exact: np.ndarray = array_field(place="host")
+    num_computed_tokens: np.ndarray = array_field(place="host", host_name="num_computed_tokens_cpu")
+    is_prefilling: np.ndarray = array_field(place="host")
+    block_table: np.ndarray = array_field(place="device", device_name="block_table_tensor")
+    slot_mapping: np.ndarray = array_field(place="device")
+    token_to_req: np.ndarray = array_field(place="host")
+    num_reqs: int
+    num_actual_tokens: int
+    num_scheduled_reqs: int
+    num_scheduled_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    decode_threshold: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_extends: int
+    num_extend_tokens: int
+    num_prefills: int
+    num_prefill_tokens: int
+    is_decode_first: bool
+    all_exact: bool
+    slot_mapping_exact: bool
+
+
+def _pad(values: np.ndarray, length: int, fill: int | bool) -> np.ndarray:
+    out = np.full((length,) + values.shape[1:], fill, dtype=values.dtype)
+    out[: values.shape[0]] = values
+    return out
+
+
+def slot_mapping_for(
+    *,
+    token_to_req: np.ndarray,
+    positions: np.ndarray,
+    block_table: np.ndarray,
+    block_size: int,
+    valid: np.ndarray,
+) -> np.ndarray:
+    """Cache slot of each token (int32), -1 where `valid` is False. Vectorised numpy."""
+    rows = np.where(valid, token_to_req, 0)
+    pos = np.where(valid, positions, 0)
+    pages = block_table[rows, pos // block_size] if block_table.size else np.zeros_like(pos)
+    return np.where(valid, pages * block_size + pos % block_size, PAD_SLOT_ID).astype(np.int32)
+
+
+def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
+    """Build the common metadata of `batch` (host only, numpy).
+
+    Args:
+        batch: the validated batch.
+        decode_threshold: rows with at most this many new tokens count as decodes in the split.
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"batch: expected an attnsync.Batch, received {type(batch).__name__}. "
+            f"Fix: wrap your arrays in attnsync.Batch(query_lens=..., seq_lens=..., ...)."
+        )
+    threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+    n, r_pad, t_pad = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
+    t = batch.num_tokens
+    query_lens = _pad(batch.query_lens, r_pad, 0)
+    query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    seq_lens = _pad(batch.seq_lens, r_pad, 0)
+    exact = _pad(batch.seq_lens_exact, r_pad, True)
+    prefilling = (
+        _pad(batch.is_prefilling, r_pad, False)
+        if batch.is_prefilling is not None
+        else np.zeros(r_pad, dtype=bool)
+    )
+    block_table = np.zeros((r_pad, batch.block_table.shape[1]), dtype=np.int32)
+    block_table[:n] = batch.block_table
+    num_computed = seq_lens - query_lens
+
+    # token -> row with one repeat; padding tokens map to R (one past the last row).
+    token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
+    token_to_req[:t] = np.repeat(np.arange(n, dtype=np.int32), batch.query_lens)
+    offsets = np.arange(t, dtype=np.int32) - query_start_loc[token_to_req[:t]]
+    positions = np.zeros(t_pad, dtype=np.int64)
+    positions[:t] = num_computed[token_to_req[:t]] + offsets
+    valid = np.zeros(t_pad, dtype=bool)
+    valid[:t] = exact[token_to_req[:t]]
+    slot_mapping = slot_mapping_for(
+        token_to_req=token_to_req, positions=positions, block_table=block_table,
+        block_size=batch.block_size, valid=valid,
+    )
+
+    region = batch.regions(threshold)
+    is_decode = region == DECODE
+    is_prefill = region == PREFILL
+    is_extend = ~is_decode & ~is_prefill
+    real_q = batch.query_lens
+    decode_first = not (is_decode.size > 1 and (np.diff(is_decode.astype(np.int8)) > 0).any())
+    arrays = dict(
+        query_start_loc=query_start_loc, query_lens=query_lens, seq_lens=seq_lens,
+        seq_lens_exact=exact, num_computed_tokens=num_computed, is_prefilling=prefilling,
+        block_table=block_table, slot_mapping=slot_mapping, token_to_req=token_to_req,
+    )
+    for value in arrays.values():
+        freeze(value)
+    all_exact = bool(batch.seq_lens_exact.all())
+    return CommonMetadata(
+        **arrays,
+        num_reqs=r_pad,
+        num_actual_tokens=t_pad,
+        num_scheduled_reqs=n,
+        num_scheduled_tokens=t,
+        max_query_len=int(real_q.max()) if n else 0,
+        max_seq_len=int(batch.seq_lens.max()) if n else 0,
+        block_size=batch.block_size,
+        decode_threshold=threshold,
+        num_decodes=int(is_decode.sum()),
+        num_decode_tokens=int(real_q[is_decode].sum()),
+        num_extends=int(is_extend.sum()),
+        num_extend_tokens=int(real_q[is_extend].sum()),
+        num_prefills=int(is_prefill.sum()),
+        num_prefill_tokens=int(real_q[is_prefill].sum()),
+        is_decode_first=decode_first,
+        all_exact=all_exact,
+        slot_mapping_exact=all_exact,
+    )
+
+
+def require_exact(common: CommonMetadata, *, backend: str, reason: str) -> None:
+    """Refuse a batch with inexact rows for a builder that needs exact host lengths."""
+    if not common.all_exact:
+        row = int(np.argmin(common.seq_lens_exact))
+        raise SpecError(
+            f"batch: backend {backend!r} needs exact sequence lengths for every row ({reason}), but "
+            f"row {row} is marked inexact (seq_lens_exact=False). Fix: pass exact seq_lens (wait "
+            f"for the previous step's accepted-draft counts), or use an option of this backend "
+            f"that reads exact lengths on the device, if it has one."
+        )

@@ -1,0 +1,170 @@
+"""Boundary checks shared by `Batch`, the backends and the adapters.
+
+Everything a user hands to attnsync passes through these helpers exactly once. They turn
+lists, numpy arrays and CPU tensors of any framework into numpy int32/bool arrays, and
+raise `SpecError` (a `ValueError`) or `TypeError` with a message that names the field,
+says what was expected, shows what was received and says how to fix it. Code behind the
+boundary trusts the result and uses plain `assert` for invariants established here.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Any
+
+import numpy as np
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+INT32_MIN = int(np.iinfo(np.int32).min)
+
+
+class SpecError(ValueError):
+    """A batch, option or metadata value is wrong; the message says which and how to fix it."""
+
+
+def _describe(value: Any) -> str:
+    """A short description of a received value for error messages."""
+    if isinstance(value, np.ndarray):
+        body = np.array2string(value.ravel()[:8], separator=", ", threshold=8)
+        more = ", ..." if value.size > 8 else ""
+        return f"{type(value).__name__}(shape={value.shape}, dtype={value.dtype}, values={body}{more})"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _as_numpy(value: Any, field: str) -> np.ndarray:
+    """`np.asarray` for lists, numpy, and CPU tensors of any framework; refuses device memory.
+
+    A CUDA tensor converted with `np.asarray` would either fail deep inside the framework or,
+    worse, silently copy device memory to the host: exactly the synchronisation attnsync exists
+    to avoid. So device arrays are refused with a message that says where host data comes from.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    device = getattr(value, "device", None)
+    device_text = str(device) if device is not None else ""
+    if device_text and not device_text.lower().startswith(("cpu", "tfrt_cpu")):
+        raise TypeError(
+            f"{field}: expected host data (a list, a numpy array or a CPU tensor), received an array "
+            f"on device {device_text!r}. Reading it would synchronise the host with the device. "
+            f"Fix: pass the host copy your scheduler already holds (for example its numpy array)."
+        )
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # pragma: no cover - depends on exotic inputs
+        raise TypeError(f"{field}: cannot be read as an array ({exc}); received {_describe(value)}") from None
+
+
+def as_int_array(
+    value: Any,
+    field: str,
+    *,
+    ndim: int,
+    minimum: int | None = None,
+    allow_empty_2d: bool = True,
+) -> np.ndarray:
+    """Return `value` as a C-contiguous int32 numpy array with `ndim` dimensions.
+
+    Refuses bools and floats posing as integers (a float array of whole numbers is still refused:
+    a float in a length field is almost always a bug upstream), NaN, values outside int32 and,
+    with `minimum`, values below it.
+    """
+    arr = _as_numpy(value, field)
+    if arr.dtype == object and arr.size == 0:
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind == "b":
+        raise TypeError(
+            f"{field}: expected integers, received booleans {_describe(arr)}. "
+            f"Fix: pass integer counts, not a mask (bool is not accepted as an int)."
+        )
+    if arr.dtype.kind == "f":
+        what = "NaN" if np.isnan(arr).any() else "floats"
+        raise TypeError(
+            f"{field}: expected integers, received {what} {_describe(arr)}. "
+            f"Fix: convert to an integer dtype upstream (for example `np.asarray(x, dtype=np.int32)`) "
+            f"after checking the values are whole numbers."
+        )
+    if arr.dtype.kind not in "iu":
+        if arr.dtype == object:
+            for item in arr.ravel():
+                if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                    raise TypeError(
+                        f"{field}: expected integers, found element {item!r} of type "
+                        f"{type(item).__name__}. Fix: pass a list of Python ints or an integer array."
+                    )
+            arr = np.asarray(arr.tolist(), dtype=np.int64)  # host object array, not a device read
+        else:
+            raise TypeError(f"{field}: expected an integer array, received {_describe(arr)}.")
+    if arr.ndim != ndim:
+        if not (allow_empty_2d and ndim == 2 and arr.size == 0 and arr.ndim == 1):
+            raise SpecError(
+                f"{field}: expected {ndim} dimension(s), received shape {arr.shape}. "
+                f"Fix: pass {'one value per request' if ndim == 1 else 'a [num_requests, width] table'}."
+            )
+        arr = arr.reshape(0, 0)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi > INT32_MAX or lo < INT32_MIN:
+            bad = hi if hi > INT32_MAX else lo
+            raise SpecError(
+                f"{field}: value {bad} does not fit int32 (range [{INT32_MIN}, {INT32_MAX}]). "
+                f"Every metadata array is int32 (JAX silently wraps wider values). "
+                f"Fix: check the scheduler's counts; they cannot be that large in a real batch."
+            )
+        if minimum is not None and lo < minimum:
+            index = np.unravel_index(int(np.argmin(arr)), arr.shape)
+            where = index[0] if len(index) == 1 else tuple(int(i) for i in index)
+            raise SpecError(
+                f"{field}: expected every value >= {minimum}, received {lo} at index {where}. "
+                f"Fix: {field} cannot be negative; check how it was computed."
+            )
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def as_bool_array(value: Any, field: str, *, length: int) -> np.ndarray:
+    """Return `value` as a bool numpy array of `length`; a Python bool broadcasts."""
+    if isinstance(value, bool | np.bool_):
+        return np.full(length, bool(value), dtype=bool)
+    arr = _as_numpy(value, field)
+    if arr.dtype.kind != "b":
+        raise TypeError(
+            f"{field}: expected booleans (one per request), received {_describe(arr)}. "
+            f"Fix: pass a bool array such as `np.array([True, False, ...])`."
+        )
+    if arr.shape != (length,):
+        raise SpecError(
+            f"{field}: expected shape ({length},) (one value per request), received {arr.shape}. "
+            f"Fix: give exactly one value per request row."
+        )
+    return np.ascontiguousarray(arr)
+
+
+def as_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return `value` as a Python int, refusing bool, float and out-of-range values."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{field}: expected a Python int, received {_describe(value)} "
+            f"({type(value).__name__}). Fix: pass an int (bool and float are not accepted)."
+        )
+    number = operator.index(value)
+    if minimum is not None and number < minimum:
+        raise SpecError(f"{field}: expected an int >= {minimum}, received {number}.")
+    if maximum is not None and number > maximum:
+        raise SpecError(f"{field}: expected an int <= {maximum}, received {number}.")
+    return number
+
+
+def as_choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
+    """Return `value` if it is one of `choices`, else raise naming the valid ones."""
+    if not isinstance(value, str):
+        raise TypeError(f"{field}: expected one of {list(choices)}, received {_describe(value)}.")
+    if value not in choices:
+        raise SpecError(f"{field}: unknown value {value!r}; expected one of {list(choices)}.")
+    return value
+
+
+def freeze(arr: np.ndarray) -> np.ndarray:
+    """Mark a freshly built array read-only so a frozen dataclass is frozen for its data too."""
+    arr.flags.writeable = False
+    return arr
