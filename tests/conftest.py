@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-# Triton kernels run on the CPU through the interpreter; set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ATTNSYNC_GPU") else "1")
+# JAX must not grab 75 % of GPU memory in a process that also uses torch (GPU.md).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -17,6 +16,12 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels run through the interpreter; it is read when kernels are
+# decorated, so it is set here, before any test module imports triton.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
