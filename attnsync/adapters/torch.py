@@ -181,11 +181,14 @@ def _check_device_seq_lens(seq_lens: Any, md: Any, device: torch.device) -> torc
 
 def _slot_mapping_inputs(md: Any) -> dict[str, np.ndarray]:
     """Host arrays that let the device recompute slot_mapping from exact device seq_lens."""
-    valid = md.token_to_req < md.num_reqs
-    req = np.where(valid, md.token_to_req, 0).astype(np.int32)
-    offset = np.arange(md.num_actual_tokens, dtype=np.int32) - md.query_start_loc[req]
+    # Only query_start_loc is used, so every backend's metadata qualifies.
+    qsl = md.query_start_loc
+    tokens = np.arange(md.num_actual_tokens, dtype=np.int32)
+    owner = np.searchsorted(qsl[1:], tokens, side="right")
+    valid = tokens < qsl[-1]
+    req = np.where(valid, owner, 0).astype(np.int32)
     # distance of each token from the end of its row: position = seq_len - back
-    back = np.where(valid, md.query_lens[req] - offset, 0).astype(np.int32)
+    back = np.where(valid, qsl[req + 1] - tokens, 0).astype(np.int32)
     return {"_token_req": req, "_token_back": back}
 
 
