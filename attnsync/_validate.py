@@ -71,7 +71,8 @@ def as_int_array(
     with `minimum`, values below it.
     """
     arr = _as_numpy(value, field)
-    if arr.dtype == object and arr.size == 0:
+    if arr.size == 0 and arr.dtype.kind in "fO":
+        # `np.asarray([])` is float64: an empty list carries no value that could be wrong.
         arr = arr.astype(np.int64)
     if arr.dtype.kind == "b":
         raise TypeError(
