@@ -200,15 +200,10 @@ class Batch:
         """
         threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
         short = self.query_lens <= threshold
-        prefilling = (
-            self.is_prefilling if self.is_prefilling is not None else np.zeros(self.num_reqs, dtype=bool)
-        )
-        region = np.where(
-            short,
-            np.where(prefilling, SHORT_EXTEND, DECODE),
-            np.where(self.num_computed_tokens > 0, LONG_EXTEND, PREFILL),
-        )
-        return region.astype(np.int8)
+        # long rows: 2 (long extend) or 3 (prefill: no context yet)
+        long_region = LONG_EXTEND + (self.seq_lens <= self.query_lens)
+        short_region = DECODE if self.is_prefilling is None else self.is_prefilling  # 1 = short extend
+        return np.where(short, short_region, long_region).astype(np.int8)
 
     def take(self, rows: np.ndarray) -> Batch:
         """A new batch holding `rows` of this one, in that order (padding sizes kept)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -36,13 +37,18 @@ def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
             f"{type(batch).__name__}. Fix: attnsync.build(attnsync.Batch(...), backend=...)."
         )
     module = backend_module(backend)
-    accepted = [
-        p.name for p in inspect.signature(module.build).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    accepted = _options_of(module.build)
+    if not accepted.issuperset(options):
+        unknown = sorted(set(options) - accepted)
         raise SpecError(
-            f"build: backend {backend!r} has no option(s) {unknown}; its options are {accepted}."
+            f"build: backend {backend!r} has no option(s) {unknown}; its options are {sorted(accepted)}."
         )
     return module.build(batch, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _options_of(builder: Any) -> frozenset[str]:
+    """Keyword-only option names of a backend's `build` (cached: inspect is slow per step)."""
+    return frozenset(
+        p.name for p in inspect.signature(builder).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._batch import DECODE, PREFILL, Batch
+from ._batch import DECODE, LONG_EXTEND, PREFILL, SHORT_EXTEND, Batch
 from ._validate import SpecError, as_int, freeze
 
 PAD_SLOT_ID = -1  # slot of a padding token; cache-write kernels skip it (vLLM convention)
@@ -110,24 +110,12 @@ class CommonMetadata:
 
 
 def _pad(values: np.ndarray, length: int, fill: int | bool) -> np.ndarray:
+    """`values` padded with `fill` rows to `length` rows; the (read-only) input when no padding."""
+    if values.shape[0] == length:
+        return values
     out = np.full((length,) + values.shape[1:], fill, dtype=values.dtype)
     out[: values.shape[0]] = values
     return out
-
-
-def slot_mapping_for(
-    *,
-    token_to_req: np.ndarray,
-    positions: np.ndarray,
-    block_table: np.ndarray,
-    block_size: int,
-    valid: np.ndarray,
-) -> np.ndarray:
-    """Cache slot of each token (int32), -1 where `valid` is False. Vectorised numpy."""
-    rows = np.where(valid, token_to_req, 0)
-    pos = np.where(valid, positions, 0)
-    pages = block_table[rows, pos // block_size] if block_table.size else np.zeros_like(pos)
-    return np.where(valid, pages * block_size + pos % block_size, PAD_SLOT_ID).astype(np.int32)
 
 
 def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
@@ -145,9 +133,10 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
     n, r_pad, t_pad = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
     t = batch.num_tokens
-    query_lens = _pad(batch.query_lens, r_pad, 0)
-    query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start_loc[1:])
+    q = batch.query_lens
+    all_exact = bool(batch.seq_lens_exact.all())
+    # Unpadded batches reuse the batch's read-only arrays: no copy is needed.
+    query_lens = _pad(q, r_pad, 0)
     seq_lens = _pad(batch.seq_lens, r_pad, 0)
     exact = _pad(batch.seq_lens_exact, r_pad, True)
     prefilling = (
@@ -155,29 +144,29 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         if batch.is_prefilling is not None
         else np.zeros(r_pad, dtype=bool)
     )
-    block_table = np.zeros((r_pad, batch.block_table.shape[1]), dtype=np.int32)
-    block_table[:n] = batch.block_table
+    block_table = _pad(batch.block_table, r_pad, 0)
+    query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
     num_computed = seq_lens - query_lens
 
-    # token -> row with one repeat; padding tokens map to R (one past the last row).
+    # Per-token arrays with one repeat each; padding tokens map to row R (one past the last).
+    rows = np.arange(n, dtype=np.int32)
     token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
-    token_to_req[:t] = np.repeat(np.arange(n, dtype=np.int32), batch.query_lens)
-    offsets = np.arange(t, dtype=np.int32) - query_start_loc[token_to_req[:t]]
-    positions = np.zeros(t_pad, dtype=np.int64)
-    positions[:t] = num_computed[token_to_req[:t]] + offsets
-    valid = np.zeros(t_pad, dtype=bool)
-    valid[:t] = exact[token_to_req[:t]]
-    slot_mapping = slot_mapping_for(
-        token_to_req=token_to_req, positions=positions, block_table=block_table,
-        block_size=batch.block_size, valid=valid,
-    )
+    token_to_req[:t] = np.repeat(rows, q)
+    # position of token i of row r = num_computed[r] + i = arange(t) + (num_computed - qsl)[r]
+    positions = np.arange(t, dtype=np.int64) + np.repeat(num_computed[:n] - query_start_loc[:n], q)
+    pages = block_table[token_to_req[:t], positions // batch.block_size] if t else positions
+    slots = pages * batch.block_size + positions % batch.block_size
+    if not all_exact:
+        slots = np.where(np.repeat(batch.seq_lens_exact, q), slots, PAD_SLOT_ID)
+    slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32)
+    slot_mapping[:t] = slots
 
     region = batch.regions(threshold)
+    rows_per_region = np.bincount(region, minlength=4)
+    tokens_per_region = np.bincount(region, weights=q, minlength=4).astype(np.int64)
     is_decode = region == DECODE
-    is_prefill = region == PREFILL
-    is_extend = ~is_decode & ~is_prefill
-    real_q = batch.query_lens
-    decode_first = not (is_decode.size > 1 and (np.diff(is_decode.astype(np.int8)) > 0).any())
+    decode_first = not (n > 1 and (is_decode[1:] > is_decode[:-1]).any())
     arrays = dict(
         query_start_loc=query_start_loc, query_lens=query_lens, seq_lens=seq_lens,
         seq_lens_exact=exact, num_computed_tokens=num_computed, is_prefilling=prefilling,
@@ -185,23 +174,22 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     )
     for value in arrays.values():
         freeze(value)
-    all_exact = bool(batch.seq_lens_exact.all())
     return CommonMetadata(
         **arrays,
         num_reqs=r_pad,
         num_actual_tokens=t_pad,
         num_scheduled_reqs=n,
         num_scheduled_tokens=t,
-        max_query_len=int(real_q.max()) if n else 0,
+        max_query_len=int(q.max()) if n else 0,
         max_seq_len=int(batch.seq_lens.max()) if n else 0,
         block_size=batch.block_size,
         decode_threshold=threshold,
-        num_decodes=int(is_decode.sum()),
-        num_decode_tokens=int(real_q[is_decode].sum()),
-        num_extends=int(is_extend.sum()),
-        num_extend_tokens=int(real_q[is_extend].sum()),
-        num_prefills=int(is_prefill.sum()),
-        num_prefill_tokens=int(real_q[is_prefill].sum()),
+        num_decodes=int(rows_per_region[DECODE]),
+        num_decode_tokens=int(tokens_per_region[DECODE]),
+        num_extends=int(rows_per_region[SHORT_EXTEND] + rows_per_region[LONG_EXTEND]),
+        num_extend_tokens=int(tokens_per_region[SHORT_EXTEND] + tokens_per_region[LONG_EXTEND]),
+        num_prefills=int(rows_per_region[PREFILL]),
+        num_prefill_tokens=int(tokens_per_region[PREFILL]),
         is_decode_first=decode_first,
         all_exact=all_exact,
         slot_mapping_exact=all_exact,

@@ -143,6 +143,8 @@ def as_bool_array(value: Any, field: str, *, length: int) -> np.ndarray:
 
 def as_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return `value` as a Python int, refusing bool, float and out-of-range values."""
+    if type(value) is int and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value  # the common case, without the slower abstract-class checks below
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{field}: expected a Python int, received {_describe(value)} "
