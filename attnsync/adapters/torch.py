@@ -238,10 +238,7 @@ def lower(
         `block_table_tensor`, `slot_mapping` (int64), `max_query_len`, `max_seq_len`,
         `num_reqs`, `num_actual_tokens`, ...).
     """
-    if not dataclasses.is_dataclass(md) or isinstance(md, type) or not array_fields(md):
-        raise TypeError(
-            f"lower: expected metadata from attnsync.build(...), received {type(md).__name__}."
-        )
+    _check_metadata(md)
     stager = stager if stager is not None else default_stager(device)
     target = stager.device
     if torch.device(device).type != target.type:
@@ -278,10 +275,7 @@ def lower(
         fields = [f for f in fields if f[0] != "slot_mapping"]
     layout = _layout(tuple(fields))
     buffer = stager.stage(layout, staged)
-    device_views = {
-        e.name: buffer[e.offset : e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
-        for e in layout.entries
-    }
+    device_views = views_of(buffer, layout)
     if seq_lens is not None:
         device_views["seq_lens"] = seq_lens
     if recompute:
@@ -302,6 +296,38 @@ def lower(
         else:
             values[name] = getattr(md, field_name)
     return cls(**values)
+
+
+def views_of(buffer: torch.Tensor, layout: PackedLayout) -> dict[str, torch.Tensor]:
+    """Typed views of every field of a staged uint8 `buffer` (one `as_strided` per field)."""
+    typed = {name: buffer.view(TORCH_DTYPES[name]) for name in {e.dtype for e in layout.entries}}
+    views = {}
+    for e in layout.entries:
+        itemsize = typed[e.dtype].element_size()
+        views[e.name] = typed[e.dtype].as_strided(e.shape, _contiguous_strides(e.shape), e.offset // itemsize)
+    return views
+
+
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_metadata_class(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls) and bool(array_fields(cls))
+
+
+def _check_metadata(md: Any) -> None:
+    if isinstance(md, type) or not _is_metadata_class(type(md)):
+        raise TypeError(
+            f"lower: expected metadata from attnsync.build(...), received {type(md).__name__}. "
+            f"Fix: md = attnsync.build(batch, backend=...); lower(md, device=...)."
+        )
 
 
 @functools.lru_cache(maxsize=256)
