@@ -16,7 +16,11 @@ from .._validate import SpecError
 BACKENDS: dict[str, str] = {
     "common": "attnsync.backends.common",
     "flashinfer": "attnsync.backends.flashinfer",
+    "flex": "attnsync.backends.flex",
+    "mamba": "attnsync.backends.mamba",
+    "tree": "attnsync.backends.tree",
     "triton": "attnsync.backends.triton",
+    "turboquant": "attnsync.backends.turboquant",
 }
 
 
