@@ -5,7 +5,9 @@ dataclass is declared with `array_field(place=...)`:
 
 - ``"device"``: staged to the device by the adapters (one packed copy per lowering);
 - ``"host"``: stays on the host (numpy, or a CPU tensor in the torch adapter);
-- ``"both"``: a device copy plus a host mirror (vLLM's ``x`` / ``x_cpu`` pairs).
+- ``"both"``: a device copy plus a host mirror (vLLM's ``x`` / ``x_cpu`` pairs);
+- ``"numpy"``: stays in the numpy metadata only; the adapters do not carry it (host-side
+  helpers such as per-token row ids, which no framework consumer needs, cost nothing then).
 
 Plain int/bool fields are host scalars (torch: attributes; JAX: static pytree fields).
 """
@@ -30,7 +32,7 @@ def array_field(*, place: str, device_name: str | None = None, host_name: str | 
     `device_name` / `host_name` rename the field in lowered objects (vLLM's names); by default
     the device copy keeps the field name and a host mirror of a "both" field gets `_cpu`.
     """
-    assert place in ("device", "host", "both"), place
+    assert place in ("device", "host", "both", "numpy"), place
     return field(metadata={"place": place, "device_name": device_name, "host_name": host_name})
 
 
@@ -55,11 +57,11 @@ class CommonMetadata:
     Attributes:
         query_start_loc: [R+1] int32, [0] == 0, non-decreasing; row r's tokens are
             `[query_start_loc[r], query_start_loc[r+1])`. Always exact. Device and host.
-        query_lens: [R] int32, `diff(query_start_loc)`. Host.
+        query_lens: [R] int32, `diff(query_start_loc)`. Numpy only.
         seq_lens: [R] int32, context including this step's tokens; exact where
             `seq_lens_exact`, else an upper bound. Device (`seq_lens`) and host
             (`seq_lens_cpu_upper_bound`).
-        seq_lens_exact: [R] bool, True for exact rows (padded rows True). Host.
+        seq_lens_exact: [R] bool, True for exact rows (padded rows True). Numpy only.
         num_computed_tokens: [R] int32, `seq_lens - query_lens` (a bound where inexact). Host.
         is_prefilling: [R] bool, from the batch (all False when not given). Host.
         block_table: [R, W] int32 page ids, padded rows 0. Device (`block_table_tensor`).
@@ -68,7 +70,7 @@ class CommonMetadata:
             their tokens go) and `slot_mapping_exact` is False: the adapters then require exact
             device `seq_lens` and recompute the slots on the device. Device (int64 in torch).
         token_to_req: [T] int32 row of each token (padding tokens: R, one past the last row).
-            Host.
+            Numpy only.
         num_reqs, num_actual_tokens: R and T (padded sizes, vLLM's meaning).
         num_scheduled_reqs, num_scheduled_tokens: the real request and token counts.
         max_query_len: longest query (exact). max_seq_len: longest `seq_lens` (a bound).
@@ -82,14 +84,14 @@ class CommonMetadata:
     """
 
     query_start_loc: np.ndarray = array_field(place="both")
-    query_lens: np.ndarray = array_field(place="host")
+    query_lens: np.ndarray = array_field(place="numpy")
     seq_lens: np.ndarray = array_field(place="both", host_name="seq_lens_cpu_upper_bound")
-    seq_lens_exact: np.ndarray = array_field(place="host")
+    seq_lens_exact: np.ndarray = array_field(place="numpy")
     num_computed_tokens: np.ndarray = array_field(place="host", host_name="num_computed_tokens_cpu")
     is_prefilling: np.ndarray = array_field(place="host")
     block_table: np.ndarray = array_field(place="device", device_name="block_table_tensor")
     slot_mapping: np.ndarray = array_field(place="device")
-    token_to_req: np.ndarray = array_field(place="host")
+    token_to_req: np.ndarray = array_field(place="numpy")
     num_reqs: int
     num_actual_tokens: int
     num_scheduled_reqs: int

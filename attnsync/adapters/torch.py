@@ -59,6 +59,7 @@ class Stager:
         self._persistent_layout: PackedLayout | None = None
         self._lock = threading.Lock()
         if self.device.type == "cuda":
+            self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
                 num_slots=num_slots,
                 allocate=self._allocate_pinned,
@@ -106,11 +107,12 @@ class Stager:
                 device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
             index, host, view = self._ring.acquire(layout.nbytes)
             pack(layout, arrays, view)
-            stream = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(stream):
-                device_buffer.copy_(host[: layout.nbytes], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
+            # An H2D copy runs on the current stream of the destination's device, so the
+            # event is recorded there too. One event per slot, reused: it is re-recorded only
+            # after acquire() saw its previous copy complete.
+            device_buffer.copy_(host[: layout.nbytes], non_blocking=True)
+            event = self._events[index]
+            event.record(torch.cuda.current_stream(self.device))
             self._ring.release(index, event)
             return device_buffer
 
