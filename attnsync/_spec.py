@@ -152,23 +152,33 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     num_computed = seq_lens - query_lens
 
     # Per-token arrays with one repeat each; padding tokens map to row R (one past the last).
-    rows = np.arange(n, dtype=np.int32)
+    # Position of token i of row r is num_computed[r] + i = arange(t) + (num_computed - qsl)[r].
+    max_query_len = int(q.max()) if n else 0
     token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
-    token_to_req[:t] = np.repeat(rows, q)
-    # position of token i of row r = num_computed[r] + i = arange(t) + (num_computed - qsl)[r]
-    positions = np.arange(t, dtype=np.int64) + np.repeat(num_computed[:n] - query_start_loc[:n], q)
+    if t == n and max_query_len == 1:  # one token per row (pure decode): no repeat needed
+        token_to_req[:t] = query_start_loc[:n]
+        positions = num_computed[:n]
+    else:
+        token_to_req[:t] = np.repeat(np.arange(n, dtype=np.int32), q)
+        positions = np.arange(t, dtype=np.int32) + np.repeat(num_computed[:n] - query_start_loc[:n], q)
     pages = block_table[token_to_req[:t], positions // batch.block_size] if t else positions
-    slots = pages * batch.block_size + positions % batch.block_size
-    if not all_exact:
-        slots = np.where(np.repeat(batch.seq_lens_exact, q), slots, PAD_SLOT_ID)
     slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32)
-    slot_mapping[:t] = slots
+    # int32 is safe: Batch refused page ids whose slots do not fit int32
+    slot_mapping[:t] = pages * batch.block_size + positions % batch.block_size
+    if not all_exact:
+        slot_mapping[:t][~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
 
-    region = batch.regions(threshold)
-    rows_per_region = np.bincount(region, minlength=4)
-    tokens_per_region = np.bincount(region, weights=q, minlength=4).astype(np.int64)
-    is_decode = region == DECODE
-    decode_first = not (n > 1 and (is_decode[1:] > is_decode[:-1]).any())
+    no_prefilling = batch.is_prefilling is None or not batch.is_prefilling.any()
+    if max_query_len <= threshold and no_prefilling:  # every row is a decode
+        rows_per_region = (n, 0, 0, 0)
+        tokens_per_region = (t, 0, 0, 0)
+        decode_first = True
+    else:
+        region = batch.regions(threshold)
+        rows_per_region = np.bincount(region, minlength=4)
+        tokens_per_region = np.bincount(region, weights=q, minlength=4).astype(np.int64)
+        is_decode = region == DECODE
+        decode_first = not (n > 1 and (is_decode[1:] > is_decode[:-1]).any())
     arrays = dict(
         query_start_loc=query_start_loc, query_lens=query_lens, seq_lens=seq_lens,
         seq_lens_exact=exact, num_computed_tokens=num_computed, is_prefilling=prefilling,
@@ -182,7 +192,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         num_actual_tokens=t_pad,
         num_scheduled_reqs=n,
         num_scheduled_tokens=t,
-        max_query_len=int(q.max()) if n else 0,
+        max_query_len=max_query_len,
         max_seq_len=int(batch.seq_lens.max()) if n else 0,
         block_size=batch.block_size,
         decode_threshold=threshold,
