@@ -90,9 +90,7 @@ def paged_attention_reference(
             "both caches must be [num_blocks, block_size, Hkv, D] with the same sizes"
         )
     if kv_head_dim != head_dim:
-        raise ValueError(
-            f"q has head_dim {head_dim} but k_cache has {kv_head_dim}; the last dims must match"
-        )
+        raise ValueError(f"q has head_dim {head_dim} but k_cache has {kv_head_dim}; the last dims must match")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(
             f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads "
@@ -117,18 +115,13 @@ def paged_attention_reference(
             f"block_table has {block_table.shape[0]} rows but num_reqs={num_reqs}; "
             "expected one row per request"
         )
-    if prefix_ranges is not None and (
-        prefix_ranges.shape[0] < num_reqs or prefix_ranges.shape[2] != 2
-    ):
+    if prefix_ranges is not None and (prefix_ranges.shape[0] < num_reqs or prefix_ranges.shape[2] != 2):
         raise ValueError(
-            f"prefix_ranges has shape {prefix_ranges.shape}; expected "
-            f"[R >= {num_reqs}, max_ranges, 2]"
+            f"prefix_ranges has shape {prefix_ranges.shape}; expected [R >= {num_reqs}, max_ranges, 2]"
         )
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, np.integer)):
-            raise TypeError(
-                f"sliding_window must be an int or None, got {type(sliding_window).__name__}"
-            )
+            raise TypeError(f"sliding_window must be an int or None, got {type(sliding_window).__name__}")
         if sliding_window < 1:
             raise ValueError(
                 f"sliding_window must be >= 1 (a query always sees itself), got {sliding_window}"
@@ -137,13 +130,9 @@ def paged_attention_reference(
     qsl = query_start_loc.astype(np.int64)
     lens = seq_lens.astype(np.int64)
     if qsl[0] != 0 or np.any(np.diff(qsl[: num_reqs + 1]) < 0):
-        raise ValueError(
-            f"query_start_loc must start at 0 and be non-decreasing, got {qsl[: num_reqs + 1]}"
-        )
+        raise ValueError(f"query_start_loc must start at 0 and be non-decreasing, got {qsl[: num_reqs + 1]}")
     if qsl[num_reqs] > num_tokens:
-        raise ValueError(
-            f"query_start_loc[num_reqs] = {qsl[num_reqs]} exceeds the {num_tokens} tokens in q"
-        )
+        raise ValueError(f"query_start_loc[num_reqs] = {qsl[num_reqs]} exceeds the {num_tokens} tokens in q")
 
     qf = np.asarray(q, dtype=np.float64)
     kf = np.asarray(k_cache, dtype=np.float64)
@@ -170,8 +159,7 @@ def paged_attention_reference(
         pages = block_table[r, :num_pages].astype(np.int64)
         if np.any((pages < 0) | (pages >= num_blocks)):
             raise ValueError(
-                f"row {r}: block_table[{r}, :{num_pages}] = {pages} has ids outside "
-                f"[0, {num_blocks})"
+                f"row {r}: block_table[{r}, :{num_pages}] = {pages} has ids outside [0, {num_blocks})"
             )
 
         # Gather the row's keys page by page: [num_pages * block_size, Hkv, D], then trim the
@@ -187,9 +175,7 @@ def paged_attention_reference(
         if prefix_ranges is not None:
             for start, end in prefix_ranges[r].astype(np.int64):
                 if not 0 <= start <= end:
-                    raise ValueError(
-                        f"row {r}: prefix range ({start}, {end}) must satisfy 0 <= start <= end"
-                    )
+                    raise ValueError(f"row {r}: prefix range ({start}, {end}) must satisfy 0 <= start <= end")
                 in_q = (q_pos >= start) & (q_pos < end)
                 in_k = (k_pos >= start) & (k_pos < end)
                 visible |= in_q & in_k
@@ -262,8 +248,7 @@ def _check_int(name: str, arr: object, *, ndim: int, layout: str) -> None:
     """Raises unless ``arr`` is a numpy integer array (not bool) of rank ``ndim``."""
     if not isinstance(arr, np.ndarray):
         raise TypeError(
-            f"{name} must be a numpy integer array, got {type(arr).__name__}; "
-            "convert with np.asarray(...)"
+            f"{name} must be a numpy integer array, got {type(arr).__name__}; convert with np.asarray(...)"
         )
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype (int32 in the contract), got {arr.dtype}")
