@@ -81,7 +81,7 @@ class Batch:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        block_size = as_int(self.block_size, "block_size", minimum=1)
+        block_size = as_int(self.block_size, "block_size", minimum=1, maximum=INT32_MAX)
         query_lens = as_int_array(self.query_lens, "query_lens", ndim=1, minimum=0)
         num_reqs = query_lens.shape[0]
         seq_lens = as_int_array(self.seq_lens, "seq_lens", ndim=1, minimum=0)

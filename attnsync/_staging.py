@@ -13,7 +13,7 @@ others; JAX on GPU rejects buffers that are not 16-byte aligned at first use
 
 Why a ring of slots with events: a pinned host buffer is read by the DMA engine when the
 copy *executes*, not when it is enqueued. Rewriting it before then corrupts the device copy
-(reference C4; the negative test in tests/test_staging_gpu.py shows it). A slot is therefore
+(reference C4; the negative test in tests/gpu/test_core_gpu.py shows it). A slot is therefore
 rewritten only after the event recorded after its last copy has completed.
 """
 

@@ -56,6 +56,40 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
         raise TypeError(f"{field}: cannot be read as an array ({exc}); received {_describe(value)}") from None
 
 
+def _int32_message(field: str, bad: int) -> str:
+    return (
+        f"{field}: value {bad} does not fit int32 (range [{INT32_MIN}, {INT32_MAX}]). "
+        f"Every metadata array is int32 (JAX silently wraps wider values). "
+        f"Fix: check the scheduler's counts; they cannot be that large in a real batch."
+    )
+
+
+def _has_bool(value: Any) -> bool:
+    """True if a (nested) list holds a bool, or a bool array, anywhere."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "b"
+    return isinstance(value, list | tuple) and any(_has_bool(item) for item in value)
+
+
+def _all_integral(value: Any) -> bool:
+    """True if every leaf of a (nested) list is an integer, not a float."""
+    if isinstance(value, list | tuple):
+        return all(_all_integral(item) for item in value)
+    return isinstance(value, numbers.Integral)
+
+
+def _owned(arr: np.ndarray, source: Any) -> np.ndarray:
+    """`arr`, copied if it is the caller's array or a view of someone's memory.
+
+    Validated arrays are frozen and kept: sharing the caller's memory would make the caller's
+    array read-only, and a later write into the caller's buffer (a scheduler's persistent
+    numpy or CPU tensor) would silently change an already validated batch.
+    """
+    return arr.copy() if arr is source or arr.base is not None else arr
+
+
 def as_int_array(
     value: Any,
     field: str,
@@ -74,6 +108,16 @@ def as_int_array(
     if arr.size == 0 and arr.dtype.kind in "fO":
         # `np.asarray([])` is float64: an empty list carries no value that could be wrong.
         arr = arr.astype(np.int64)
+    if isinstance(value, list | tuple) and arr.dtype.kind in "iuf":
+        # numpy hides a Python bool among ints ([1, True] -> int64) and turns ints beyond int64
+        # into floats ([2**63, 1] -> float64); look at the elements before trusting the dtype.
+        if _has_bool(value):
+            raise TypeError(
+                f"{field}: expected integers, received a bool among the values {_describe(value)}. "
+                f"Fix: pass integer counts, not a mask (bool is not accepted as an int)."
+            )
+        if arr.dtype.kind == "f" and _all_integral(value):
+            arr = np.asarray(value, dtype=object)
     if arr.dtype.kind == "b":
         raise TypeError(
             f"{field}: expected integers, received booleans {_describe(arr)}. "
@@ -94,6 +138,9 @@ def as_int_array(
                         f"{field}: expected integers, found element {item!r} of type "
                         f"{type(item).__name__}. Fix: pass a list of Python ints or an integer array."
                     )
+            items = [int(item) for item in arr.ravel()]
+            if items and (max(items) > INT32_MAX or min(items) < INT32_MIN):
+                raise SpecError(_int32_message(field, max(items) if max(items) > INT32_MAX else min(items)))
             arr = np.asarray(arr.tolist(), dtype=np.int64)  # host object array, not a device read
         else:
             raise TypeError(f"{field}: expected an integer array, received {_describe(arr)}.")
@@ -107,12 +154,7 @@ def as_int_array(
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if hi > INT32_MAX or lo < INT32_MIN:
-            bad = hi if hi > INT32_MAX else lo
-            raise SpecError(
-                f"{field}: value {bad} does not fit int32 (range [{INT32_MIN}, {INT32_MAX}]). "
-                f"Every metadata array is int32 (JAX silently wraps wider values). "
-                f"Fix: check the scheduler's counts; they cannot be that large in a real batch."
-            )
+            raise SpecError(_int32_message(field, hi if hi > INT32_MAX else lo))
         if minimum is not None and lo < minimum:
             index = np.unravel_index(int(np.argmin(arr)), arr.shape)
             where = index[0] if len(index) == 1 else tuple(int(i) for i in index)
@@ -120,7 +162,7 @@ def as_int_array(
                 f"{field}: expected every value >= {minimum}, received {lo} at index {where}. "
                 f"Fix: {field} cannot be negative; check how it was computed."
             )
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    return _owned(np.ascontiguousarray(arr, dtype=np.int32), value)
 
 
 def as_bool_array(value: Any, field: str, *, length: int) -> np.ndarray:
@@ -138,7 +180,7 @@ def as_bool_array(value: Any, field: str, *, length: int) -> np.ndarray:
             f"{field}: expected shape ({length},) (one value per request), received {arr.shape}. "
             f"Fix: give exactly one value per request row."
         )
-    return np.ascontiguousarray(arr)
+    return _owned(np.ascontiguousarray(arr), value)
 
 
 def as_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -152,9 +194,9 @@ def as_int(value: Any, field: str, *, minimum: int | None = None, maximum: int |
         )
     number = operator.index(value)
     if minimum is not None and number < minimum:
-        raise SpecError(f"{field}: expected an int >= {minimum}, received {number}.")
+        raise SpecError(f"{field}: expected an int >= {minimum}, received {number}. Fix: pass {field} >= {minimum}.")
     if maximum is not None and number > maximum:
-        raise SpecError(f"{field}: expected an int <= {maximum}, received {number}.")
+        raise SpecError(f"{field}: expected an int <= {maximum}, received {number}. Fix: pass {field} <= {maximum}.")
     return number
 
 

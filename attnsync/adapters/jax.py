@@ -33,6 +33,10 @@ from .._staging import PackedLayout, pack, plan_layout
 from .._validate import INT32_MAX, INT32_MIN, SpecError
 
 JAX_DTYPE = np.int32  # JAX gets int32 only: with x64 off it silently wraps wider values (A3)
+# The one exception: float32 fields (tree attention's additive bias) stay float32. They ride
+# in the int32 packed buffer as a bitcast view (same bits, no conversion: -inf survives) and
+# are bitcast back after the split or the DLPack import.
+_BITCAST_FLOAT = np.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,6 +65,8 @@ def _int32_fields(md: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         value = np.asarray(getattr(md, name))
         if value.dtype.kind == "b":
             value = value.astype(np.int32)
+        elif value.dtype == _BITCAST_FLOAT:
+            value = np.ascontiguousarray(value).view(np.int32)
         elif value.dtype != np.int32:
             if value.size and (int(value.max()) > INT32_MAX or int(value.min()) < INT32_MIN):
                 bad = int(value.max()) if int(value.max()) > INT32_MAX else int(value.min())
@@ -79,12 +85,15 @@ def _layout(fields: tuple[tuple[str, tuple[int, ...]], ...]) -> PackedLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def _splitter(layout: PackedLayout):
-    """One jitted function splitting a packed int32 buffer into every field (static slices)."""
+def _splitter(layout: PackedLayout, floats: frozenset[str] = frozenset()):
+    """One jitted function splitting a packed int32 buffer into every field (static slices);
+    the fields named in `floats` are bitcast back to float32."""
 
     def split(buffer: jax.Array) -> tuple[jax.Array, ...]:
+        parts = [buffer[e.offset // 4 : e.offset // 4 + e.nbytes // 4].reshape(e.shape) for e in layout.entries]
         return tuple(
-            buffer[e.offset // 4 : e.offset // 4 + e.nbytes // 4].reshape(e.shape) for e in layout.entries
+            jax.lax.bitcast_convert_type(part, jnp.float32) if e.name in floats else part
+            for e, part in zip(layout.entries, parts, strict=True)
         )
 
     return jax.jit(split)
@@ -114,8 +123,9 @@ def lower(md: Any, device: Any = None, *, stager: Any = None) -> Any:
             (persistent addresses, or a stager per bucket).
 
     Returns:
-        A frozen pytree dataclass `Jax<MetadataClass>`: device fields as int32 arrays (data),
-        host ints as static meta fields.
+        A frozen pytree dataclass `Jax<MetadataClass>`: device fields as int32 arrays (data;
+        float32 fields, such as the tree bias, stay float32 bit for bit), host ints as static
+        meta fields.
     """
     if not dataclasses.is_dataclass(md) or isinstance(md, type) or not array_fields(md):
         raise TypeError(f"lower: expected metadata from attnsync.build(...), received {type(md).__name__}.")
@@ -129,6 +139,7 @@ def lower(md: Any, device: Any = None, *, stager: Any = None) -> Any:
     if not isinstance(device, jax.Device):
         raise TypeError(f"device: expected a jax.Device (e.g. jax.devices()[0]), received {device!r}.")
     cls, data_names, meta_names = _lowered_class(type(md))
+    floats = frozenset(name for name in data_names if getattr(md, name).dtype == _BITCAST_FLOAT)
     arrays = _int32_fields(md, data_names)
     layout = _layout(tuple((name, arrays[name].shape) for name in data_names))
     torch_device = _torch_device_for(device)
@@ -140,13 +151,15 @@ def lower(md: Any, device: Any = None, *, stager: Any = None) -> Any:
         leaves = {}
         for e in layout.entries:
             view = buffer[e.offset : e.offset + e.nbytes].view(torch_adapter.TORCH_DTYPES["int32"]).view(e.shape)
+            if e.name in floats:
+                view = view.view(torch_adapter.TORCH_DTYPES["float32"])  # bitcast, zero-copy
             assert view.data_ptr() % 16 == 0, "JAX on GPU needs 16-byte aligned buffers"
             leaves[e.name] = jax.dlpack.from_dlpack(view)
     else:
         host = np.empty(layout.nbytes, dtype=np.uint8)
         pack(layout, arrays, host)
         packed = jax.device_put(host.view(np.int32), device)
-        leaves = dict(zip(data_names, _splitter(layout)(packed), strict=True))
+        leaves = dict(zip(data_names, _splitter(layout, floats)(packed), strict=True))
     return cls(**leaves, **{name: getattr(md, name) for name in meta_names})
 
 

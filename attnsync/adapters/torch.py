@@ -190,7 +190,7 @@ def _slot_mapping_inputs(md: Any) -> dict[str, np.ndarray]:
     valid = tokens < qsl[-1]
     req = np.where(valid, owner, 0).astype(np.int32)
     # distance of each token from the end of its row: position = seq_len - back
-    back = np.where(valid, qsl[req + 1] - tokens, 0).astype(np.int32)
+    back = np.where(valid, qsl[np.where(valid, req + 1, 0)] - tokens, 0).astype(np.int32)  # in bounds when R == 0
     return {"_token_req": req, "_token_back": back}
 
 
@@ -199,6 +199,8 @@ def _device_slot_mapping(
     block_size: int,
 ) -> torch.Tensor:
     """Slot of each token from exact device lengths; fixed shapes, gathers only, no sync."""
+    if seq_lens.shape[0] == 0:  # no rows at all: every token is padding (and row 0 does not exist)
+        return torch.full(req.shape, -1, dtype=torch.int64, device=req.device)
     position = seq_lens.index_select(0, req) - back  # padding: back 0 -> any; masked below
     position = position.clamp_min(0).to(torch.int64)
     width = block_table.shape[1]
@@ -243,8 +245,12 @@ def lower(
     _check_metadata(md)
     stager = stager if stager is not None else default_stager(device)
     target = stager.device
-    if torch.device(device).type != target.type:
-        raise SpecError(f"stager: it stages to {target}, but device={device!r} was asked for.")
+    asked = torch.device(device)
+    if asked.type != target.type or (asked.index is not None and asked.index != target.index):
+        raise SpecError(
+            f"stager: it stages to {target}, but device={device!r} was asked for. Fix: pass a "
+            f"Stager created for {device!r}, or leave stager=None for the default one."
+        )
     cls, plan = _lowered_class(type(md))
     needs_slots = hasattr(md, "slot_mapping_exact") and not md.slot_mapping_exact
     if seq_lens is not None:

@@ -1,0 +1,230 @@
+"""torch adapter on CPU: vLLM names and dtypes, values bit for bit, packing, `seq_lens=`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import batch_kwargs
+
+import attnsync
+from attnsync.testing import brute_force_common, naive_common_torch
+
+torch = pytest.importorskip("torch")
+ast = pytest.importorskip("attnsync.adapters.torch")
+
+# lowered name -> (source field of CommonMetadata, torch dtype, where). The numpy-only helpers
+# (query_lens, seq_lens_exact, token_to_req) are not carried.
+EXPECTED_FIELDS = {
+    "query_start_loc": ("query_start_loc", torch.int32, "device"),
+    "query_start_loc_cpu": ("query_start_loc", torch.int32, "host"),
+    "seq_lens": ("seq_lens", torch.int32, "device"),
+    "seq_lens_cpu_upper_bound": ("seq_lens", torch.int32, "host"),
+    "num_computed_tokens_cpu": ("num_computed_tokens", torch.int32, "host"),
+    "is_prefilling": ("is_prefilling", torch.bool, "host"),
+    "block_table_tensor": ("block_table", torch.int32, "device"),
+    "slot_mapping": ("slot_mapping", torch.int64, "device"),
+}
+SCALARS = (
+    "num_reqs", "num_actual_tokens", "num_scheduled_reqs", "num_scheduled_tokens", "max_query_len",
+    "max_seq_len", "block_size", "decode_threshold", "num_decodes", "num_decode_tokens", "num_extends",
+    "num_extend_tokens", "num_prefills", "num_prefill_tokens", "is_decode_first", "all_exact",
+    "slot_mapping_exact",
+)
+
+MIXED = dict(
+    query_lens=[1, 1, 3, 5],
+    seq_lens=[17, 33, 3, 12],
+    block_table=[[4, 9, 0], [2, 5, 7], [11, 0, 0], [3, 0, 0]],
+    block_size=16,
+)
+
+
+def assert_lowered_equals(md, out) -> None:
+    """Every lowered field equals its numpy source bit for bit, with the dtype vLLM expects."""
+    for name, (source, dtype, _) in EXPECTED_FIELDS.items():
+        tensor = getattr(out, name)
+        assert isinstance(tensor, torch.Tensor), name
+        assert tensor.dtype == dtype, (name, tensor.dtype)
+        assert tensor.device.type == "cpu", name
+        want = getattr(md, source)
+        assert tuple(tensor.shape) == want.shape, (name, tensor.shape, want.shape)
+        got = tensor.numpy()
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    for name in SCALARS:
+        assert getattr(out, name) == getattr(md, name), name
+        assert type(getattr(out, name)) is type(getattr(md, name)), name
+
+
+def test_field_names_are_vllm_names():
+    out = ast.lower(attnsync.build(attnsync.Batch(**MIXED)), "cpu")
+    names = [f for f in out.__dataclass_fields__]
+    assert sorted(names) == sorted([*EXPECTED_FIELDS, *SCALARS])
+    assert type(out).__name__ == "TorchCommonMetadata"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, dict(padded_num_reqs=6, padded_num_tokens=12), dict(block_size=16, is_prefilling=[False] * 4)],
+    ids=["plain", "padded", "is_prefilling"],
+)
+def test_hand_case_values(extra):
+    md = attnsync.build(attnsync.Batch(**{**MIXED, **extra}))
+    out = ast.lower(md, "cpu")
+    assert_lowered_equals(md, out)
+    # the hand values of tests/test_common.py, once more through torch
+    assert out.slot_mapping[:10].tolist() == [144, 112, 176, 177, 178, 55, 56, 57, 58, 59]
+
+
+def test_empty_batches():
+    for extra in ({}, dict(padded_num_reqs=2, padded_num_tokens=3)):
+        md = attnsync.build(attnsync.Batch(query_lens=[], seq_lens=[], block_table=[], block_size=16, **extra))
+        assert_lowered_equals(md, ast.lower(md, "cpu"))
+
+
+def test_device_fields_share_one_packed_buffer_and_host_mirrors_are_copies():
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    out = ast.lower(md, "cpu")
+    device = [getattr(out, n) for n, (_, _, where) in EXPECTED_FIELDS.items() if where == "device"]
+    storages = {t.untyped_storage().data_ptr() for t in device}
+    assert len(storages) == 1, "one packed buffer, one copy"
+    base = device[0].untyped_storage().data_ptr()
+    for t in device:
+        assert (t.data_ptr() - base) % 64 == 0, "fields at 64-byte aligned offsets"
+        assert t.is_contiguous()
+    for name, (source, _, where) in EXPECTED_FIELDS.items():
+        if where == "host":
+            assert not np.shares_memory(getattr(out, name).numpy(), getattr(md, source)), name
+
+
+def test_each_lowering_gets_fresh_memory_on_cpu():
+    b1 = attnsync.Batch(**MIXED)
+    b2 = attnsync.Batch(**{**MIXED, "block_table": [[5, 6, 1], [1, 1, 1], [2, 0, 0], [9, 0, 0]]})
+    first = ast.lower(attnsync.build(b1), "cpu")
+    before = first.slot_mapping.clone()
+    ast.lower(attnsync.build(b2), "cpu")
+    assert torch.equal(first.slot_mapping, before)
+
+
+def test_matches_the_naive_sync_ful_builder():
+    batch = attnsync.Batch(**MIXED)
+    naive = naive_common_torch(batch, "cpu")
+    out = ast.lower(attnsync.build(batch), "cpu")
+    for name in ("query_start_loc", "seq_lens", "block_table_tensor", "slot_mapping"):
+        assert naive[name].dtype == getattr(out, name).dtype, name
+        assert torch.equal(naive[name], getattr(out, name)), name
+    assert (naive["max_query_len"], naive["max_seq_len"]) == (out.max_query_len, out.max_seq_len)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kwargs=batch_kwargs(inexact=False))
+def test_random_batches(kwargs):
+    md = attnsync.build(attnsync.Batch(**kwargs))
+    assert_lowered_equals(md, ast.lower(md, "cpu"))
+
+
+def test_refusals():
+    md = attnsync.build(attnsync.Batch(**MIXED))
+    with pytest.raises(TypeError, match=r"lower: expected metadata from attnsync.build"):
+        ast.lower({"query_start_loc": md.query_start_loc}, "cpu")
+    with pytest.raises(TypeError, match=r"lower: expected metadata"):
+        ast.lower(type(md), "cpu")
+    with pytest.raises(attnsync.SpecError, match=r"num_slots: expected >= 2"):
+        ast.Stager("cpu", num_slots=1)
+    with pytest.raises(attnsync.SpecError, match=r"stager: it stages to meta.*'cpu'"):
+        ast.lower(md, "cpu", stager=ast.Stager("meta"))
+
+
+# --------------------------------------------------------------------------------------------
+# seq_lens=: exact lengths that live only on the "device"
+
+
+INEXACT = dict(
+    query_lens=[1, 2, 3, 1],
+    seq_lens=[20, 35, 3, 16],  # rows 0, 1 and 3 are upper bounds (drafts assumed accepted)
+    block_table=[[4, 9, 0], [2, 5, 7], [11, 0, 0], [3, 8, 0]],
+    block_size=16,
+    seq_lens_exact=[False, False, True, False],
+    padded_num_reqs=5,
+    padded_num_tokens=9,
+)
+
+
+def test_inexact_batch_needs_device_seq_lens():
+    md = attnsync.build(attnsync.Batch(**INEXACT))
+    with pytest.raises(attnsync.SpecError, match=r"seq_lens: the batch has inexact rows.*Fix: pass the exact device lengths"):
+        ast.lower(md, "cpu")
+
+
+def test_slots_recomputed_from_device_seq_lens_hand_case():
+    md = attnsync.build(attnsync.Batch(**INEXACT))
+    # true lengths: row 0 rejected 2 drafts (18), row 1 one (34), row 3 none (16); padding 0
+    exact = torch.tensor([18, 34, 3, 16, 0], dtype=torch.int32)
+    out = ast.lower(md, "cpu", seq_lens=exact)
+    # row 0: position 17 -> col 1 (id 9) offset 1 -> 145; row 1: positions 32, 33 -> col 2
+    # (id 7) -> 112, 113; row 2: 176, 177, 178; row 3: position 15 -> col 0 (id 3) -> 63
+    assert out.slot_mapping.tolist() == [145, 112, 113, 176, 177, 178, 63, -1, -1]
+    assert out.slot_mapping.dtype == torch.int64
+    assert out.seq_lens is exact
+    assert out.seq_lens_cpu_upper_bound.tolist() == [20, 35, 3, 16, 0]
+    assert out.query_start_loc.tolist() == [0, 1, 3, 6, 7, 7]
+    assert out.block_table_tensor.tolist() == [[4, 9, 0], [2, 5, 7], [11, 0, 0], [3, 8, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "error", "message"),
+    [
+        (np.array([18, 34, 3, 16, 0], np.int32), TypeError, r"seq_lens: expected a torch.Tensor"),
+        (torch.tensor([18, 34, 3, 16, 0]), attnsync.SpecError, r"seq_lens: expected an int32 tensor of shape \(5,\).*received dtype torch.int64.*Fix"),
+        (torch.tensor([18, 34, 3, 16], dtype=torch.int32), attnsync.SpecError, r"seq_lens: expected an int32 tensor of shape \(5,\).*received .*shape \(4,\).*Fix"),
+        (torch.zeros((5, 1), dtype=torch.int32), attnsync.SpecError, r"seq_lens: .*shape \(5, 1\)"),
+        (torch.zeros(5, dtype=torch.int32, device="meta"), attnsync.SpecError, r"seq_lens: .*device meta"),
+    ],
+    ids=["numpy", "int64", "short", "2d", "wrong_device"],
+)
+def test_bad_device_seq_lens(seq_lens, error, message):
+    md = attnsync.build(attnsync.Batch(**INEXACT))
+    with pytest.raises(error, match=message):
+        ast.lower(md, "cpu", seq_lens=seq_lens)
+
+
+@st.composite
+def with_true_lengths(draw):
+    kwargs = draw(batch_kwargs())
+    batch = attnsync.Batch(**kwargs)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q, s = batch.query_lens.astype(np.int64), batch.seq_lens.astype(np.int64)
+    # an inexact row's true length drops by the rejected drafts, keeping at least 1 of context
+    room = np.maximum(s - q - 1, 0)
+    rejected = np.where(batch.seq_lens_exact, 0, rng.integers(0, room + 1))
+    return kwargs, s - rejected
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=with_true_lengths())
+def test_slots_from_device_seq_lens_equal_brute_force(case):
+    kwargs, true_lens = case
+    batch = attnsync.Batch(**kwargs)
+    md = attnsync.build(batch)
+    device_lens = np.zeros(batch.padded_num_reqs, dtype=np.int32)
+    device_lens[: batch.num_reqs] = true_lens
+    out = ast.lower(md, "cpu", seq_lens=torch.from_numpy(device_lens))
+    # the brute force with those exact lengths, as if the host had known them
+    exact_batch = attnsync.Batch(**{**kwargs, "seq_lens": true_lens, "seq_lens_exact": True})
+    want = brute_force_common(exact_batch)
+    assert out.slot_mapping.dtype == torch.int64
+    np.testing.assert_array_equal(out.slot_mapping.numpy(), want["slot_mapping"])
+    np.testing.assert_array_equal(out.seq_lens.numpy(), device_lens)
+    np.testing.assert_array_equal(out.seq_lens_cpu_upper_bound.numpy(), md.seq_lens)
+    np.testing.assert_array_equal(out.query_start_loc.numpy(), md.query_start_loc)
+    np.testing.assert_array_equal(out.block_table_tensor.numpy(), md.block_table)
+
+
+def test_device_seq_lens_with_no_rows_and_padding_tokens():
+    # a bucket of 3 padding tokens and no request rows at all: nothing to gather from
+    md = attnsync.build(attnsync.Batch(query_lens=[], seq_lens=[], block_table=[], block_size=16,
+                                       padded_num_tokens=3))
+    out = ast.lower(md, "cpu", seq_lens=torch.zeros(0, dtype=torch.int32))
+    assert out.slot_mapping.tolist() == [-1, -1, -1]
+    assert out.slot_mapping.dtype == torch.int64

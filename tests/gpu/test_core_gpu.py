@@ -1,0 +1,413 @@
+"""GPU tests of the core: no syncs, no host stalls, one H2D copy, DLPack aliasing, the guarded
+pinned ring under a delayed stream (and an unguarded ring that corrupts), persistent
+addresses, multi-device.
+
+Every test is marked `gpu`; tests/conftest.py skips them on a host without CUDA. The JAX
+tests also skip when JAX has no GPU backend. Host-time budgets are far below the queued
+sleep (a stall costs the whole sleep), and each probe is retried so that one noisy sample
+cannot fail the suite while a real stall fails every attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import attnsync
+from attnsync.testing import (
+    assert_no_host_stall,
+    brute_force_common,
+    count_h2d_copies,
+    naive_common_torch,
+    no_sync,
+)
+
+torch = pytest.importorskip("torch")
+from attnsync.adapters import torch as ast  # noqa: E402
+
+MIXED = dict(
+    query_lens=[1, 1, 3, 5],
+    seq_lens=[17, 33, 3, 12],
+    block_table=[[4, 9, 0], [2, 5, 7], [11, 0, 0], [3, 0, 0]],
+    block_size=16,
+)
+MIXED_SLOTS = [144, 112, 176, 177, 178, 55, 56, 57, 58, 59]  # worked out in tests/test_common.py
+INEXACT = dict(
+    query_lens=[1, 2, 3, 1],
+    seq_lens=[20, 35, 3, 16],
+    block_table=[[4, 9, 0], [2, 5, 7], [11, 0, 0], [3, 8, 0]],
+    block_size=16,
+    seq_lens_exact=[False, False, True, False],
+    padded_num_reqs=5,
+    padded_num_tokens=9,
+)
+INEXACT_TRUE_LENS = [18, 34, 3, 16, 0]
+INEXACT_SLOTS = [145, 112, 113, 176, 177, 178, 63, -1, -1]  # tests/adapters/test_torch.py
+TORCH_DEVICE_FIELDS = {  # torch name -> (CommonMetadata field, dtype)
+    "query_start_loc": ("query_start_loc", torch.int32),
+    "seq_lens": ("seq_lens", torch.int32),
+    "block_table_tensor": ("block_table", torch.int32),
+    "slot_mapping": ("slot_mapping", torch.int64),
+}
+JAX_FIELDS = ("query_start_loc", "seq_lens", "block_table", "slot_mapping")
+
+
+def stall_free(fn, *, budget_ms: float, sleep_ms: float = 50.0, attempts: int = 3):
+    """`assert_no_host_stall`, retried: a stall fails every attempt, host noise only one."""
+    error: AssertionError | None = None
+    for _ in range(attempts):
+        try:
+            return assert_no_host_stall(fn, budget_ms=budget_ms, sleep_ms=sleep_ms)
+        except AssertionError as exc:
+            error = exc
+    raise error
+
+
+def assert_torch_matches(md, out, device) -> None:
+    for name, (source, dtype) in TORCH_DEVICE_FIELDS.items():
+        tensor = getattr(out, name)
+        assert tensor.device == device, name
+        assert tensor.dtype == dtype, name
+        np.testing.assert_array_equal(tensor.cpu().numpy(), getattr(md, source), err_msg=name)
+    assert out.query_start_loc_cpu.device.type == "cpu"
+    np.testing.assert_array_equal(out.query_start_loc_cpu.numpy(), md.query_start_loc)
+    np.testing.assert_array_equal(out.seq_lens_cpu_upper_bound.numpy(), md.seq_lens)
+
+
+def cycles_per_ms() -> float:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(2_000_000)
+    end.record()
+    end.synchronize()
+    return 2_000_000 / max(start.elapsed_time(end), 1e-3)
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(scope="module")
+def jax_gpu():
+    jax = pytest.importorskip("jax")
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        devices = []
+    if not devices:
+        pytest.skip("JAX has no GPU backend here")
+    from attnsync.adapters import jax as asj
+
+    return jax, asj, devices[0]
+
+
+class RecordingStager(ast.Stager):
+    """A stager that remembers the layout and device buffer of each staging."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.staged = []
+
+    def stage(self, layout, arrays):
+        buffer = super().stage(layout, arrays)
+        self.staged.append((layout, buffer))
+        return buffer
+
+
+# --------------------------------------------------------------------------------------------
+# No syncs, no stalls
+
+
+@pytest.mark.gpu
+def test_guards_catch_a_sync_ful_builder(cuda):
+    """The guards used below do fail on the naive builder (device lists, .item())."""
+    batch = attnsync.Batch(**MIXED)
+    naive_common_torch(batch, cuda)  # warm-up
+    with pytest.raises(RuntimeError, match="(?i)synchroniz"), no_sync():
+        naive_common_torch(batch, cuda)
+    torch.cuda.synchronize()
+    with pytest.raises(AssertionError, match="host stalled"):
+        assert_no_host_stall(lambda: naive_common_torch(batch, cuda), budget_ms=5.0)
+
+
+@pytest.mark.gpu
+def test_build_and_torch_lower_without_sync_or_stall(cuda):
+    batch = attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16)
+
+    def step():
+        with no_sync():
+            return ast.lower(attnsync.build(batch), device=cuda)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    out = stall_free(step, budget_ms=2.0)
+    torch.cuda.synchronize()
+    md = attnsync.build(batch)
+    assert_torch_matches(md, out, cuda)
+    assert out.slot_mapping[:10].tolist() == MIXED_SLOTS
+
+
+@pytest.mark.gpu
+def test_torch_lower_with_device_seq_lens_without_sync_or_stall(cuda):
+    md = attnsync.build(attnsync.Batch(**INEXACT))
+    lens = torch.tensor(INEXACT_TRUE_LENS, dtype=torch.int32, device=cuda)
+    torch.cuda.synchronize()
+
+    def step():
+        with no_sync():
+            return ast.lower(md, device=cuda, seq_lens=lens)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    out = stall_free(step, budget_ms=2.0)
+    torch.cuda.synchronize()
+    assert out.slot_mapping.dtype == torch.int64 and out.slot_mapping.device == cuda
+    assert out.slot_mapping.tolist() == INEXACT_SLOTS
+    assert out.seq_lens is lens
+
+
+@pytest.mark.gpu
+def test_jax_lower_without_sync_or_stall(jax_gpu):
+    jax, asj, device = jax_gpu
+    batch = attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16)
+
+    def step():
+        with no_sync():  # torch sync debug mode + jax.transfer_guard("disallow")
+            return asj.lower(attnsync.build(batch), device)
+
+    for _ in range(5):
+        jax.block_until_ready(step())
+    torch.cuda.synchronize()
+    # DLPack imports cost ~0.2-0.9 ms each on the host (reference A1): a wider budget, still
+    # far below the 100 ms sleep a stall would cost
+    out = stall_free(step, budget_ms=15.0, sleep_ms=100.0)
+    jax.block_until_ready(out)
+    md = attnsync.build(batch)
+    for name in JAX_FIELDS:
+        leaf = getattr(out, name)
+        assert leaf.dtype == np.int32 and leaf.devices() == {device}, name
+        np.testing.assert_array_equal(np.asarray(leaf), getattr(md, name), err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# One copy; DLPack aliasing
+
+
+@pytest.mark.gpu
+def test_exactly_one_h2d_copy_per_lowering(cuda):
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16))
+    ast.lower(md, cuda)  # warm-up (pinned slots allocated)
+    count, out = count_h2d_copies(lambda: ast.lower(md, cuda))
+    assert count == 1
+    count, _ = count_h2d_copies(lambda: [ast.lower(md, cuda) for _ in range(3)])
+    assert count == 3
+    inexact = attnsync.build(attnsync.Batch(**INEXACT))
+    lens = torch.tensor(INEXACT_TRUE_LENS, dtype=torch.int32, device=cuda)
+    count, _ = count_h2d_copies(lambda: ast.lower(inexact, cuda, seq_lens=lens))
+    assert count == 1
+    # the counter does count: the naive builder uploads one list per field
+    count, _ = count_h2d_copies(lambda: naive_common_torch(attnsync.Batch(**MIXED), cuda))
+    assert count >= 4
+    assert_torch_matches(md, out, cuda)
+
+
+@pytest.mark.gpu
+def test_exactly_one_h2d_copy_per_jax_lowering(jax_gpu):
+    jax, asj, device = jax_gpu
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16))
+    jax.block_until_ready(asj.lower(md, device))
+    count, out = count_h2d_copies(lambda: jax.block_until_ready(asj.lower(md, device)))
+    assert count == 1
+    np.testing.assert_array_equal(np.asarray(out.slot_mapping), md.slot_mapping)
+
+
+@pytest.mark.gpu
+def test_jax_arrays_alias_the_staged_buffer(jax_gpu, cuda):
+    jax, asj, device = jax_gpu
+    stager = RecordingStager(cuda)
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    out = asj.lower(md, device, stager=stager)
+    jax.block_until_ready(out)
+    assert len(stager.staged) == 1
+    layout, buffer = stager.staged[0]
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    for entry in layout.entries:
+        leaf = getattr(out, entry.name)
+        view = buffer[entry.offset : entry.offset + entry.nbytes].view(torch.int32)
+        pointer = leaf.unsafe_buffer_pointer()
+        assert pointer == view.data_ptr(), entry.name
+        assert start <= pointer < end or entry.nbytes == 0, entry.name
+        assert pointer % 16 == 0, entry.name
+        np.testing.assert_array_equal(np.asarray(leaf), getattr(md, entry.name), err_msg=entry.name)
+    assert stager.stats.copies == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The pinned ring under a delayed stream (reference vllm-backends.md 6, item 21)
+
+RING_STEPS = 1000
+RING_REQS, RING_WIDTH = 8, 8
+
+
+def ring_batch(step: int) -> attnsync.Batch:
+    """Same shapes every step, different values: seq lens 17..106, page ids shifting by step."""
+    seq = 17 + (step * 7 + np.arange(RING_REQS) * 3) % 90
+    table = (step * 1000 + np.arange(RING_REQS * RING_WIDTH).reshape(RING_REQS, RING_WIDTH)) % (1 << 20)
+    return attnsync.Batch(query_lens=np.ones(RING_REQS, np.int64), seq_lens=seq, block_table=table, block_size=16)
+
+
+def ring_expected(md) -> np.ndarray:
+    return np.concatenate(
+        [md.query_start_loc, md.seq_lens, md.block_table.ravel(), md.slot_mapping]
+    ).astype(np.int64)
+
+
+def ring_got(out) -> torch.Tensor:
+    return torch.cat(
+        [out.query_start_loc.long(), out.seq_lens.long(), out.block_table_tensor.reshape(-1).long(), out.slot_mapping]
+    )
+
+
+@pytest.fixture(scope="module")
+def ring_steps(cuda):
+    mds = [attnsync.build(ring_batch(step)) for step in range(RING_STEPS)]
+    expected_np = np.stack([ring_expected(md) for md in mds])
+    assert (expected_np[1:] != expected_np[:-1]).any(axis=1).all(), "consecutive steps must differ"
+    expected = torch.from_numpy(expected_np).to(cuda)  # one upload before the loop
+    torch.cuda.synchronize()
+    return mds, expected_np, expected
+
+
+@pytest.mark.gpu
+def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps):
+    mds, _, expected = ring_steps
+    cycles = int(cycles_per_ms() * 1.0)  # each step's copy waits behind ~1 ms of GPU work
+    stager = ast.Stager(cuda, num_slots=2)
+    mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
+    torch.cuda.synchronize()
+    for step, md in enumerate(mds):
+        torch.cuda._sleep(cycles)
+        out = ast.lower(md, cuda, stager=stager)
+        # checked on the device, in stream order; read back once at the end
+        mismatches += (ring_got(out) != expected[step]).sum()
+    torch.cuda.synchronize()
+    assert int(mismatches.item()) == 0
+    assert stager.stats.copies == RING_STEPS
+    assert stager.stats.event_waits > 0, "the host ran ahead, so the guard must have waited"
+
+
+@pytest.mark.gpu
+def test_unguarded_single_slot_corrupts_under_the_same_delay(cuda, ring_steps):
+    """One pinned buffer rewritten without waiting for its copy: the check above would fail."""
+    _, expected_np, expected = ring_steps
+    steps = 200
+    cycles = int(cycles_per_ms() * 1.0)
+    pinned = torch.empty(expected_np.shape[1], dtype=torch.int64, pin_memory=True)
+    host = pinned.numpy()
+    mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
+    torch.cuda.synchronize()
+    for step in range(steps):
+        torch.cuda._sleep(cycles)
+        host[:] = expected_np[step]  # may overwrite data a queued copy has not read yet
+        device = torch.empty(expected_np.shape[1], dtype=torch.int64, device=cuda)
+        device.copy_(pinned, non_blocking=True)
+        mismatches += (device != expected[step]).sum()
+    torch.cuda.synchronize()
+    assert int(mismatches.item()) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Persistent addresses
+
+
+@pytest.mark.gpu
+def test_persistent_stager_keeps_addresses_and_refuses_another_layout(cuda):
+    stager = ast.Stager(cuda, persistent=True)
+    mds = [attnsync.build(ring_batch(step)) for step in range(6)]
+    pointers = None
+    out = None
+    for md in mds:
+        out = ast.lower(md, cuda, stager=stager)
+        now = {name: getattr(out, name).data_ptr() for name in TORCH_DEVICE_FIELDS}
+        pointers = pointers or now
+        assert now == pointers
+    torch.cuda.synchronize()
+    assert_torch_matches(mds[-1], out, cuda)
+    copies = stager.stats.copies
+    snapshot = {name: getattr(out, name).clone() for name in TORCH_DEVICE_FIELDS}
+    other = attnsync.build(attnsync.Batch(**MIXED))  # 4 rows, not 8: another layout
+    with pytest.raises(attnsync.SpecError, match=r"persistent stager.*Fix: pad every batch to the same bucket"):
+        ast.lower(other, cuda, stager=stager)
+    torch.cuda.synchronize()
+    assert stager.stats.copies == copies, "nothing staged"
+    for name, before in snapshot.items():
+        assert torch.equal(getattr(out, name), before), f"{name} was rewritten"
+
+
+@pytest.mark.gpu
+def test_persistent_stager_keeps_jax_addresses(jax_gpu, cuda):
+    jax, asj, device = jax_gpu
+    stager = ast.Stager(cuda, persistent=True)
+    pointers = []
+    for step in range(4):
+        md = attnsync.build(ring_batch(step))
+        out = asj.lower(md, device, stager=stager)
+        jax.block_until_ready(out)
+        pointers.append({name: getattr(out, name).unsafe_buffer_pointer() for name in JAX_FIELDS})
+        np.testing.assert_array_equal(np.asarray(out.slot_mapping), md.slot_mapping)
+    assert all(p == pointers[0] for p in pointers)
+
+
+# --------------------------------------------------------------------------------------------
+# int32 range for JAX, CPU vs GPU, multi-device
+
+
+@pytest.mark.gpu
+def test_jax_refuses_int64_beyond_int32_before_staging(jax_gpu, cuda):
+    _, asj, device = jax_gpu
+    stager = RecordingStager(cuda)
+    md = attnsync.build(attnsync.Batch(**MIXED))
+    wide = dataclasses.replace(md, block_table=md.block_table.astype(np.int64) + 2**31)
+    with pytest.raises(attnsync.SpecError, match=r"block_table: value \d+ does not fit int32.*Fix"):
+        asj.lower(wide, device, stager=stager)
+    assert stager.staged == [] and stager.stats.copies == 0
+
+
+@pytest.mark.gpu
+def test_gpu_lowering_equals_cpu_lowering_and_brute_force(cuda):
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        r = int(rng.integers(0, 10))
+        q = rng.integers(1, 6, r)
+        s = q + rng.integers(0, 80, r)
+        bs = int(rng.choice([1, 16, 64]))
+        width = int(max((-(-s // bs)).max(initial=0), 1))
+        batch = attnsync.Batch(query_lens=q, seq_lens=s, block_table=rng.integers(0, 5000, (r, width)),
+                               block_size=bs, padded_num_reqs=r + 2, padded_num_tokens=int(q.sum()) + 3)
+        md = attnsync.build(batch)
+        gpu, cpu = ast.lower(md, cuda), ast.lower(md, "cpu")
+        for name in TORCH_DEVICE_FIELDS:
+            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+        np.testing.assert_array_equal(gpu.slot_mapping.cpu().numpy(), brute_force_common(batch)["slot_mapping"])
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_same_metadata_on_two_devices():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    first = ast.lower(md, "cuda:0")
+    second = ast.lower(md, "cuda:1")
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    assert_torch_matches(md, first, torch.device("cuda", 0))
+    assert_torch_matches(md, second, torch.device("cuda", 1))
+    for name in TORCH_DEVICE_FIELDS:
+        assert torch.equal(getattr(first, name).cpu(), getattr(second, name).cpu()), name
