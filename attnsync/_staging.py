@@ -19,6 +19,7 @@ rewritten only after the event recorded after its last copy has completed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ class PackedEntry:
     @property
     def nbytes(self) -> int:
         """Bytes the field occupies."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # math.prod on the int tuple: np.prod costs ~2 us a call and lower() asks ~10 times.
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,304 @@
+"""The ``flashinfer`` backend: paged-KV plan arrays for FlashInfer's native wrappers (numpy only).
+
+FlashInfer's `plan()` runs a work scheduler on the CPU. It needs, as *host* int32 arrays, the
+query offsets (`qo_indptr`), the page offsets of each request (`paged_kv_indptr`) and the fill
+of each request's last page (`paged_kv_last_page_len`); only the page ids themselves
+(`paged_kv_indices`) are read on the device. Handing it device arrays makes it copy them back
+(one blocking device-to-host copy each: vllm-backends.md 2.1, reference C1). This module builds
+all of them on the host, in vectorised numpy, from an `attnsync.Batch`; the torch adapter stages
+the device fields in one copy and `attnsync.adapters.flashinfer_plan.plan` feeds the host ones
+to FlashInfer. Nothing here imports a framework.
+
+Phase: plan (host only, allocating; never inside a CUDA graph).
+
+Options:
+    decode_threshold (int, default 1): rows with at most this many new tokens, not still
+        prefilling, are decodes. FlashInfer's decode wrapper runs exactly one query token per
+        request, so keep 1 unless you run the decode rows some other way (the planning helper
+        refuses decode rows of more than one token).
+
+Rules the builder enforces:
+    * Decode-first order: the decode rows come first, everything else (extends and fresh
+      prefills) after them; `attnsync.reorder` puts a batch in that order.
+    * Exact lengths for every row: FlashInfer derives each request's KV length from
+      `paged_kv_indptr` and `paged_kv_last_page_len`, so an upper bound (async speculative
+      decoding) would make it read pages that hold no valid keys.
+
+Why the prefill sub-batch is rebased (`prefill_paged_kv_indptr` starts at 0 and goes with the
+slice `paged_kv_indices[num_decode_pages:num_pages]`) where vLLM passes the absolute
+`paged_kv_indptr[nd:]` with the whole indices array: both name the same pages, since
+FlashInfer 0.6.6 reads indptr values only as offsets into the indices tensor its plan() was
+given (page.cuh, and the SM90 scheduler's per-CTA kv offsets) and derives lengths from
+differences. We rebase because
+  1. `qo_indptr` must be rebased anyway: run() gets the prefill slice of q, and the FA2/FA3
+     schedulers store qo_indptr values as offsets into that slice. Rebasing the KV side too
+     makes the sub-batch self-contained and meets plan()'s documented contract literally
+     (indptr[0] == 0, indices of length indptr[-1]);
+  2. a CUDA-graph prefill wrapper copies `len(paged_kv_indices)` page ids into its fixed
+     buffer: the slice copies, and sizes that buffer for, the prefill pages only;
+  3. it costs one [np+1] subtraction here and a zero-copy device view at a host-known offset
+     in the adapter: no device work, no sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._batch import Batch, require_decode_first
+from .._spec import array_field, build_common, require_exact
+from .._validate import INT32_MAX, SpecError, as_int, freeze
+
+_BACKEND = "flashinfer"
+
+# Gather strategy for paged_kv_indices: a boolean mask over the whole [R, W] table costs about
+# R*W element tests, the repeat/take gather about 3 passes over the used pages plus a fixed
+# overhead. Measured with numpy 2 on the CPU host (32 decode rows, W 139: mask 8 us, repeat
+# 11 us), the mask wins while the table is at most a few times larger than the used pages.
+_MASK_GATHER_FACTOR = 4
+_MASK_GATHER_SLACK = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class FlashInferMetadata:
+    """Host metadata for FlashInfer's paged decode and prefill wrappers (read-only numpy).
+
+    R is `num_reqs` (request rows, padding included), T is `num_actual_tokens` (tokens, padding
+    included), nd = `num_decodes`, np = `num_prefills` (extends count as prefills: FlashInfer's
+    prefill wrapper attends to the cached context too). Rows [0, nd) are decodes, rows
+    [nd, nd + np) prefills, rows [nd + np, R) padding (query_len 0, seq_len 0). Lowered names in
+    parentheses are the attribute names of `attnsync.adapters.torch.lower`'s result.
+
+    Attributes:
+        query_start_loc: [R+1] int32, [0] == 0, non-decreasing; padding repeats the last value.
+            Device and host (`query_start_loc`, `query_start_loc_cpu`). Shared with the common
+            metadata, not copied.
+        seq_lens: [R] int32, exact context of each row including this step's tokens; padding 0.
+            Device and host (`seq_lens`, `seq_lens_cpu`: exact, since the builder refuses
+            upper bounds).
+        block_table: [R, W] int32 page ids; padding rows 0. Device (`block_table_tensor`).
+        slot_mapping: [T] int32 cache slot of each new token, -1 for padding tokens. Device
+            (`slot_mapping`, int64 in torch).
+        paged_kv_indptr: [R+1] int32, [0] == 0, `paged_kv_indptr[r+1] - paged_kv_indptr[r] ==
+            ceil(seq_lens[r] / block_size)`; padding rows add 0 pages. Host
+            (`paged_kv_indptr_cpu`). The decode wrapper takes `[: nd + 1]` (it starts at 0,
+            because decodes come first).
+        paged_kv_indices: [paged_kv_indptr[-1]] int32, the first `ceil(seq_lens[r] /
+            block_size)` entries of `block_table[r]` for r = 0, 1, ..., concatenated. Device
+            (`paged_kv_indices`). Decode rows own `[: num_decode_pages]`, prefill rows
+            `[num_decode_pages : num_pages]`.
+        paged_kv_last_page_len: [R] int32, tokens in each row's last page: `seq_len % block_size`,
+            or `block_size` when that is 0 and seq_len > 0; 0 for an empty row. In
+            [1, block_size] for every row with context. Host (`paged_kv_last_page_len_cpu`).
+        prefill_qo_indptr: [np+1] int32, [0] == 0, `query_start_loc[nd : nd+np+1] -
+            query_start_loc[nd]`: offsets into the prefill slice of q,
+            `q[num_decode_tokens : num_decode_tokens + num_prefill_tokens]`. Host
+            (`prefill_qo_indptr_cpu`).
+        prefill_paged_kv_indptr: [np+1] int32, [0] == 0, `paged_kv_indptr[nd : nd+np+1] -
+            num_decode_pages`: page offsets into the prefill slice of the indices,
+            `paged_kv_indices[num_decode_pages : num_pages]`. Host (`prefill_paged_kv_indptr_cpu`).
+            Rebased rather than absolute so the prefill sub-batch is self-contained, as its
+            `qo_indptr` must be (see `attnsync.adapters.flashinfer_plan`).
+        num_reqs, num_actual_tokens: R and T (padded sizes).
+        num_scheduled_reqs, num_scheduled_tokens: the real request and token counts.
+        max_query_len, max_seq_len: longest query and sequence over the real rows (exact).
+        block_size: tokens per KV-cache page (FlashInfer's `page_size`).
+        decode_threshold: the split threshold the batch was built with.
+        num_decodes, num_decode_tokens: decode rows and their tokens.
+        num_prefills, num_prefill_tokens: every other real row (extends and fresh prefills) and
+            their tokens.
+        max_decode_query_len: longest decode query (1 for plain decoding, 0 without decodes).
+        max_prefill_query_len: longest prefill query (0 without prefills).
+        num_decode_pages: `paged_kv_indptr[nd]`, pages of the decode rows.
+        num_pages: `paged_kv_indptr[-1]`, pages of all rows (== len(paged_kv_indices)).
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[0, 1, 1, 1], seq_lens=[0, 16, 17, 33],
+        ...                        block_table=[[0, 0, 0], [5, 0, 0], [6, 7, 0], [8, 9, 10]],
+        ...                        block_size=16)
+        >>> md = attnsync.build(batch, backend="flashinfer")
+        >>> md.paged_kv_indptr.tolist(), md.paged_kv_last_page_len.tolist()
+        ([0, 0, 1, 3, 6], [0, 16, 1, 1])
+        >>> md.paged_kv_indices.tolist()
+        [5, 6, 7, 8, 9, 10]
+    """
+
+    query_start_loc: np.ndarray = array_field(place="both")
+    seq_lens: np.ndarray = array_field(place="both", host_name="seq_lens_cpu")
+    block_table: np.ndarray = array_field(place="device", device_name="block_table_tensor")
+    slot_mapping: np.ndarray = array_field(place="device")
+    paged_kv_indptr: np.ndarray = array_field(place="host", host_name="paged_kv_indptr_cpu")
+    paged_kv_indices: np.ndarray = array_field(place="device")
+    paged_kv_last_page_len: np.ndarray = array_field(
+        place="host", host_name="paged_kv_last_page_len_cpu"
+    )
+    prefill_qo_indptr: np.ndarray = array_field(place="host", host_name="prefill_qo_indptr_cpu")
+    prefill_paged_kv_indptr: np.ndarray = array_field(
+        place="host", host_name="prefill_paged_kv_indptr_cpu"
+    )
+    num_reqs: int
+    num_actual_tokens: int
+    num_scheduled_reqs: int
+    num_scheduled_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    decode_threshold: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    num_prefill_tokens: int
+    max_decode_query_len: int
+    max_prefill_query_len: int
+    num_decode_pages: int
+    num_pages: int
+
+
+def paged_kv_arrays(
+    seq_lens: np.ndarray, block_table: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FlashInfer's paged-KV triple of every row, vectorised (no per-row Python loop).
+
+    Args:
+        seq_lens: [R] int32, exact lengths (0 for empty or padded rows).
+        block_table: [R, W] int32, W >= ceil(max(seq_lens) / block_size).
+        block_size: tokens per page, >= 1.
+
+    Returns:
+        `(indptr [R+1], indices [indptr[-1]], last_page_len [R])`, all int32 and writeable.
+
+    Example:
+        >>> import numpy as np
+        >>> indptr, indices, last = paged_kv_arrays(
+        ...     np.array([0, 16, 17, 33], dtype=np.int32),
+        ...     np.array([[0, 0, 0], [5, 0, 0], [6, 7, 0], [8, 9, 10]], dtype=np.int32), 16)
+        >>> indptr.tolist(), indices.tolist(), last.tolist()
+        ([0, 0, 1, 3, 6], [5, 6, 7, 8, 9, 10], [0, 16, 1, 1])
+    """
+    num_rows, width = block_table.shape
+    # ceil(seq / block_size) without forming seq + block_size - 1, which could pass 2**31.
+    pages = seq_lens // block_size
+    pages += (seq_lens % block_size) != 0
+    if num_rows * width > INT32_MAX:
+        # The total is at most R*W (Batch checked every row fits its table row), so only a
+        # table of 2**31 entries or more needs the wide sum.
+        total = int(pages.sum(dtype=np.int64))
+        if total > INT32_MAX:
+            raise SpecError(
+                f"seq_lens: the batch spans {total} KV pages at block_size {block_size}, more "
+                f"than int32 offsets can address. Fix: split the batch."
+            )
+    indptr = np.zeros(num_rows + 1, dtype=np.int32)
+    np.cumsum(pages, out=indptr[1:])
+    total = int(indptr[-1])
+    if num_rows * width <= _MASK_GATHER_FACTOR * total + _MASK_GATHER_SLACK:
+        # A narrow table: one boolean mask over it, read in row-major order, is exactly the
+        # concatenation of every row's first pages_r entries (the cheapest form when most of
+        # the table is in use, as in decode batches).
+        used = np.arange(width, dtype=np.int32) < pages[:, None]
+        indices = block_table[used]
+    else:
+        # A wide table (long max_model_len, short rows): touch only the used pages. Row r's
+        # pages sit at flat positions r*W + [0, pages_r); one repeat of the per-row shift
+        # r*W - indptr[r] turns arange(total) into those positions, and one `take` gathers.
+        shift = np.arange(num_rows, dtype=np.int64) * width - indptr[:-1]
+        flat = np.repeat(shift, pages)
+        flat += np.arange(total, dtype=np.int64)
+        indices = block_table.reshape(-1).take(flat)
+    # Last-page fill: seq - (pages - 1) * block_size is in [1, block_size] for seq > 0, and
+    # would be block_size for an empty row, which FlashInfer must see as 0 (no pages); the
+    # minimum with seq fixes exactly that row (seq >= the last-page fill everywhere else).
+    last = seq_lens - (pages - 1) * block_size
+    np.minimum(last, seq_lens, out=last)
+    return indptr, indices, last
+
+
+def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
+    """Build FlashInfer's host metadata for `batch` (host only, numpy; the "plan" phase).
+
+    Args:
+        batch: a validated `attnsync.Batch` in decode-first order with exact lengths.
+        decode_threshold: rows with at most this many new tokens (and not still prefilling)
+            are decodes; keep 1 for FlashInfer's decode wrapper.
+
+    Returns:
+        A `FlashInferMetadata` of read-only arrays; lower it with
+        `attnsync.adapters.torch.lower(md, device)` and plan FlashInfer with
+        `attnsync.adapters.flashinfer_plan.plan`.
+
+    Raises:
+        TypeError: `batch` is not an `attnsync.Batch`, or an option has the wrong type.
+        SpecError: the batch is not decode-first (fix: `attnsync.reorder`), has inexact rows,
+            or spans more pages than int32 can address.
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[1, 5], seq_lens=[17, 5], block_table=[[3, 4], [7, 0]],
+        ...                        block_size=16)
+        >>> md = attnsync.build(batch, backend="flashinfer")
+        >>> md.num_decodes, md.num_prefills, md.prefill_qo_indptr.tolist()
+        (1, 1, [0, 5])
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"batch: expected an attnsync.Batch, received {type(batch).__name__}. "
+            f"Fix: attnsync.build(attnsync.Batch(...), backend='flashinfer')."
+        )
+    threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+    common = build_common(batch, decode_threshold=threshold)
+    if not common.is_decode_first:
+        # The common build already classified the rows; ask for the full check (and its error
+        # message naming the row and the fix) only when the order is wrong, which saves a
+        # second classification (about 6 us) on every valid step.
+        require_decode_first(batch, decode_threshold=threshold, backend=_BACKEND, strict=False)
+        raise AssertionError("require_decode_first accepted a batch the common build flagged")
+    require_exact(
+        common,
+        backend=_BACKEND,
+        reason="its plan() derives each request's KV length from paged_kv_indptr and "
+        "paged_kv_last_page_len, so an upper bound would make the kernel read invalid keys",
+    )
+    page = common.block_size
+    indptr, indices, last = paged_kv_arrays(common.seq_lens, common.block_table, page)
+
+    nd = common.num_decodes
+    n = common.num_scheduled_reqs
+    qsl = common.query_start_loc
+    decode_pages = int(indptr[nd])
+    prefill_qo_indptr = qsl[nd : n + 1] - qsl[nd]
+    prefill_kv_indptr = indptr[nd : n + 1] - np.int32(decode_pages)
+    query_lens = batch.query_lens  # [n], the real rows only
+    max_decode_q = int(query_lens[:nd].max()) if nd else 0
+    max_prefill_q = int(query_lens[nd:].max()) if n > nd else 0
+
+    for value in (indptr, indices, last, prefill_qo_indptr, prefill_kv_indptr):
+        freeze(value)
+    return FlashInferMetadata(
+        query_start_loc=common.query_start_loc,
+        seq_lens=common.seq_lens,
+        block_table=common.block_table,
+        slot_mapping=common.slot_mapping,
+        paged_kv_indptr=indptr,
+        paged_kv_indices=indices,
+        paged_kv_last_page_len=last,
+        prefill_qo_indptr=prefill_qo_indptr,
+        prefill_paged_kv_indptr=prefill_kv_indptr,
+        num_reqs=common.num_reqs,
+        num_actual_tokens=common.num_actual_tokens,
+        num_scheduled_reqs=n,
+        num_scheduled_tokens=common.num_scheduled_tokens,
+        max_query_len=common.max_query_len,
+        max_seq_len=common.max_seq_len,
+        block_size=page,
+        decode_threshold=threshold,
+        num_decodes=nd,
+        num_decode_tokens=common.num_decode_tokens,
+        num_prefills=n - nd,
+        num_prefill_tokens=common.num_scheduled_tokens - common.num_decode_tokens,
+        max_decode_query_len=max_decode_q,
+        max_prefill_query_len=max_prefill_q,
+        num_decode_pages=decode_pages,
+        num_pages=int(indptr[n]),
+    )
