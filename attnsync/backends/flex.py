@@ -1,0 +1,383 @@
+"""The ``flex`` backend: block-sparse metadata for FlexAttention on a paged KV cache.
+
+FlexAttention sees one query sequence and one KV sequence. Here the queries are the batch's
+T (padded) tokens in order, and the KV sequence is the *whole* paged cache read as one long
+sequence of ``num_cache_pages * block_size`` slots: slot ``k`` is offset ``k % block_size`` of
+physical page ``k // block_size``. A KV block of the block mask is therefore one cache page,
+and a list of KV blocks is a list of physical page ids. The kernel visits, for each query block
+of ``q_block_size`` tokens, only the pages listed for it (``kv_indices``), and a mask function
+decides per (token, slot) pair whether the slot holds a key the token may see:
+
+    r       = doc_ids[q]                                  # the token's request
+    lb      = physical_to_logical[r, k // block_size]     # which logical block of r the page is
+    logical = lb * block_size + k % block_size            # the key's position in request r
+    visible = q < query_start_loc[r + 1]                  # a real token of row r (not padding)
+              & lb >= 0 & logical < seq_lens[r]           # the page is r's, the key exists
+              & logical <= decode_offset[r] + q - query_start_loc[r]   # causal
+
+Everything here is host numpy (the "plan" phase); `attnsync.adapters.flex_torch` turns the
+result into a torch ``BlockMask`` and runs flex attention, `attnsync.kernels.flex_jax` is a JAX
+reference driven by the same fields.
+
+Which pages a query block lists. A token at position ``p`` of request ``r`` may read logical
+blocks ``0 .. p // block_size`` of ``r``; the list of a query block is the union, over its real
+tokens, of the physical pages at those columns of the block table, in first-occurrence order
+(tokens in order, columns in order), with page 0 (the null page) left out and every page listed
+once even when several requests of the block share it (prefix caching). This is exactly the set
+of pages the mask can open for that block, plus pages reached only through a logical block that
+a later duplicate of the same page overrides (harmless: the mask closes them).
+
+Inexact rows (``seq_lens_exact=False``, async speculative decoding). The page lists and the
+host inverse table are built from the host upper bound: a larger bound only adds columns at the
+end of a row, so every page the exact lengths need is still listed, and the mask reads the exact
+lengths on the device. The per-row values that must be exact for the mask (``decode_offset``,
+``num_blocks_per_seq``, ``physical_to_logical``) are then recomputed on the device from exact
+device ``seq_lens`` by `attnsync.adapters.flex_torch.lower(md, device, seq_lens=...)`, which is
+required for such a batch (the block-mask helpers refuse a lowering that still holds bounds).
+The JAX lowering accepts exact batches only.
+
+Options:
+    num_cache_pages: pages in the KV cache, the width of the inverse table and the KV sequence
+        length in pages. Required here unless the batch carries ``num_cache_pages``; when both
+        are given they must agree. Every block-table entry must be below it.
+    q_block_size: tokens per query block, a power of two (default 16). The compiled GPU kernel
+        tiles queries by it, so keep it >= 16 there.
+    max_kv_blocks: width of ``kv_indices`` (the most pages one query block may list). Default:
+        the smallest power of two holding this step's longest list. Pass a fixed value to keep
+        one layout across steps (CUDA graphs, persistent staging, jit buckets); a step that
+        needs more raises `SpecError`.
+    inverse_table: ``"host"`` (default) builds ``physical_to_logical`` here, [R, num_cache_pages]
+        int32, staged with the rest. ``"device"`` leaves it empty ([R, 0]) and the torch and JAX
+        consumers build it on the device from the staged block table (one ``scatter_reduce``):
+        the table grows with the cache, so staging it costs ``4 * R * num_cache_pages`` bytes a
+        step, which dominates for large caches.
+    decode_threshold: split threshold of the common metadata (default 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._batch import Batch
+from .._spec import array_field, build_common
+from .._validate import INT32_MAX, SpecError, as_choice, as_int, freeze
+
+DEFAULT_Q_BLOCK_SIZE = 16  # vLLM's direct-build default on torch >= 2.9; one 16-row MMA tile
+NULL_PAGE = 0  # page 0 is the null page: never listed, never mapped (vLLM's NULL_BLOCK_ID)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class FlexMetadata:
+    """Host metadata of the ``flex`` backend (numpy, read-only). R is `num_reqs` (padded rows),
+    T is `num_actual_tokens` (padded tokens), P is `num_cache_pages`, NQ is `num_q_blocks`.
+
+    Attributes:
+        query_start_loc: [R+1] int32, [0] == 0, non-decreasing, padded rows repeat the last value.
+            Device and host (`query_start_loc_cpu`).
+        seq_lens: [R] int32, context including this step's tokens, padded rows 0; an upper bound
+            on inexact rows. Device and host (`seq_lens_cpu_upper_bound`).
+        block_table: [R, W] int32 page ids in [0, P), padded rows 0. Device.
+        slot_mapping: [T] int32 (int64 in torch) cache slot of each new token, -1 for padding
+            and inexact rows. Device.
+        doc_ids: [T] int32 request row of each token, in [0, R); padding tokens get R - 1 (the
+            mask closes them: they are at or beyond `query_start_loc[R]`). Device.
+        decode_offset: [R] int32, `seq_lens - query_lens` (tokens already in the cache), padded
+            rows 0; a bound on inexact rows. Device.
+        num_blocks_per_seq: [R] int32, `ceil(seq_lens / block_size)`. Device.
+        physical_to_logical: [R, P] int32, the inverse block table: entry [r, p] is the largest
+            column c < num_blocks_per_seq[r] with block_table[r, c] == p, else -1; column 0
+            (the null page) is -1. [R, 0] when `inverse_table_on_device`. Device.
+        kv_num_blocks: [NQ] int32, pages listed for each query block, in [0, max_kv_blocks].
+            Device.
+        kv_indices: [NQ, max_kv_blocks] int32, the listed physical page ids of each query block,
+            distinct, in [1, P), left-packed in first-occurrence order, -1 after the first
+            kv_num_blocks[b] entries. Device.
+        num_reqs, num_actual_tokens: R and T (padded). num_scheduled_reqs, num_scheduled_tokens:
+            the real counts.
+        max_query_len, max_seq_len: host maxima (`max_seq_len` is a bound on inexact rows).
+        block_size: tokens per cache page, also the KV block size of the block mask.
+        q_block_size: tokens per query block. num_q_blocks: NQ = ceil(T / q_block_size).
+        max_kv_blocks: the width of `kv_indices`.
+        max_pages_per_seq: ceil(max_seq_len / block_size), a bound on any row's pages.
+        num_cache_pages: P. total_cache_tokens: P * block_size, the KV sequence length.
+        inverse_table_on_device: True when `physical_to_logical` is left to the device.
+        all_exact: every row's length is exact. slot_mapping_exact: as in `CommonMetadata`.
+    """
+
+    query_start_loc: np.ndarray = array_field(place="both")
+    seq_lens: np.ndarray = array_field(place="both", host_name="seq_lens_cpu_upper_bound")
+    block_table: np.ndarray = array_field(place="device")
+    slot_mapping: np.ndarray = array_field(place="device")
+    doc_ids: np.ndarray = array_field(place="device")
+    decode_offset: np.ndarray = array_field(place="device")
+    num_blocks_per_seq: np.ndarray = array_field(place="device")
+    physical_to_logical: np.ndarray = array_field(place="device")
+    kv_num_blocks: np.ndarray = array_field(place="device")
+    kv_indices: np.ndarray = array_field(place="device")
+    num_reqs: int
+    num_actual_tokens: int
+    num_scheduled_reqs: int
+    num_scheduled_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    q_block_size: int
+    num_q_blocks: int
+    max_kv_blocks: int
+    max_pages_per_seq: int
+    num_cache_pages: int
+    total_cache_tokens: int
+    inverse_table_on_device: bool
+    all_exact: bool
+    slot_mapping_exact: bool
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
+    if num_cache_pages is None and batch.num_cache_pages is None:
+        raise SpecError(
+            "num_cache_pages: the flex backend needs the number of pages in the KV cache (the KV "
+            "sequence is the whole cache, and the inverse block table has one column per page). "
+            "Fix: attnsync.build(batch, backend='flex', num_cache_pages=...) or "
+            "attnsync.Batch(..., num_cache_pages=...)."
+        )
+    if num_cache_pages is None:
+        pages = as_int(batch.num_cache_pages, "num_cache_pages", minimum=1)
+    else:
+        pages = as_int(num_cache_pages, "num_cache_pages", minimum=1)
+        if batch.num_cache_pages is not None and int(batch.num_cache_pages) != pages:
+            raise SpecError(
+                f"num_cache_pages: the option says {pages} but the batch says "
+                f"{int(batch.num_cache_pages)}. Fix: pass one of them, or the same value."
+            )
+    if pages * batch.block_size > INT32_MAX:
+        raise SpecError(
+            f"num_cache_pages: {pages} pages of {batch.block_size} tokens make a KV sequence of "
+            f"{pages * batch.block_size} slots, beyond int32 (flex indexes slots as int32). "
+            f"Fix: a smaller cache, or split it."
+        )
+    table = batch.block_table
+    if table.size and int(table.max()) >= pages:
+        bad = np.unravel_index(int(np.argmax(table)), table.shape)
+        raise SpecError(
+            f"block_table: page id {int(table.max())} at {tuple(int(i) for i in bad)} is outside "
+            f"the cache of num_cache_pages={pages} pages. Fix: page ids must be below "
+            f"num_cache_pages (unused entries 0, the null page)."
+        )
+    return pages
+
+
+def _ragged_arange(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, index): for each i, lengths[i] entries (i, 0), (i, 1), ... concatenated."""
+    total = int(lengths.sum(dtype=np.int64))
+    owner = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), lengths)
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    return owner, np.arange(total, dtype=np.int64) - starts[owner]
+
+
+def inverse_block_table(
+    block_table: np.ndarray, seq_lens: np.ndarray, block_size: int, num_pages: int
+) -> np.ndarray:
+    """The inverse block table [R, num_pages] int32 (see `FlexMetadata.physical_to_logical`).
+
+    Host numpy, vectorised: one `np.maximum.at` over the used columns of every row, so the
+    latest logical column wins when a row lists a page twice, and columns at or beyond
+    ``ceil(seq_lens[r] / block_size)`` (stale entries) are never read.
+    """
+    rows_count = block_table.shape[0]
+    out = np.full((rows_count, num_pages), -1, dtype=np.int32)
+    used = -(-seq_lens.astype(np.int64) // block_size)
+    row, col = _ragged_arange(used)
+    if row.size:
+        np.maximum.at(out, (row, block_table[row, col].astype(np.int64)), col.astype(np.int32))
+    if num_pages:
+        out[:, NULL_PAGE] = -1
+    return out
+
+
+def _first_occurrences(key: np.ndarray, key_bound: int) -> np.ndarray:
+    """Mask of the first occurrence of each value of `key` (values in [0, key_bound)).
+
+    One plain sort of ``key * n + index`` (unique values, so no stable sort is needed, and
+    numpy's plain sort is several times faster than a stable argsort: 55 us against 615 us for
+    18k int64 keys on the CPU host); the index of the first entry of each run of equal keys is
+    its first occurrence. Falls back to a stable argsort when the combined value could overflow.
+    """
+    n = key.shape[0]
+    first = np.zeros(n, dtype=bool)
+    if n == 0:
+        return first
+    if key_bound * n < (1 << 62):
+        combined = np.sort(key * n + np.arange(n, dtype=np.int64))
+        sorted_key, index = np.divmod(combined, n)
+    else:  # pragma: no cover - needs > 2**62 (block, page, candidate) combinations
+        index = np.argsort(key, kind="stable")
+        sorted_key = key[index]
+    run_start = np.ones(n, dtype=bool)
+    run_start[1:] = sorted_key[1:] != sorted_key[:-1]
+    first[index[run_start]] = True
+    return first
+
+
+def block_sparse_pages(
+    *,
+    query_start_loc: np.ndarray,
+    num_computed_tokens: np.ndarray,
+    block_table: np.ndarray,
+    block_size: int,
+    q_block_size: int,
+    num_tokens: int,
+    num_q_blocks: int,
+    num_pages: int,
+    width: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query block, the distinct pages its tokens may read: (kv_num_blocks, kv_indices).
+
+    Host numpy, vectorised; no loop over rows or tokens. A query block holds consecutive tokens,
+    so it cuts the batch into segments (one per request it touches); a segment needs columns
+    ``0 .. p_last // block_size`` of its row, p_last being its last token's position. Segments
+    are expanded into candidates (block, page), page 0 dropped, and the first occurrence of each
+    (block, page) kept in candidate order (one sort of the combined key). Candidates come
+    in block order, so the rank of a kept page inside its block is its index minus the block's
+    start.
+
+    Returns:
+        kv_num_blocks [num_q_blocks] int32 and kv_indices [num_q_blocks, width] int32 (-1 padded;
+        width None: the next power of two of the longest list, at least 1).
+    """
+    counts = np.zeros(num_q_blocks, dtype=np.int64)
+    if num_tokens:
+        qsl = query_start_loc.astype(np.int64)
+        req = np.repeat(np.arange(qsl.shape[0] - 1, dtype=np.int32), np.diff(qsl))
+        token = np.arange(num_tokens, dtype=np.int64)
+        position = (num_computed_tokens.astype(np.int64) - qsl[:-1])[req] + token
+        qblock = token // q_block_size
+        last = np.ones(num_tokens, dtype=bool)  # last token of its (query block, request) segment
+        last[:-1] = (req[1:] != req[:-1]) | (qblock[1:] != qblock[:-1])
+        seg = np.flatnonzero(last)
+        seg_owner, column = _ragged_arange(position[seg] // block_size + 1)
+        table_width = block_table.shape[1]
+        flat_index = req[seg].astype(np.int64)[seg_owner] * table_width + column
+        pages = block_table.reshape(-1)[flat_index]
+        blocks = qblock[seg][seg_owner]
+        real = pages != NULL_PAGE
+        pages, blocks = pages[real], blocks[real]
+        first = _first_occurrences(blocks * num_pages + pages, num_q_blocks * num_pages)
+        pages, blocks = pages[first], blocks[first]
+        counts = np.bincount(blocks, minlength=num_q_blocks)
+    longest = int(counts.max(initial=0))
+    if width is None:
+        width = _next_pow2(max(longest, 1))
+    elif longest > width:
+        row = int(np.argmax(counts))
+        raise SpecError(
+            f"max_kv_blocks: query block {row} lists {longest} pages, more than "
+            f"max_kv_blocks={width}. Fix: raise max_kv_blocks to at least {longest} (always "
+            f"enough: min(q_block_size * pages of the longest row, num_cache_pages - 1)), or "
+            f"leave it None."
+        )
+    kv_indices = np.full((num_q_blocks, width), -1, dtype=np.int32)
+    if num_tokens and pages.size:
+        # candidates come in block order, so a kept page's rank is its index minus its block's start
+        shift = np.cumsum(counts) - counts - np.arange(num_q_blocks, dtype=np.int64) * width
+        kv_indices.reshape(-1)[np.arange(pages.shape[0], dtype=np.int64) - shift[blocks]] = pages
+    return counts.astype(np.int32), kv_indices
+
+
+def build(
+    batch: Batch,
+    /,
+    *,
+    num_cache_pages: int | None = None,
+    q_block_size: int = DEFAULT_Q_BLOCK_SIZE,
+    max_kv_blocks: int | None = None,
+    inverse_table: str = "host",
+    decode_threshold: int = 1,
+) -> FlexMetadata:
+    """Build the flex backend's metadata on the host (numpy only). See the module docstring.
+
+    Example:
+        >>> import attnsync
+        >>> batch = attnsync.Batch(query_lens=[1, 3], seq_lens=[6, 3], block_table=[[2, 5], [3, 0]],
+        ...                        block_size=4, num_cache_pages=8)
+        >>> md = attnsync.build(batch, backend="flex", q_block_size=4)
+        >>> md.doc_ids.tolist(), md.kv_num_blocks.tolist(), md.kv_indices.tolist()
+        ([0, 1, 1, 1], [3], [[2, 5, 3, -1]])
+        >>> md.physical_to_logical[0].tolist()
+        [-1, -1, 0, -1, -1, 1, -1, -1]
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch: expected an attnsync.Batch, received {type(batch).__name__}.")
+    qb = as_int(q_block_size, "q_block_size", minimum=1, maximum=1 << 20)
+    if qb & (qb - 1):
+        raise SpecError(
+            f"q_block_size: expected a power of two (the kernel tiles queries by it), received "
+            f"{qb}. Fix: pass 16, 32, 64 or 128."
+        )
+    width = None if max_kv_blocks is None else as_int(max_kv_blocks, "max_kv_blocks", minimum=1)
+    on_device = as_choice(inverse_table, "inverse_table", ("host", "device")) == "device"
+    pages = _cache_pages(batch, num_cache_pages)
+    common = build_common(batch, decode_threshold=decode_threshold)
+    r_pad, t_pad, bs = common.num_reqs, common.num_actual_tokens, common.block_size
+    if t_pad and not r_pad:
+        raise SpecError(
+            f"padded_num_reqs: the batch has {t_pad} (padding) tokens but no request rows; flex "
+            f"maps every token to a row. Fix: pad the batch to at least one request row."
+        )
+    num_q_blocks = -(-t_pad // qb)
+    qsl = common.query_start_loc
+    doc_ids = np.full(t_pad, max(r_pad - 1, 0), dtype=np.int32)
+    doc_ids[: common.num_scheduled_tokens] = common.token_to_req[: common.num_scheduled_tokens]
+    num_blocks_per_seq = (-(-common.seq_lens.astype(np.int64) // bs)).astype(np.int32)
+    if on_device:
+        inverse = np.zeros((r_pad, 0), dtype=np.int32)
+    else:
+        inverse = inverse_block_table(common.block_table, common.seq_lens, bs, pages)
+    kv_num_blocks, kv_indices = block_sparse_pages(
+        query_start_loc=qsl,
+        num_computed_tokens=common.num_computed_tokens,
+        block_table=common.block_table,
+        block_size=bs,
+        q_block_size=qb,
+        num_tokens=common.num_scheduled_tokens,
+        num_q_blocks=num_q_blocks,
+        num_pages=pages,
+        width=width,
+    )
+    decode_offset = np.ascontiguousarray(common.num_computed_tokens, dtype=np.int32)
+    for value in (doc_ids, num_blocks_per_seq, inverse, kv_num_blocks, kv_indices, decode_offset):
+        if value.flags.writeable:
+            freeze(value)
+    return FlexMetadata(
+        query_start_loc=qsl,
+        seq_lens=common.seq_lens,
+        block_table=common.block_table,
+        slot_mapping=common.slot_mapping,
+        doc_ids=doc_ids,
+        decode_offset=decode_offset,
+        num_blocks_per_seq=num_blocks_per_seq,
+        physical_to_logical=inverse,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        num_reqs=r_pad,
+        num_actual_tokens=t_pad,
+        num_scheduled_reqs=common.num_scheduled_reqs,
+        num_scheduled_tokens=common.num_scheduled_tokens,
+        max_query_len=common.max_query_len,
+        max_seq_len=common.max_seq_len,
+        block_size=bs,
+        q_block_size=qb,
+        num_q_blocks=num_q_blocks,
+        max_kv_blocks=int(kv_indices.shape[1]),
+        max_pages_per_seq=-(-common.max_seq_len // bs),
+        num_cache_pages=pages,
+        total_cache_tokens=pages * bs,
+        inverse_table_on_device=on_device,
+        all_exact=common.all_exact,
+        slot_mapping_exact=common.slot_mapping_exact,
+    )

@@ -1,0 +1,169 @@
+"""Flex: host time per step of the block-sparse metadata + BlockMask vs compiled create_block_mask.
+
+    python bench/bench_flex.py [--reqs 32 64 128 256] [--iters 50] [--out bench_flex.json]
+
+Workload: a decode step of R requests (one new token each, contexts uniform in [200, 2000),
+page 16, q block 16), pages drawn without replacement from a cache of fixed size (big enough
+for the largest R at the longest context), optionally a shared prefix. Per R, side by side in
+one process:
+
+- ``attnsync (inverse on device)``: ``attnsync.build(batch, backend="flex",
+  inverse_table="device")`` + ``flex_torch.lower`` (one pinned copy; the inverse table is one
+  scatter on the device) + ``flex_torch.block_mask`` (``BlockMask.from_kv_blocks``);
+- ``attnsync (inverse on host)``: the same with the [R, num_cache_pages] inverse table built in
+  numpy and staged (its bytes grow with the cache);
+- ``create_block_mask (compiled)``: ``torch.compile(create_block_mask)`` on the same paged
+  mask_mod over [T, num_cache_pages * page] (dense mask evaluation on the device). Its device
+  inputs (doc ids, inverse table, ...) are prepared once and not timed, which favours it.
+
+Host time = wall time of the call on the host, the GPU drained before each sample (median of
+``--iters``). "Step" = the same plus ``torch.cuda.synchronize()``: the whole cost when the step
+waits for the result. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
+linear growth in R. Absolute numbers only count on the GPU host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import torch  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
+
+import attnsync  # noqa: E402
+from attnsync.adapters import flex_torch as ft  # noqa: E402
+
+PAGE = 16
+Q_BLOCK = 16
+CONTEXT = (200, 2000)
+
+
+def decode_batch(num_reqs: int, num_pages: int, *, shared_prefix_pages: int, seed: int) -> attnsync.Batch:
+    rng = np.random.default_rng(seed)
+    context = rng.integers(*CONTEXT, size=num_reqs)
+    seq_lens = context + 1
+    pages_needed = -(-seq_lens // PAGE)
+    width = -(-(CONTEXT[1] + 1) // PAGE)
+    table = np.zeros((num_reqs, width), dtype=np.int64)
+    pool = rng.permutation(np.arange(1 + shared_prefix_pages, num_pages))
+    shared = np.arange(1, 1 + shared_prefix_pages)
+    start = 0
+    for r in range(num_reqs):  # setup only; never timed
+        own = pages_needed[r] - min(shared_prefix_pages, pages_needed[r])
+        row = np.concatenate([shared[: pages_needed[r]], pool[start : start + own]])
+        table[r, : pages_needed[r]] = row
+        start += own
+    return attnsync.Batch(query_lens=np.ones(num_reqs, dtype=np.int64), seq_lens=seq_lens, block_table=table,
+                          block_size=PAGE, num_cache_pages=num_pages)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, iters: int, warmup: int = 5) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    host, step = [], []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - start)
+        _sync(device)
+        step.append(time.perf_counter() - start)
+    return {"host_ms": statistics.median(host) * 1e3, "step_ms": statistics.median(step) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reqs", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--shared-prefix-pages", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
+                        help="run compiled create_block_mask (auto: on CUDA only; its CPU compile is slow)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    run_baseline = args.baseline == "on" or (args.baseline == "auto" and device.type == "cuda")
+    max_reqs = max(args.reqs)
+    num_pages = 1 + args.shared_prefix_pages + max_reqs * -(-CONTEXT[1] // PAGE) + max_reqs
+    compiled_create = torch.compile(create_block_mask) if run_baseline else None
+    rows = []
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}, cache {num_pages} pages of {PAGE}, q block {Q_BLOCK}")
+    for num_reqs in args.reqs:
+        batch = decode_batch(num_reqs, num_pages, shared_prefix_pages=args.shared_prefix_pages, seed=num_reqs)
+        result: dict[str, object] = {"num_reqs": num_reqs, "num_tokens": batch.num_tokens}
+        for inverse in ("device", "host"):
+            def step(inverse=inverse):
+                md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, inverse_table=inverse)
+                tmd = ft.lower(md, device)
+                return ft.block_mask(tmd)
+
+            result[f"attnsync_inverse_{inverse}"] = measure(step, device, args.iters)
+        md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK)
+        result["kv_indices_shape"] = list(md.kv_indices.shape)
+        # the build alone (numpy), for the linear-growth check
+        result["build_only"] = measure(
+            lambda: attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, inverse_table="device"),
+            torch.device("cpu"), args.iters)
+        if run_baseline:
+            tmd = ft.lower(md, device)
+            mask_mod = ft.paged_mask_mod(tmd)
+            kv_len = num_pages * PAGE
+
+            def baseline():
+                return compiled_create(mask_mod, None, None, md.num_actual_tokens, kv_len, device=device,
+                                       BLOCK_SIZE=(Q_BLOCK, PAGE))
+
+            result["create_block_mask_compiled"] = measure(baseline, device, args.iters, warmup=3)
+            # same sparsity: the dense route must find every page the host listed
+            dense = baseline()
+            _sync(device)
+            got = dense.kv_num_blocks.reshape(-1)
+            if dense.full_kv_num_blocks is not None:  # create_block_mask splits off full blocks
+                got = got + dense.full_kv_num_blocks.reshape(-1)
+            got = got.cpu().numpy()
+            assert (got == md.kv_num_blocks).all(), (got, md.kv_num_blocks)
+        rows.append(result)
+        line = [f"R={num_reqs:4d}"]
+        for key in ("attnsync_inverse_device", "attnsync_inverse_host", "create_block_mask_compiled"):
+            if key in result:
+                line.append(f"{key}: host {result[key]['host_ms']:.3f} ms, step {result[key]['step_ms']:.3f} ms")
+        line.append(f"build {result['build_only']['host_ms']:.3f} ms")
+        print(" | ".join(line), flush=True)
+    summary: dict[str, object] = {}
+    first, last = rows[0], rows[-1]
+    growth = last["num_reqs"] / first["num_reqs"]
+    for key in ("attnsync_inverse_device", "attnsync_inverse_host", "build_only"):
+        summary[f"{key}_growth"] = last[key]["host_ms"] / first[key]["host_ms"]
+    summary["request_growth"] = growth
+    if run_baseline:
+        for key in ("attnsync_inverse_device", "attnsync_inverse_host"):
+            summary[f"speedup_{key}_at_{last['num_reqs']}"] = (
+                last["create_block_mask_compiled"]["host_ms"] / last[key]["host_ms"])
+            summary[f"step_speedup_{key}_at_{last['num_reqs']}"] = (
+                last["create_block_mask_compiled"]["step_ms"] / last[key]["step_ms"])
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "num_cache_pages": num_pages,
+                                        "rows": rows, "summary": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
