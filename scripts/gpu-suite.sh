@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# Run attnsync's GPU suite on a GPU host and collect the results in OUTDIR.
+#
+#   scripts/gpu-suite.sh OUTDIR
+#
+# The host is prepared as /work/shared/GPU.md says: python3 with torch, jax (CUDA plugin),
+# triton, numpy, pytest, hypothesis; FlashInfer comes as wheels in .whl/ and is installed here
+# into /tmp/site when it is not importable. Steps, each with its own timeout, in this order:
+#   env          card (nvidia-smi), versions, date
+#   gpu-tests    python -m pytest tests -m "gpu or multigpu" -rA
+#   demo         python -m attnsync demo --json
+#   bench_common bench/bench_common.py --out ...      (--quick when time is short)
+#   decode_loop  bench/decode_loop.py --out ...       (if the script exists)
+#   rest-tests   python -m pytest tests -m "not gpu and not multigpu" -rA
+# A failing or timed-out step is recorded and the suite goes on. The whole run keeps within
+# SUITE_BUDGET_S seconds (default 530: the device tool stops a command at 600).
+# OUTDIR gets at most 8 files, none in sub-folders (the device tool returns 8):
+#   report.json summary.md pytest.log junit.xml demo.json steps.log bench_common.json decode_loop.json
+# Exit status: 0 when every step passed, 1 otherwise, 2 on bad usage.
+set -uo pipefail
+
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+  echo "usage: scripts/gpu-suite.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+PY=${PYTHON:-python3}
+SITE=${ATTNSYNC_SITE:-/tmp/site}
+BUDGET=${SUITE_BUDGET_S:-530}
+START=$(date +%s)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+: >"$OUT/steps.log"
+: >"$OUT/pytest.log"
+printf 'step\trc\tseconds\ttimeout_s\tnote\n' >"$WORK/steps.tsv"
+
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX next to torch on one GPU (GPU.md)
+export PYTHONUNBUFFERED=1
+
+remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# run_step NAME CAP RESERVE LOG CMD...: run CMD with a timeout of min(CAP, remaining - RESERVE)
+# seconds (RESERVE is kept for the steps after it), append its output to LOG, record the result.
+run_step() {
+  local name=$1 cap=$2 reserve=$3 log=$4
+  shift 4
+  local limit
+  limit=$(( $(remaining) - reserve ))
+  [ "$limit" -gt "$cap" ] && limit=$cap
+  if [ "$limit" -lt 10 ]; then
+    printf '%s\t-1\t0\t0\tnot run: out of time budget\n' "$name" >>"$WORK/steps.tsv"
+    echo "[gpu-suite] $name: not run (out of time budget)"
+    return 0
+  fi
+  echo "=== $name (timeout ${limit}s): $*" >>"$log"
+  local t0 rc note=""
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note="timed out after ${limit}s"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" "$note" >>"$WORK/steps.tsv"
+  echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s ${note}" >>"$log"
+  echo "[gpu-suite] $name: exit $rc after $(( $(date +%s) - t0 ))s ${note}"
+}
+
+# FlashInfer from the wheels in .whl/, unless it is importable already.
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("flashinfer") is None)' 2>/dev/null; then
+  run_step install-flashinfer 120 0 "$OUT/steps.log" \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+
+# Card, versions, date.
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$WORK/date.txt"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$WORK/card.txt" 2>&1
+  else
+    echo "no nvidia-smi on this host" >"$WORK/card.txt"
+  fi
+}
+run_step env 60 0 "$OUT/steps.log" "$PY" - "$WORK/env.json" <<'PY'
+import importlib, json, platform, sys
+
+out = {"python": platform.python_version(), "executable": sys.executable}
+for name in ("numpy", "torch", "jax", "jaxlib", "triton", "flashinfer", "attnsync", "pytest", "hypothesis"):
+    try:
+        module = importlib.import_module(name)
+        out[name] = str(getattr(module, "__version__", "unknown"))
+    except Exception as exc:
+        out[name] = f"not importable ({type(exc).__name__}: {str(exc)[:160]})"
+try:
+    import torch
+    out["torch_cuda"] = torch.version.cuda
+    out["torch_gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+except Exception as exc:
+    out["torch_gpus"] = f"unavailable ({type(exc).__name__})"
+try:
+    import jax
+    out["jax_devices"] = [str(d) for d in jax.devices()]
+except Exception as exc:
+    out["jax_devices"] = f"unavailable ({type(exc).__name__}: {str(exc)[:160]})"
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f, indent=1)
+print(json.dumps(out, indent=1))
+PY
+
+PYTEST=("$PY" -m pytest tests -rA -v -o junit_family=xunit1)
+run_step gpu-tests 270 200 "$WORK/pytest-gpu.log" \
+  "${PYTEST[@]}" -m "gpu or multigpu" --junitxml="$WORK/junit-gpu.xml"
+cat "$WORK/pytest-gpu.log" >>"$OUT/pytest.log" 2>/dev/null
+
+run_step demo 90 160 "$WORK/demo.err" sh -c '"$1" -m attnsync demo --json >"$2"' sh "$PY" "$OUT/demo.json"
+cat "$WORK/demo.err" >>"$OUT/steps.log" 2>/dev/null
+
+quick=()
+[ "$(remaining)" -lt 300 ] && quick=(--quick)
+run_step bench_common 120 130 "$WORK/bench_common.out" \
+  "$PY" bench/bench_common.py --out "$WORK/bench_common" ${quick[@]+"${quick[@]}"}
+cat "$WORK/bench_common.out" >>"$OUT/steps.log" 2>/dev/null
+
+if [ -f bench/decode_loop.py ]; then
+  run_step decode_loop 180 75 "$WORK/decode_loop.out" \
+    "$PY" bench/decode_loop.py --out "$WORK/decode_loop"
+  cat "$WORK/decode_loop.out" >>"$OUT/steps.log" 2>/dev/null
+fi
+
+run_step rest-tests 240 20 "$WORK/pytest-rest.log" \
+  "${PYTEST[@]}" -m "not gpu and not multigpu" --junitxml="$WORK/junit-rest.xml"
+cat "$WORK/pytest-rest.log" >>"$OUT/pytest.log" 2>/dev/null
+
+# report.json, summary.md, merged junit.xml, bench JSON copies.
+"$PY" - "$OUT" "$WORK" "$BUDGET" "$START" <<'PY'
+import glob, json, os, re, shutil, sys, time
+import xml.etree.ElementTree as ET
+
+out, work, budget, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+MAX_FILES = 8
+
+
+def read(path, default=""):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        return {"error": f"{os.path.basename(path)}: {type(exc).__name__}: {exc}"}
+
+
+def test_file(case):
+    """tests/x.py of a junit testcase (xunit1 has `file`; else walk the dotted classname)."""
+    if case.get("file"):
+        return case.get("file")
+    parts = case.get("classname", "").split(".")
+    for n in range(len(parts), 0, -1):
+        path = "/".join(parts[:n]) + ".py"
+        if os.path.exists(path):
+            return path
+    return case.get("classname", "?")
+
+
+def parse_junit(xml_path, log_path):
+    """Per-file pass/fail/skip counts from junit XML, or from the -v log if pytest was killed."""
+    files, failures = {}, []
+    if os.path.exists(xml_path):
+        root = ET.parse(xml_path).getroot()
+        for case in root.iter("testcase"):
+            name = f"{test_file(case)}::{case.get('name')}"
+            kind = "passed"
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    kind = "failed"
+                    failures.append({"test": name, "message": (child.get("message") or "")[:300]})
+                    break
+                if child.tag == "skipped":
+                    kind = "skipped"
+            counts = files.setdefault(test_file(case), {"passed": 0, "failed": 0, "skipped": 0})
+            counts[kind] += 1
+        source = "junit"
+    else:
+        pattern = re.compile(r"^(tests/\S+?\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+        seen = set()
+        for line in read(log_path).splitlines():
+            m = pattern.match(line)
+            if not m or m.group(0) in seen:
+                continue
+            seen.add(m.group(0))
+            kind = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed"}.get(
+                m.group(3), "skipped")
+            if kind == "failed":
+                failures.append({"test": f"{m.group(1)}::{m.group(2)}", "message": "see pytest.log"})
+            counts = files.setdefault(m.group(1), {"passed": 0, "failed": 0, "skipped": 0})
+            counts[kind] += 1
+        source = "log (no junit XML: pytest did not finish)" if files else "none"
+    totals = {k: sum(c[k] for c in files.values()) for k in ("passed", "failed", "skipped")}
+    return {"source": source, "totals": totals, "per_file": dict(sorted(files.items())), "failures": failures}
+
+
+steps = []
+for line in read(os.path.join(work, "steps.tsv")).splitlines()[1:]:
+    name, rc, seconds, limit, note = (line.split("\t") + [""] * 5)[:5]
+    status = "ok" if rc == "0" else ("not run" if rc == "-1" else "failed")
+    steps.append({"step": name, "status": status, "exit": int(rc), "seconds": int(seconds),
+                  "timeout_s": int(limit), "note": note})
+# pytest exit 5 = no test selected (no GPU test exists yet): not a failure of the suite.
+for step in steps:
+    if step["step"].endswith("-tests") and step["exit"] == 5:
+        step["status"], step["note"] = "ok", (step["note"] + " no tests selected").strip()
+
+tests = {run: parse_junit(os.path.join(work, f"junit-{run}.xml"), os.path.join(work, f"pytest-{run}.log"))
+         for run in ("gpu", "rest")}
+
+# One junit.xml with both runs.
+merged = ET.Element("testsuites")
+for run in ("gpu", "rest"):
+    path = os.path.join(work, f"junit-{run}.xml")
+    if os.path.exists(path):
+        root = ET.parse(path).getroot()
+        for suite in ([root] if root.tag == "testsuite" else list(root)):
+            suite.set("name", f"{suite.get('name', 'pytest')}-{run}")
+            merged.append(suite)
+ET.ElementTree(merged).write(os.path.join(out, "junit.xml"), encoding="utf-8", xml_declaration=True)
+
+demo_doc = load_json(os.path.join(out, "demo.json"))
+demo = {}
+for backend, rep in (demo_doc.get("backends") or {}).items():
+    if rep.get("status") != "ok":
+        demo[backend] = {"status": rep.get("status"), "reason": rep.get("reason")}
+        continue
+    demo[backend] = {
+        fw: {k: low.get(k) for k in ("status", "reason", "path", "h2d_copies", "syncs") if k in low}
+        for fw, low in rep.get("lowerings", {}).items()
+    }
+
+bench = {}
+for name in ("bench_common", "decode_loop"):
+    folder = os.path.join(work, name)
+    if not os.path.isdir(folder):
+        continue
+    docs = {os.path.basename(p): load_json(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))}
+    others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*")) if not p.endswith(".json"))
+    bench[name] = docs if len(docs) != 1 else next(iter(docs.values()))
+    if others:
+        bench[name + "_files_not_kept"] = others
+    # Keep one JSON copy per bench while OUTDIR stays within MAX_FILES (report.json and
+    # summary.md are still to come).
+    for path in sorted(glob.glob(os.path.join(folder, "*.json")))[:1]:
+        if len(os.listdir(out)) + 2 < MAX_FILES:
+            shutil.copy(path, os.path.join(out, f"{name}.json"))
+
+env = load_json(os.path.join(work, "env.json"))
+report = {
+    "date": read(os.path.join(work, "date.txt")).strip(),
+    "card": read(os.path.join(work, "card.txt")).strip(),
+    "versions": env,
+    "budget_s": budget,
+    "elapsed_s": int(time.time()) - start,
+    "steps": steps,
+    "tests": tests,
+    "demo": demo,
+    "bench": bench,
+}
+with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+
+md = [f"# attnsync GPU suite, {report['date']}", "",
+      f"- card: {report['card'] or 'unknown'}",
+      "- versions: " + ", ".join(f"{k} {env.get(k)}" for k in ("python", "torch", "jax", "triton", "flashinfer", "numpy")),
+      f"- torch CUDA {env.get('torch_cuda')}, GPUs {env.get('torch_gpus')}; JAX devices {env.get('jax_devices')}",
+      f"- elapsed {report['elapsed_s']} s of a {budget} s budget", "",
+      "## Steps", "", "| step | status | exit | seconds | timeout | note |", "|---|---|---:|---:|---:|---|"]
+md += [f"| {s['step']} | {s['status']} | {s['exit']} | {s['seconds']} | {s['timeout_s']} | {s['note']} |" for s in steps]
+for run, res in tests.items():
+    t = res["totals"]
+    md += ["", f"## Tests: {run} ({res['source']})", "",
+           f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped", "",
+           "| file | passed | failed | skipped |", "|---|---:|---:|---:|"]
+    md += [f"| {path} | {c['passed']} | {c['failed']} | {c['skipped']} |" for path, c in res["per_file"].items()]
+    if res["failures"]:
+        md += ["", "Failures:"] + [f"- `{x['test']}`: {x['message'].splitlines()[0] if x['message'] else ''}"
+                                   for x in res["failures"][:40]]
+md += ["", "## Demo (attnsync demo --json)", "",
+       "| backend | framework | status | H2D copies | syncs |", "|---|---|---|---:|---|"]
+for backend, fws in demo.items():
+    if "status" in fws and not isinstance(fws.get("status"), dict):
+        md.append(f"| {backend} | - | {fws['status']} | - | {fws.get('reason')} |")
+        continue
+    for fw, low in fws.items():
+        md.append(f"| {backend} | {fw} | {low.get('status')} | {low.get('h2d_copies', '-')} | "
+                  f"{low.get('syncs', low.get('reason', '-'))} |")
+if "error" in demo_doc:
+    md.append(f"demo.json unreadable: {demo_doc['error']}")
+for name in ("bench_common", "decode_loop"):
+    text = read(os.path.join(work, f"{name}.out"))
+    if text:
+        lines = [l for l in text.splitlines() if not l.startswith("===")]
+        md += ["", f"## {name}", ""] + lines[-80:]
+md += ["", "Files: report.json (all of the above as data), pytest.log, junit.xml, demo.json, steps.log, "
+       "bench JSON copies."]
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+print("\n".join(md[:12 + len(steps)]))
+for run, res in tests.items():
+    print(f"tests {run}: {res['totals']}")
+PY
+report_rc=$?
+
+ls -1 "$OUT"
+failed=$(awk -F'\t' 'NR > 1 && $2 != 0 && !($1 ~ /-tests$/ && $2 == 5) {n++} END {print n + 0}' "$WORK/steps.tsv")
+echo "[gpu-suite] done in $(( $(date +%s) - START ))s; failed steps: $failed; results in $OUT"
+[ "$failed" -eq 0 ] && [ "$report_rc" -eq 0 ]
