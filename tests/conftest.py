@@ -25,6 +25,14 @@ if not _cuda_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    no_interpreter = pytest.mark.skip(
+        reason="runs Triton on CPU tensors, which needs TRITON_INTERPRET=1 (set only without CUDA); "
+        "its GPU twin runs on this host"
+    )
+    for item in items:
+        if "triton_cpu" in item.keywords and not interpreted:
+            item.add_marker(no_interpreter)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-suite.sh on a GPU host)")

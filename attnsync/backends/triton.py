@@ -12,6 +12,12 @@ Options:
         split-KV path (default `max(1, 128 // num_kv_heads)`: below that the 2D grid has too
         few programs to fill the GPU). Under CUDA graphs pass the capture size, so each
         captured graph has a fixed choice.
+    split_kv_min_seq_len: the split-KV path is taken only when, in addition, the longest row
+        (`max_seq_len`, a host upper bound) has at least this many keys (default
+        `DEFAULT_SPLIT_KV_MIN_SEQ_LEN`, 1024): short rows give each program little KV to
+        walk, and the 2D kernel alone beats split-KV plus its reduce launch. 0 restores the row-count rule alone (vLLM's). Under CUDA
+        graphs, where a captured graph has one fixed path, pass 0 (or capture both paths):
+        with a length condition the same row count can take either path.
     num_segments: KV segments of the split-KV path (default 16).
     prefix_ranges: optional per-request list of half-open absolute position ranges
         [start, end) with bidirectional attention (multimodal prefixes): a sequence of
@@ -33,6 +39,16 @@ from .._spec import array_field, build_common
 from .._validate import SpecError, as_int, freeze
 
 DEFAULT_NUM_SEGMENTS = 16  # partial-softmax segments per row on the split-KV path (vLLM uses 16)
+# Split-KV only pays off for long rows. On an H100 (torch 2.11, Triton 3.6), 8 decode rows of
+# 512 keys ran slower on the split-KV path than on the 2D path. 512 keys are 8 KV tiles of 64, so
+# the split grid gets at most 8 segments of one tile each; the likely cause is that the second
+# (reduce) launch and the fp32 partials' round trip cost more than walking 8 tiles in one 2D
+# program does. With 4096 keys the 2D path took 123 us for 8 rows (64 sequential tiles per program,
+# 64 working programs for 132 SMs): the case split-KV exists for. 1024 keys is the first length at which
+# each of the 16 segments gets a full tile; the exact crossover between 512 and 4096 is not
+# measured yet (tests/gpu/test_triton_gpu.py::test_split_kv_crossover_sweep prints a sweep on
+# a GPU host; move this default to what it shows).
+DEFAULT_SPLIT_KV_MIN_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -48,8 +64,10 @@ class TritonMetadata:
             padded with (0, 0); M = 0 when there are none (device `mm_prefix_range_tensor`).
         num_reqs, num_actual_tokens, max_query_len, max_seq_len, block_size: as in common
             (`max_seq_len` is an upper bound, which is all grid sizing needs).
-        use_split_kv: take the split-KV path (decode-only batch of <= seq_threshold_3d rows).
+        use_split_kv: take the split-KV path (decode-only batch of <= seq_threshold_3d rows
+            whose max_seq_len >= split_kv_min_seq_len).
         seq_threshold_3d, num_segments: split-KV threshold and segments per row.
+        split_kv_min_seq_len: shortest max_seq_len that takes the split-KV path.
         segm_output_shape: shape of the fp32 split-KV output scratch,
             (seq_threshold_3d, num_q_heads, num_segments, next_pow2(head_dim)).
         segm_stats_shape: shape of the fp32 max and exp-sum scratch buffers,
@@ -70,6 +88,7 @@ class TritonMetadata:
     use_split_kv: bool
     seq_threshold_3d: int
     num_segments: int
+    split_kv_min_seq_len: int
     segm_output_shape: tuple[int, int, int, int]
     segm_stats_shape: tuple[int, int, int]
     has_prefix_ranges: bool
@@ -130,6 +149,7 @@ def build(
     head_dim: int,
     seq_threshold_3d: int | None = None,
     num_segments: int = DEFAULT_NUM_SEGMENTS,
+    split_kv_min_seq_len: int = DEFAULT_SPLIT_KV_MIN_SEQ_LEN,
     prefix_ranges: Any = None,
     decode_threshold: int = 1,
 ) -> TritonMetadata:
@@ -146,10 +166,14 @@ def build(
         max(1, 128 // hkv) if seq_threshold_3d is None else as_int(seq_threshold_3d, "seq_threshold_3d", minimum=1)
     )
     segments = as_int(num_segments, "num_segments", minimum=1)
+    min_seq_len = as_int(split_kv_min_seq_len, "split_kv_min_seq_len", minimum=0)
     common = build_common(batch, decode_threshold=decode_threshold)
     ranges = freeze(_prefix_ranges(prefix_ranges, batch, common.num_reqs))
     use_split_kv = (
-        common.num_scheduled_reqs > 0 and common.max_query_len <= 1 and common.num_reqs <= threshold
+        common.num_scheduled_reqs > 0
+        and common.max_query_len <= 1
+        and common.num_reqs <= threshold
+        and common.max_seq_len >= min_seq_len
     )
     return TritonMetadata(
         query_start_loc=common.query_start_loc,
@@ -165,6 +189,7 @@ def build(
         use_split_kv=bool(use_split_kv),
         seq_threshold_3d=threshold,
         num_segments=segments,
+        split_kv_min_seq_len=min_seq_len,
         segm_output_shape=(threshold, hq, segments, _next_pow2(dim)),
         segm_stats_shape=(threshold, hq, segments),
         has_prefix_ranges=bool((ranges[..., 1] > ranges[..., 0]).any()),

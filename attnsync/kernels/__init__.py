@@ -6,9 +6,12 @@ Each module is opt-in and imports its own framework; this package imports nothin
 * :mod:`attnsync.kernels.reference` -- float64 numpy reference, one request at a time. Needs
   numpy only; it is the ground truth every other kernel is tested against.
 * :mod:`attnsync.kernels.triton_attention` -- Triton paged attention (2D path for mixed batches,
-  split-KV path plus a reduce kernel for small decode batches). Imports ``torch`` and ``triton``.
+  split-KV path plus a reduce kernel for small decode batches, optional tree bias).
+  ``paged_attention_from_metadata`` runs it from the torch lowering of the ``triton`` backend.
+  Imports ``torch`` and ``triton``.
 * :mod:`attnsync.kernels.jax_attention` -- pure ``jax.numpy`` paged attention with static shapes,
-  jit-compiled. Imports ``jax``.
+  jit-compiled; ``paged_attention_jax_from_metadata`` runs it from the JAX lowering of the
+  ``triton`` backend. Imports ``jax``.
 
 All three read the same metadata contract:
 
@@ -20,6 +23,9 @@ All three read the same metadata contract:
 * ``q``: shape [T, Hq, D] with ``Hq % Hkv == 0`` (q head ``h`` reads kv head ``h // (Hq // Hkv)``).
 * optional ``sliding_window`` and ``prefix_ranges`` (shape [R, max_ranges, 2], int32, half-open
   bidirectional ranges ``[start, end)``, padded with ``(0, 0)``).
+* optional ``qq_bias`` (shape [L, L], float32, reference and Triton only) for the first
+  ``num_qq_bias_rows`` rows: added to the logits between a row's queries and its draft block
+  (its last ``q_len`` keys), for tree attention.
 
 Masking is causal (query at absolute position ``p`` sees keys ``k <= p``), restricted by the
 sliding window (``p - k < sliding_window``) and then OR-ed with the prefix-range visibility (a

@@ -10,16 +10,21 @@ inputs already on the device it runs under ``jax.transfer_guard("disallow")``.
 
 Masking follows :mod:`attnsync.kernels.reference`: causal, restricted by the sliding window,
 OR-ed with bidirectional prefix ranges; keys at or beyond ``seq_lens[r]`` are never visible.
+
+:func:`paged_attention_jax_from_metadata` feeds it the JAX lowering of the ``triton`` backend's
+metadata (``attnsync.adapters.jax.lower``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["paged_attention_jax"]
+__all__ = ["paged_attention_jax", "paged_attention_jax_from_metadata"]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window"))
@@ -127,6 +132,87 @@ def paged_attention_jax(
     out = out / jnp.where(denom > 0, denom, 1.0)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+# Fields of the JAX lowering of attnsync.backends.triton.TritonMetadata read here.
+_JMD_FIELDS = ("query_start_loc", "seq_lens", "block_table", "prefix_ranges", "block_size", "num_actual_tokens")
+
+
+def paged_attention_jax_from_metadata(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    jmd: Any,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """:func:`paged_attention_jax` driven by the JAX lowering of the ``triton`` backend.
+
+    ``jmd`` is ``attnsync.adapters.jax.lower(attnsync.build(batch, backend="triton", ...))``:
+    its int32 device arrays (``query_start_loc``, ``seq_lens``, ``block_table``,
+    ``prefix_ranges``) are the kernel's inputs.
+
+    Compiles once per bucket. The lowered pytree keeps host ints (``max_seq_len``,
+    ``max_query_len``, ``use_split_kv``, ...) as static meta fields, and a jitted function that
+    took the whole pytree would key its cache on them too: ``max_seq_len`` grows every decode
+    step, so it would recompile every step. The data leaves are therefore unpacked here, outside
+    jit, and the compiled function's key is only the array shapes and dtypes (fixed by the
+    bucket: ``Batch(padded_num_reqs=..., padded_num_tokens=...)`` and the block-table width),
+    ``scale``, ``sliding_window`` and whether the prefix-range array has any column. The
+    ranges are passed whenever that array has a column, even if every range is empty, so that
+    ``has_prefix_ranges`` flipping between steps of one bucket does not recompile either.
+
+    When ``q``, ``k_cache`` and ``v_cache`` are JAX arrays the call runs under
+    ``jax.transfer_guard("disallow")``: everything is already on the device, and any implicit
+    transfer is a bug. (Numpy inputs are transferred implicitly, as ``jit`` does.)
+
+    Args:
+        q: shape [T, Hq, D], float, with ``T >= jmd.num_actual_tokens``.
+        k_cache, v_cache: shape [num_blocks, jmd.block_size, Hkv, D], float.
+        jmd: the JAX-lowered ``TritonMetadata`` (``JaxTritonMetadata``), on ``q``'s device.
+        scale: softmax scale (static).
+        sliding_window: ``None`` or an int >= 1 (static).
+
+    Returns:
+        shape [T, Hq, D], ``q.dtype``; tokens of no row are 0.
+
+    Raises:
+        TypeError: ``jmd`` is not a JAX lowering of ``TritonMetadata``, or a dtype is wrong.
+        ValueError: the arrays disagree with the metadata (block size, token count).
+    """
+    missing = [name for name in _JMD_FIELDS if not hasattr(jmd, name)]
+    if missing or not isinstance(jmd.query_start_loc, jax.Array):
+        raise TypeError(
+            f"jmd: expected the JAX lowering of the triton backend's metadata, received "
+            f"{type(jmd).__name__}" + (f" (no field(s) {missing})" if missing else " with non-JAX fields")
+            + '. Fix: jmd = attnsync.adapters.jax.lower(attnsync.build(batch, backend="triton", ...)).'
+        )
+    if k_cache.ndim == 4 and k_cache.shape[1] != jmd.block_size:
+        raise ValueError(
+            f"k_cache has pages of {k_cache.shape[1]} tokens but the metadata was built with "
+            f"block_size={jmd.block_size}; build the batch with the cache's page size"
+        )
+    if q.ndim >= 1 and q.shape[0] < jmd.num_actual_tokens:
+        raise ValueError(
+            f"q has {q.shape[0]} tokens but the metadata covers num_actual_tokens="
+            f"{jmd.num_actual_tokens}; q must hold every (padded) token of the batch"
+        )
+    prefix_ranges = jmd.prefix_ranges if jmd.prefix_ranges.shape[1] > 0 else None
+    on_device = all(isinstance(x, jax.Array) for x in (q, k_cache, v_cache))
+    guard = jax.transfer_guard("disallow") if on_device else contextlib.nullcontext()
+    with guard:
+        return paged_attention_jax(
+            q,
+            k_cache,
+            v_cache,
+            jmd.query_start_loc,
+            jmd.seq_lens,
+            jmd.block_table,
+            scale=scale,
+            sliding_window=sliding_window,
+            prefix_ranges=prefix_ranges,
+        )
 
 
 def _check_inputs(

@@ -15,6 +15,12 @@ The range term is OR-ed with the causal/window term, so a sliding window never h
 query's own bidirectional range. We chose this because a multimodal prefix (an image) is attended
 as one unit; cutting it with the window would make the result depend on where the window edge
 falls inside the image.
+
+Tree attention (optional ``qq_bias`` [L, L]): for rows ``r < num_qq_bias_rows`` the logit of query
+``i`` (position ``seq_len - q_len + i``) against the key at ``seq_len - q_len + j`` (the draft
+block: the row's last ``q_len`` keys) gets ``qq_bias[i, j]`` added, for ``i, j < L``. The mask
+above still applies; keys before the draft block and pairs outside the [L, L] square get no bias.
+A bias of zeros and ``-inf`` is thus a visibility mask inside the draft block.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ def paged_attention_reference(
     sliding_window: int | None = None,
     prefix_ranges: np.ndarray | None = None,
     num_reqs: int | None = None,
+    qq_bias: np.ndarray | None = None,
+    num_qq_bias_rows: int | None = None,
 ) -> np.ndarray:
     """Computes causal paged attention one request row at a time, in float64.
 
@@ -57,6 +65,11 @@ def paged_attention_reference(
         prefix_ranges: ``None`` or shape [R, max_ranges, 2], integer, half-open absolute ranges
             ``[start, end)`` with ``0 <= start <= end``; ``(0, 0)`` entries are padding.
         num_reqs: rows to process, ``None`` for all ``R`` rows.
+        qq_bias: ``None`` or shape [L, L], float: additive bias between a row's queries and its
+            draft block (see the module docstring); ``-inf`` masks a pair. Every query must keep
+            one visible key, or its output is NaN.
+        num_qq_bias_rows: rows ``< num_qq_bias_rows`` take ``qq_bias`` (decode rows come
+            first); ``None`` for every row. Only with ``qq_bias``.
 
     Returns:
         shape [T, Hq, D], float64. Tokens at or beyond ``query_start_loc[num_reqs]`` belong to no
@@ -81,6 +94,12 @@ def paged_attention_reference(
     _check_int("block_table", block_table, ndim=2, layout="[R, W]")
     if prefix_ranges is not None:
         _check_int("prefix_ranges", prefix_ranges, ndim=3, layout="[R, max_ranges, 2]")
+    if qq_bias is not None:
+        _check_float("qq_bias", qq_bias, ndim=2, layout="[L, L]")
+        if qq_bias.shape[0] != qq_bias.shape[1]:
+            raise ValueError(f"qq_bias must be a square [L, L] matrix, got shape {qq_bias.shape}")
+    elif num_qq_bias_rows is not None:
+        raise ValueError("num_qq_bias_rows was given without qq_bias; pass both or neither")
 
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kv_head_dim = k_cache.shape
@@ -126,6 +145,16 @@ def paged_attention_reference(
             raise ValueError(
                 f"sliding_window must be >= 1 (a query always sees itself), got {sliding_window}"
             )
+
+    if qq_bias is None:
+        num_qq_bias_rows = 0
+    elif num_qq_bias_rows is None:
+        num_qq_bias_rows = num_reqs
+    elif isinstance(num_qq_bias_rows, bool) or not isinstance(num_qq_bias_rows, (int, np.integer)):
+        raise TypeError(f"num_qq_bias_rows must be an int or None, got {type(num_qq_bias_rows).__name__}")
+    elif not 0 <= num_qq_bias_rows <= num_reqs:
+        raise ValueError(f"num_qq_bias_rows must be in [0, num_reqs = {num_reqs}], got {num_qq_bias_rows}")
+    bias = None if qq_bias is None else np.asarray(qq_bias, dtype=np.float64)
 
     qsl = query_start_loc.astype(np.int64)
     lens = seq_lens.astype(np.int64)
@@ -179,12 +208,18 @@ def paged_attention_reference(
                 in_q = (q_pos >= start) & (q_pos < end)
                 in_k = (k_pos >= start) & (k_pos < end)
                 visible |= in_q & in_k
+        # Additive bias on the draft block: [q_len, seq_len], zero outside the block and
+        # outside the [L, L] square.
+        row_bias = np.zeros((q_len, seq_len))
+        if r < num_qq_bias_rows:
+            n = min(q_len, bias.shape[0])
+            row_bias[:n, seq_len - q_len : seq_len - q_len + n] = bias[:n, :n]
 
         for h in range(num_q_heads):
             kv_h = h // group
             logits = scale * (qf[q_start:q_end, h, :] @ keys[:, kv_h, :].T)  # [q_len, seq_len]
-            logits = np.where(visible, logits, -np.inf)
-            logits -= logits.max(axis=1, keepdims=True)  # the diagonal is always visible
+            logits = np.where(visible, logits + row_bias, -np.inf)
+            logits -= logits.max(axis=1, keepdims=True)  # the diagonal is visible (a tree bias keeps it at 0)
             probs = np.exp(logits)
             probs /= probs.sum(axis=1, keepdims=True)
             out[q_start:q_end, h, :] = probs @ values[:, kv_h, :]

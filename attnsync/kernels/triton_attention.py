@@ -45,8 +45,17 @@ OR-ed with bidirectional prefix ranges (a window never hides a key of the query'
 keys at or beyond ``seq_lens[r]`` are never visible, and their cache slots are never loaded
 (stale slots may hold NaN).
 
+Tree attention (speculative decoding): an optional float32 ``qq_bias`` [L, L] is added to the
+logits between each query of the first ``num_qq_bias_rows`` rows and that row's draft block
+(its last ``q_len`` keys), on top of the causal mask; later rows of the same launch (prefills)
+stay causal. See :func:`unified_paged_attention`.
+
+Entry points: :func:`unified_paged_attention` takes explicit tensors and host ints;
+:func:`paged_attention_from_metadata` takes the torch lowering of the ``triton`` backend's
+metadata (``attnsync.build(batch, backend="triton", ...)``) and owns the split-KV scratch.
+
 Compile-time constants: head_dim, page size, GQA group, sliding window, ``max_ranges`` (the
-second dim of ``prefix_ranges``), the dtype and the path. Each distinct combination compiles
+second dim of ``prefix_ranges``), whether a tree bias is present, the dtype and the path. Each distinct combination compiles
 once per process; everything else (batch composition, lengths, page ids) is runtime data.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, used by the CPU tests) runs the same kernels with
@@ -56,11 +65,16 @@ two detours, chosen at launch when the kernel object is interpreted: the KV loop
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["split_kv_scratch", "unified_paged_attention"]
+__all__ = ["paged_attention_from_metadata", "split_kv_scratch", "unified_paged_attention"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Keys per KV tile. Measured on one H100 (torch 2.11, Triton 3.6; bf16, Hq 32, Hkv 8, D 128,
@@ -118,10 +132,17 @@ def _attend_tile(
     prefix_row,
     stride_pi,
     stride_pc,
+    qq_ptr,
+    qq_size,
+    stride_qq0,
+    stride_qq1,
+    use_qq,
+    context_len,
     sm_scale_log2,
     PAGE_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     MAX_RANGES: tl.constexpr,
+    HAS_QQ_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -130,6 +151,8 @@ def _attend_tile(
     ``q`` [BLOCK_M, HEAD_DIM] and ``q_pos`` [BLOCK_M] (absolute positions) describe the tile
     rows; ``m_i`` / ``l_i`` [BLOCK_M] fp32 are the running max (log2 units) and exp-sum and
     ``acc`` [BLOCK_M, HEAD_DIM] fp32 the un-normalised output. Returns the updated three.
+    With ``HAS_QQ_BIAS`` and ``use_qq`` (this row takes the bias), the key at ``context_len + j``
+    gets ``qq_bias[i, j]`` added for query ``i`` of the row when both are below ``qq_size``.
     """
     k_pos = tile_start + offs_n
     n_valid = k_pos < kv_hi
@@ -154,6 +177,18 @@ def _attend_tile(
         q = q.to(tl.float32)
         k_tile = k_tile.to(tl.float32)
     s = tl.dot(q, k_tile, input_precision=DOT_PRECISION) * sm_scale_log2
+    if HAS_QQ_BIAS:
+        # Query index i and draft-block key index j (both relative to the row's first new
+        # token). Loads are masked to the [qq_size, qq_size] square, so a row with more queries
+        # than the bias has rows reads nothing out of bounds; those pairs get no bias.
+        qi = q_pos - context_len
+        kj = k_pos - context_len
+        in_bias = ((qi < qq_size)[:, None] & ((kj >= 0) & (kj < qq_size))[None, :]) & use_qq
+        bias = tl.load(
+            qq_ptr + qi[:, None] * stride_qq0 + kj[None, :] * stride_qq1, mask=in_bias, other=0.0
+        )
+        # The bias is in natural-log units like the scaled logits; s is in log2 units.
+        s = s + bias * 1.4426950408889634
     visible = k_pos[None, :] <= q_pos[:, None]
     if SLIDING_WINDOW > 0:
         visible = visible & ((q_pos[:, None] - k_pos[None, :]) < SLIDING_WINDOW)
@@ -192,10 +227,13 @@ def _paged_attention_kernel(
     seq_lens_ptr,
     block_table_ptr,
     prefix_ptr,
+    qq_ptr,
     segm_out_ptr,
     segm_max_ptr,
     segm_expsum_ptr,
     num_reqs,
+    num_qq_bias_rows,
+    qq_size,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -216,6 +254,8 @@ def _paged_attention_kernel(
     stride_pr,
     stride_pi,
     stride_pc,
+    stride_qq0,
+    stride_qq1,
     stride_sor,
     stride_soh,
     stride_sos,
@@ -232,6 +272,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     MAX_RANGES: tl.constexpr,
+    HAS_QQ_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -304,6 +345,9 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     offs_n = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + row.to(tl.int64) * stride_btr
+    # Decode rows come first, so "row < num_qq_bias_rows" picks the rows that take the tree
+    # bias; later rows (prefills) of the same launch stay plain causal.
+    use_qq = row < num_qq_bias_rows
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
 
@@ -337,10 +381,17 @@ def _paged_attention_kernel(
                 prefix_row,
                 stride_pi,
                 stride_pc,
+                qq_ptr,
+                qq_size,
+                stride_qq0,
+                stride_qq1,
+                use_qq,
+                context_len,
                 sm_scale_log2,
                 PAGE_SIZE,
                 SLIDING_WINDOW,
                 MAX_RANGES,
+                HAS_QQ_BIAS,
                 DOT_PRECISION,
                 INTERPRETED,
             )
@@ -370,10 +421,17 @@ def _paged_attention_kernel(
                 prefix_row,
                 stride_pi,
                 stride_pc,
+                qq_ptr,
+                qq_size,
+                stride_qq0,
+                stride_qq1,
+                use_qq,
+                context_len,
                 sm_scale_log2,
                 PAGE_SIZE,
                 SLIDING_WINDOW,
                 MAX_RANGES,
+                HAS_QQ_BIAS,
                 DOT_PRECISION,
                 INTERPRETED,
             )
@@ -536,6 +594,8 @@ def unified_paged_attention(
     segm_max: torch.Tensor | None = None,
     segm_expsum: torch.Tensor | None = None,
     num_segments: int = 16,
+    qq_bias: torch.Tensor | None = None,
+    num_qq_bias_rows: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention for a mixed prefill/decode batch, written into ``out``.
 
@@ -569,6 +629,17 @@ def unified_paged_attention(
         segm_max: split-KV scratch, shape [>= num_reqs, Hq, >= num_segments], float32.
         segm_expsum: split-KV scratch, same shape as ``segm_max``, float32.
         num_segments: KV segments per row on the split-KV path.
+        qq_bias: ``None`` or shape [L, L], float32: an additive bias between the query tokens
+            of a row and the row's draft block, its last ``q_len`` keys (tree attention for
+            speculative decoding). Query ``i`` of row ``r`` (position ``seq_len - q_len + i``)
+            gets ``qq_bias[i, j]`` added to its scaled logit for the key at position
+            ``seq_len - q_len + j``, for ``i, j < L``; ``-inf`` masks the pair. Keys before the
+            draft block are unaffected, and the causal mask (and window, prefix ranges) still
+            applies. Pairs outside the [L, L] square get no bias. Every query must keep at least
+            one visible key (a tree bias has a zero diagonal).
+        num_qq_bias_rows: host int in ``[0, num_reqs]``: rows ``< num_qq_bias_rows`` take the
+            bias, the rest are plain causal (decode rows come first, so a mixed batch runs its
+            prefills in the same launch). Default: every row. Only with ``qq_bias``.
 
     Returns:
         ``out``.
@@ -600,6 +671,7 @@ def unified_paged_attention(
         sliding_window=sliding_window,
         prefix_ranges=prefix_ranges,
     )
+    num_qq_bias_rows = _check_qq_bias(q, qq_bias, num_qq_bias_rows, num_reqs=num_reqs)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -617,6 +689,13 @@ def unified_paged_attention(
     else:
         max_ranges = prefix_ranges.shape[1]
         prefix_arg, prefix_strides = prefix_ranges, prefix_ranges.stride()
+    # An empty [0, 0] bias (the first drafting step) or no bias row adds nothing: compile
+    # the plain kernel rather than one that masks every bias load.
+    has_qq_bias = qq_bias is not None and qq_bias.shape[0] > 0 and num_qq_bias_rows > 0
+    if has_qq_bias:
+        qq_arg, qq_size, qq_strides = qq_bias, qq_bias.shape[0], qq_bias.stride()
+    else:
+        qq_arg, qq_size, qq_strides, num_qq_bias_rows = block_table, 0, (0, 0), 0  # never read
     common = dict(
         GROUP=group,
         GROUP_PAD=group_pad,
@@ -625,6 +704,7 @@ def unified_paged_attention(
         PAGE_SIZE=page_size,
         SLIDING_WINDOW=window,
         MAX_RANGES=max_ranges,
+        HAS_QQ_BIAS=has_qq_bias,
         DOT_PRECISION=dot_precision,
         INTERPRETED=_INTERPRETED,
     )
@@ -655,10 +735,13 @@ def unified_paged_attention(
             seq_lens,
             block_table,
             prefix_arg,
+            qq_arg,
             segm_output,
             segm_max,
             segm_expsum,
             num_reqs,
+            num_qq_bias_rows,
+            qq_size,
             sm_scale_log2,
             *q.stride(),
             *out.stride(),
@@ -666,6 +749,7 @@ def unified_paged_attention(
             *v_cache.stride(),
             *block_table.stride(),
             *prefix_strides,
+            *qq_strides,
             *segm_strides,
             BLOCK_Q=block_m // group_pad,
             BLOCK_M=block_m,
@@ -702,10 +786,13 @@ def unified_paged_attention(
         seq_lens,
         block_table,
         prefix_arg,
+        qq_arg,
         out,  # the segm_* pointers are never read with SPLIT == False
         out,
         out,
         num_reqs,
+        num_qq_bias_rows,
+        qq_size,
         sm_scale_log2,
         *q.stride(),
         *out.stride(),
@@ -713,6 +800,7 @@ def unified_paged_attention(
         *v_cache.stride(),
         *block_table.stride(),
         *prefix_strides,
+        *qq_strides,
         0,
         0,
         0,
@@ -727,6 +815,180 @@ def unified_paged_attention(
         **common,
     )
     return out
+
+
+# Split-KV scratch of paged_attention_from_metadata, one set per (device, output shape, stats
+# shape), allocated by the first split-KV call (the warm-up, or before CUDA-graph capture) and
+# reused by every later call, so steady-state calls allocate nothing and keep fixed addresses.
+# The contents are only live between the attention kernel and its reduce, which run back to
+# back on one stream, so calls on one stream may share a set; calls that can overlap on
+# different streams must not (each would overwrite the other's partials): give each stream its
+# own via ``scratch=``.
+_SCRATCH: dict[tuple[torch.device, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, ...]] = {}
+_SCRATCH_LOCK = threading.Lock()
+# Fields of the torch lowering of attnsync.backends.triton.TritonMetadata read here.
+_TMD_FIELDS = (
+    "query_start_loc",
+    "seq_lens",
+    "block_table",
+    "mm_prefix_range_tensor",
+    "num_reqs",
+    "num_actual_tokens",
+    "max_query_len",
+    "max_seq_len",
+    "block_size",
+    "use_split_kv",
+    "num_segments",
+    "segm_output_shape",
+    "segm_stats_shape",
+    "has_prefix_ranges",
+)
+
+
+def _cached_scratch(
+    device: torch.device, output_shape: tuple[int, ...], stats_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The process-wide split-KV scratch of ``device`` for these shapes (allocated once)."""
+    key = (device, tuple(output_shape), tuple(stats_shape))
+    scratch = _SCRATCH.get(key)
+    if scratch is None:
+        with _SCRATCH_LOCK:
+            scratch = _SCRATCH.get(key)
+            if scratch is None:
+                scratch = (
+                    torch.empty(key[1], dtype=torch.float32, device=device),
+                    torch.empty(key[2], dtype=torch.float32, device=device),
+                    torch.empty(key[2], dtype=torch.float32, device=device),
+                )
+                _SCRATCH[key] = scratch
+    return scratch  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_dataclass_fields(cls: type) -> tuple[str, ...]:
+    """Fields of ``_TMD_FIELDS`` a dataclass ``cls`` lacks (cached: checked on every call)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return tuple(name for name in _TMD_FIELDS if name not in names)
+
+
+def _missing_fields(tmd: Any) -> tuple[str, ...]:
+    cls = type(tmd)
+    if dataclasses.is_dataclass(cls):
+        return _missing_dataclass_fields(cls)
+    return tuple(name for name in _TMD_FIELDS if not hasattr(tmd, name))
+
+
+def paged_attention_from_metadata(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    tmd: Any,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`unified_paged_attention` driven by the torch lowering of the ``triton`` backend.
+
+    ``tmd`` is ``attnsync.adapters.torch.lower(attnsync.build(batch, backend="triton", ...),
+    device)``. Its fields are passed as they are: the host ints (``num_reqs``,
+    ``max_query_len``, ``max_seq_len``, ``num_segments``, ``use_split_kv``) size the grids, and
+    every per-row value comes from its device tensors (``query_start_loc``, ``seq_lens``,
+    ``block_table``, and ``mm_prefix_range_tensor`` when ``has_prefix_ranges``). Nothing is read
+    back from the device, so the call adds no sync and can be captured in a CUDA graph once the
+    scratch exists.
+
+    Split-KV scratch: unless ``scratch`` is given, the buffers of ``tmd.segm_output_shape`` /
+    ``tmd.segm_stats_shape`` are allocated on the first split-KV call for that device and those
+    shapes, then cached for the life of the process and reused by every later call. That is safe
+    for calls on one stream (each call's reduce finishes reading before the next call's kernel
+    writes). Launches that may overlap on different streams need their own buffers: pass
+    ``scratch=split_kv_scratch(...)`` per stream.
+
+    Args:
+        q: shape [T, Hq, D] with ``T >= tmd.num_actual_tokens``; see
+            :func:`unified_paged_attention` for dtypes and head sizes.
+        k_cache, v_cache: shape [num_blocks, tmd.block_size, Hkv, D].
+        out: shape [T, Hq, D], same dtype as ``q``; tokens of no row stay untouched.
+        tmd: the torch-lowered ``TritonMetadata`` (``TorchTritonMetadata``), on ``q``'s device.
+        scale: softmax scale.
+        sliding_window: ``None`` or an int >= 1.
+        scratch: optional ``(segm_output, segm_max, segm_expsum)`` for the split-KV path,
+            shaped like :func:`split_kv_scratch`'s result; overrides the cached buffers.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError: ``tmd`` is not a torch lowering of ``TritonMetadata``, or a dtype is wrong.
+        ValueError: the tensors disagree with the metadata (block size, token count, heads).
+
+    Example:
+        >>> import attnsync, torch
+        >>> from attnsync.adapters import torch as ast
+        >>> batch = attnsync.Batch(query_lens=[1], seq_lens=[3], block_table=[[0]], block_size=4)
+        >>> md = attnsync.build(batch, backend="triton", num_q_heads=2, num_kv_heads=1, head_dim=16)
+        >>> tmd = ast.lower(md, device="cpu")
+        >>> q = torch.ones(1, 2, 16); kv = torch.ones(1, 4, 1, 16)
+        >>> out = paged_attention_from_metadata(q, kv, kv, torch.empty_like(q), tmd, scale=0.25)
+        >>> out[0, 0, :2].tolist()  # doctest: +SKIP (CPU tensors need TRITON_INTERPRET=1)
+        [1.0, 1.0]
+    """
+    missing = _missing_fields(tmd)
+    if missing or not isinstance(tmd.query_start_loc, torch.Tensor):
+        raise TypeError(
+            f"tmd: expected the torch lowering of the triton backend's metadata, received "
+            f"{type(tmd).__name__}" + (f" (no field(s) {list(missing)})" if missing else " with non-tensor fields")
+            + '. Fix: tmd = attnsync.adapters.torch.lower(attnsync.build(batch, backend="triton", '
+            "num_q_heads=..., num_kv_heads=..., head_dim=...), device=q.device)."
+        )
+    if k_cache.dim() == 4 and k_cache.shape[1] != tmd.block_size:
+        raise ValueError(
+            f"k_cache has pages of {k_cache.shape[1]} tokens but the metadata was built with "
+            f"block_size={tmd.block_size}; build the batch with the cache's page size"
+        )
+    if q.dim() >= 1 and q.shape[0] < tmd.num_actual_tokens:
+        raise ValueError(
+            f"q has {q.shape[0]} tokens but the metadata covers num_actual_tokens="
+            f"{tmd.num_actual_tokens}; q must hold every (padded) token of the batch"
+        )
+    prefix_ranges = tmd.mm_prefix_range_tensor if tmd.has_prefix_ranges else None
+    segm_output = segm_max = segm_expsum = None
+    if tmd.use_split_kv:
+        if scratch is None:
+            if q.dim() == 3 and tmd.segm_output_shape[1] != q.shape[1]:
+                raise ValueError(
+                    f"the metadata was built with num_q_heads={tmd.segm_output_shape[1]} but q has "
+                    f"{q.shape[1]} heads; build with the layer's head counts"
+                )
+            segm_output, segm_max, segm_expsum = _cached_scratch(
+                q.device, tmd.segm_output_shape, tmd.segm_stats_shape
+            )
+        else:
+            if not isinstance(scratch, tuple | list) or len(scratch) != 3:
+                raise TypeError("scratch must be a (segm_output, segm_max, segm_expsum) tuple")
+            segm_output, segm_max, segm_expsum = scratch
+    return unified_paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        query_start_loc=tmd.query_start_loc,
+        seq_lens=tmd.seq_lens,
+        block_table=tmd.block_table,
+        max_query_len=tmd.max_query_len,
+        max_seq_len=tmd.max_seq_len,
+        num_reqs=tmd.num_reqs,
+        scale=scale,
+        sliding_window=sliding_window,
+        prefix_ranges=prefix_ranges,
+        use_split_kv=tmd.use_split_kv,
+        segm_output=segm_output,
+        segm_max=segm_max,
+        segm_expsum=segm_expsum,
+        num_segments=tmd.num_segments,
+    )
 
 
 def _check_host_int(name: str, value: object, *, low: int) -> None:
@@ -840,6 +1102,35 @@ def _check_inputs(
         )
     if sliding_window is not None:
         _check_host_int("sliding_window", sliding_window, low=1)
+
+
+def _check_qq_bias(
+    q: torch.Tensor, qq_bias: torch.Tensor | None, num_qq_bias_rows: int | None, *, num_reqs: int
+) -> int:
+    """Checks the tree-bias arguments; returns the number of biased rows (0 without a bias)."""
+    if qq_bias is None:
+        if num_qq_bias_rows is not None:
+            raise ValueError("num_qq_bias_rows was given without qq_bias; pass both or neither")
+        return 0
+    if not isinstance(qq_bias, torch.Tensor):
+        raise TypeError(f"qq_bias must be a torch.Tensor, got {type(qq_bias).__name__}")
+    if qq_bias.dtype != torch.float32:
+        raise TypeError(
+            f"qq_bias must be float32 (an additive bias with -inf for masked pairs), got {qq_bias.dtype}"
+        )
+    if qq_bias.device != q.device:
+        raise ValueError(f"qq_bias is on {qq_bias.device} but q is on {q.device}; move it to one device")
+    if qq_bias.dim() != 2 or qq_bias.shape[0] != qq_bias.shape[1]:
+        raise ValueError(f"qq_bias must be a square [L, L] matrix, got shape {tuple(qq_bias.shape)}")
+    if num_qq_bias_rows is None:
+        return num_reqs
+    _check_host_int("num_qq_bias_rows", num_qq_bias_rows, low=0)
+    if num_qq_bias_rows > num_reqs:
+        raise ValueError(
+            f"num_qq_bias_rows ({num_qq_bias_rows}) exceeds num_reqs ({num_reqs}); it counts the "
+            "leading (decode) rows that take the bias"
+        )
+    return num_qq_bias_rows
 
 
 def _check_split_kv(

@@ -36,15 +36,26 @@ def test_common_fields_are_the_common_builders():
 
 def test_kernel_choice_and_scratch_shapes():
     decode = _batch(query_lens=[1, 1, 1], seq_lens=[20, 7, 4])
-    md = attnsync.build(decode, backend="triton", **SHAPE)
+    # max_seq_len 20: split-KV once the length condition lets rows this short through
+    md = attnsync.build(decode, backend="triton", split_kv_min_seq_len=20, **SHAPE)
     # 128 // 8 kv heads = 16 rows at most on the split-KV path
     assert md.seq_threshold_3d == 16 and md.use_split_kv
     assert md.segm_output_shape == (16, 16, 16, 128)
     assert md.segm_stats_shape == (16, 16, 16)
-    mixed = attnsync.build(_batch(), backend="triton", **SHAPE)
+    assert md.split_kv_min_seq_len == 20
+    mixed = attnsync.build(_batch(), backend="triton", split_kv_min_seq_len=0, **SHAPE)
     assert not mixed.use_split_kv  # a 4-token row needs the 2D path
-    many = attnsync.build(decode, backend="triton", seq_threshold_3d=2, **SHAPE)
+    many = attnsync.build(decode, backend="triton", seq_threshold_3d=2, split_kv_min_seq_len=0, **SHAPE)
     assert not many.use_split_kv  # 3 rows > threshold 2
+    short = attnsync.build(decode, backend="triton", split_kv_min_seq_len=21, **SHAPE)
+    assert not short.use_split_kv  # longest row 20 < 21 keys: the 2D kernel is faster
+    default = attnsync.build(decode, backend="triton", **SHAPE)
+    assert default.split_kv_min_seq_len == 1024 and not default.use_split_kv
+    long = attnsync.build(
+        _batch(query_lens=[1, 1], seq_lens=[1024, 7], block_table=np.ones((2, 64), dtype=np.int32)),
+        backend="triton", **SHAPE,
+    )
+    assert long.use_split_kv  # the default lets a 1024-key decode batch split
     odd_dim = attnsync.build(decode, backend="triton", num_q_heads=4, num_kv_heads=4, head_dim=96)
     assert odd_dim.segm_output_shape[-1] == 128  # next power of two
     empty = attnsync.build(
@@ -92,6 +103,8 @@ def test_bad_head_shapes():
         attnsync.build(_batch(), backend="triton", num_q_heads=4, num_kv_heads=4, head_dim=64.0)
     with pytest.raises(TypeError, match="num_kv_heads"):
         attnsync.build(_batch(), backend="triton", num_q_heads=4, head_dim=64)
+    with pytest.raises(attnsync.SpecError, match="split_kv_min_seq_len"):
+        attnsync.build(_batch(), backend="triton", split_kv_min_seq_len=-1, **SHAPE)
 
 
 @settings(max_examples=100, deadline=None)
@@ -101,8 +114,10 @@ def test_split_kv_choice_matches_its_definition(data):
     q = data.draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows))
     s = [qi + data.draw(st.integers(0, 40)) for qi in q]
     threshold = data.draw(st.integers(1, 24))
+    min_seq_len = data.draw(st.integers(0, 45))
     batch = attnsync.Batch(query_lens=q, seq_lens=s, block_table=np.ones((rows, 3), dtype=np.int32),
                            block_size=16)
-    md = attnsync.build(batch, backend="triton", seq_threshold_3d=threshold, **SHAPE)
-    expected = rows > 0 and max(q) <= 1 and rows <= threshold
+    md = attnsync.build(batch, backend="triton", seq_threshold_3d=threshold, split_kv_min_seq_len=min_seq_len,
+                        **SHAPE)
+    expected = rows > 0 and max(q) <= 1 and rows <= threshold and max(s) >= min_seq_len
     assert md.use_split_kv == expected

@@ -19,6 +19,26 @@ from attnsync.kernels.reference import paged_attention_reference, relative_error
 # a chunked prefill (context 16 + 4 new), a padded row, a decode crossing a page boundary.
 MIXED_ROWS = ((1, 5), (3, 3), (4, 20), (0, 0), (1, 17))
 
+# Tree attention: the bias of the speculative tree [(0,), (1,), (0, 0), (0, 1)] (node 0 is the
+# root, nodes 1..4 the paths in that order), and each node's parent, from which the tests
+# derive visibility without the bias.
+NEG = -np.inf
+TREE_BIAS = np.array(
+    [
+        [0, NEG, NEG, NEG, NEG],
+        [0, 0, NEG, NEG, NEG],
+        [0, NEG, 0, NEG, NEG],
+        [0, 0, NEG, 0, NEG],
+        [0, 0, NEG, NEG, 0],
+    ],
+    dtype=np.float32,
+)
+TREE_PARENT = (None, 0, 0, 1, 1)
+# (q_len, seq_len) rows: three tree (decode) rows first -- a full tree after 7 context tokens,
+# the first 3 nodes of it, a root alone -- then a chunked prefill, a fresh prefill and padding.
+TREE_ROWS = ((5, 12), (3, 9), (1, 6), (4, 20), (3, 3), (0, 0))
+NUM_TREE_ROWS = 3
+
 
 @dataclass(frozen=True, eq=False)
 class PagedBatch:
@@ -185,6 +205,35 @@ def _dense_attention(batch: PagedBatch, *, sliding_window: int | None = None) ->
     return out
 
 
+def _tree_dense(batch: PagedBatch, num_tree_rows: int) -> np.ndarray:
+    """Independent float64 tree attention: each decode query's key set from TREE_PARENT."""
+    q = batch.q.astype(np.float64)
+    _, num_q_heads, _ = q.shape
+    block_size, num_kv_heads = batch.k_cache.shape[1], batch.k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = np.full(q.shape, np.nan)
+    for r in range(batch.num_reqs):
+        start, end = int(batch.query_start_loc[r]), int(batch.query_start_loc[r + 1])
+        seq_len, q_len = int(batch.seq_lens[r]), end - start
+        context = seq_len - q_len
+        for i in range(q_len):
+            if r < num_tree_rows:
+                node, seen = i, []
+                while node is not None:  # the node and its ancestors, up to the root
+                    seen.append(context + node)
+                    node = TREE_PARENT[node]
+                keys = list(range(context)) + sorted(seen)
+            else:
+                keys = list(range(context + i + 1))
+            kk = np.stack([batch.k_cache[batch.block_table[r, p // block_size], p % block_size] for p in keys])
+            vv = np.stack([batch.v_cache[batch.block_table[r, p // block_size], p % block_size] for p in keys])
+            for h in range(num_q_heads):
+                logits = batch.scale * kk[:, h // group].astype(np.float64) @ q[start + i, h]
+                w = np.exp(logits - logits.max())
+                out[start + i, h] = (w / w.sum()) @ vv[:, h // group].astype(np.float64)
+    return out
+
+
 def test_hand_case() -> None:
     # Row: q_len 2, seq_len 3, block_size 2; positions 0,1 in page 1, position 2 in page 0.
     k = np.zeros((2, 2, 1, 2))
@@ -214,6 +263,66 @@ def test_hand_case() -> None:
     # A window of 1 leaves each query only itself.
     windowed = paged_attention_reference(q, k, v, **meta, sliding_window=1)
     np.testing.assert_allclose(windowed[:, 0], [[3.0, 4.0], [5.0, 6.0]], rtol=1e-12)
+
+
+def test_qq_bias_hand_case() -> None:
+    # One row, q_len 2, seq_len 3 (context 1), all logits 0 (q = 0). The draft block is
+    # positions 1, 2. Query 0 (position 1) sees keys 0, 1 causally: bias[0, 0] = 0, so the
+    # mean of v0, v1. Query 1 (position 2) sees keys 0..2 and bias[1, 0] = ln 3 on key 1:
+    # weights (1, 3, 1) / 5.
+    k = np.zeros((1, 4, 1, 2))
+    v = np.zeros((1, 4, 1, 2))
+    v[0, :3, 0] = [(1, 2), (3, 4), (5, 6)]
+    v[0, 3] = np.nan  # past seq_len
+    q = np.zeros((2, 1, 2))
+    bias = np.array([[0.0, -np.inf], [math.log(3.0), 0.0]])
+    meta = dict(
+        query_start_loc=np.array([0, 2], np.int32),
+        seq_lens=np.array([3], np.int32),
+        block_table=np.array([[0]], np.int32),
+        scale=1.0,
+    )
+    out = paged_attention_reference(q, k, v, **meta, qq_bias=bias)
+    np.testing.assert_allclose(out[0, 0], [2.0, 3.0], rtol=1e-12)
+    np.testing.assert_allclose(out[1, 0], [(1 + 9 + 5) / 5, (2 + 12 + 6) / 5], rtol=1e-12)
+    # -inf on the pair (1, 0) hides key 1 from query 1: the mean of v0, v2.
+    hidden = paged_attention_reference(q, k, v, **meta, qq_bias=np.array([[0.0, 0.0], [-np.inf, 0.0]]))
+    np.testing.assert_allclose(hidden[1, 0], [3.0, 4.0], rtol=1e-12)
+    # num_qq_bias_rows=0: no row takes the bias.
+    plain = paged_attention_reference(q, k, v, **meta)
+    np.testing.assert_array_equal(
+        paged_attention_reference(q, k, v, **meta, qq_bias=bias, num_qq_bias_rows=0), plain
+    )
+
+
+def test_tree_bias_matches_dense_tree_formulation() -> None:
+    batch = make_paged_batch(TREE_ROWS, head_dim=8, seed=21)
+    ref = batch.reference(qq_bias=TREE_BIAS, num_qq_bias_rows=NUM_TREE_ROWS)
+    assert relative_error(ref, _tree_dense(batch, NUM_TREE_ROWS)) < 1e-12
+    # The prefill rows are plain causal; the bias matters for the tree rows.
+    plain = batch.reference()
+    prefill = slice(int(batch.query_start_loc[NUM_TREE_ROWS]), int(batch.query_start_loc[batch.num_reqs]))
+    np.testing.assert_array_equal(ref[prefill], plain[prefill])
+    assert not np.allclose(ref[:5], plain[:5])
+    # Applied to every row it changes the 4-token prefill too (its query 2 loses key 1).
+    everywhere = batch.reference(qq_bias=TREE_BIAS)
+    assert not np.allclose(everywhere[prefill], plain[prefill])
+
+
+def test_qq_bias_square_limits_the_bias() -> None:
+    # A 2x2 bias on rows with up to 5 queries: only pairs with i, j < 2 are biased, so hiding
+    # key 0 of the block from query 1 equals the reference with that one pair masked.
+    batch = make_paged_batch(TREE_ROWS, head_dim=8, seed=22)
+    small = np.array([[0.0, -np.inf], [-np.inf, 0.0]])
+    big = np.zeros((5, 5))
+    big[1, 0] = -np.inf
+    big[0, 1] = -np.inf  # causally masked anyway
+    np.testing.assert_allclose(
+        batch.reference(qq_bias=small, num_qq_bias_rows=2),
+        batch.reference(qq_bias=big, num_qq_bias_rows=2),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
@@ -308,6 +417,11 @@ def _meta() -> dict[str, object]:
         (dict(sliding_window=True), TypeError, "sliding_window"),
         (dict(num_reqs=2), ValueError, "num_reqs"),
         (dict(prefix_ranges=np.array([[[3, 1]]], np.int32)), ValueError, "start <= end"),
+        (dict(qq_bias=np.zeros((2, 3))), ValueError, "square"),
+        (dict(qq_bias=np.zeros((2, 2), np.int32)), TypeError, "float dtype"),
+        (dict(num_qq_bias_rows=1), ValueError, "without qq_bias"),
+        (dict(qq_bias=np.zeros((2, 2)), num_qq_bias_rows=2), ValueError, "num_qq_bias_rows"),
+        (dict(qq_bias=np.zeros((2, 2)), num_qq_bias_rows=1.0), TypeError, "num_qq_bias_rows"),
     ],
 )
 def test_validation(change: dict[str, object], error: type[Exception], match: str) -> None:

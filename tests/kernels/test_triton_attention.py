@@ -25,7 +25,14 @@ from attnsync.kernels.triton_attention import (  # noqa: E402
     unified_paged_attention,
 )
 
-from .test_reference import MIXED_ROWS, PagedBatch, make_paged_batch  # noqa: E402
+from .test_reference import (  # noqa: E402
+    MIXED_ROWS,
+    NUM_TREE_ROWS,
+    TREE_BIAS,
+    TREE_ROWS,
+    PagedBatch,
+    make_paged_batch,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -162,6 +169,51 @@ def test_stale_host_bounds_only_change_speed() -> None:
     _check(out, decode, torch.float32)
 
 
+def _bias(bias: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_bias_mixed_batch(dtype: torch.dtype) -> None:
+    # Tree rows first (full tree, partial tree, root alone), then prefills that must stay
+    # causal in the same launch.
+    batch = make_paged_batch(TREE_ROWS, block_size=4, seed=31)
+    bias = dict(qq_bias=TREE_BIAS, num_qq_bias_rows=NUM_TREE_ROWS)
+    out = _run(batch, dtype, qq_bias=_bias(TREE_BIAS), num_qq_bias_rows=NUM_TREE_ROWS)
+    _check(out, batch, dtype, **bias)
+    if dtype == torch.float32:
+        # The bias matters: without it the tree rows differ.
+        assert relative_error(out, batch.reference()) > 1e-2
+
+
+def test_tree_bias_finite_values_and_transposed_layout() -> None:
+    # Finite biases check the units (natural log, like the scaled logits) and a strided view
+    # checks that the kernel follows qq_bias's strides.
+    batch = make_paged_batch(TREE_ROWS, block_size=4, seed=32)
+    rng = np.random.default_rng(32)
+    finite = np.where(np.isinf(TREE_BIAS), TREE_BIAS, rng.uniform(-2, 2, TREE_BIAS.shape)).astype(np.float32)
+    transposed = _bias(finite.T.copy()).t()
+    assert not transposed.is_contiguous()
+    out = _run(batch, torch.float32, qq_bias=transposed, num_qq_bias_rows=NUM_TREE_ROWS)
+    _check(out, batch, torch.float32, qq_bias=finite, num_qq_bias_rows=NUM_TREE_ROWS)
+
+
+def test_tree_bias_on_the_split_kv_path() -> None:
+    # Decode-only rows have one query: bias[0, 0] is added to each row's last key.
+    batch = make_paged_batch(DECODE_ROWS, block_size=4, seed=33)
+    bias = np.array([[1.5, 0.0], [0.0, 0.0]], dtype=np.float32)
+    out = _run(batch, torch.float32, qq_bias=_bias(bias), num_qq_bias_rows=2, **_split_kwargs(batch, 3))
+    _check(out, batch, torch.float32, qq_bias=bias, num_qq_bias_rows=2)
+    assert relative_error(out, batch.reference()) > 1e-3  # rows 0 and 1 did change
+
+
+def test_empty_tree_bias_is_causal() -> None:
+    # The first drafting step has a [0, 0] bias: plain causal attention.
+    batch = make_paged_batch(TREE_ROWS, block_size=4, seed=34)
+    out = _run(batch, torch.float32, qq_bias=_bias(np.zeros((0, 0))), num_qq_bias_rows=NUM_TREE_ROWS)
+    _check(out, batch, torch.float32)
+
+
 def test_no_rows_writes_nothing() -> None:
     batch = make_paged_batch(block_size=4)
     batch = PagedBatch(**{**batch.__dict__, "num_reqs": 0, "max_query_len": 0, "max_seq_len": 0})
@@ -224,6 +276,11 @@ def _tiny(**change: object) -> dict[str, object]:
         (dict(num_reqs=2), ValueError, "num_reqs"),
         (dict(sliding_window=0), ValueError, "sliding_window"),
         (dict(use_split_kv=True), ValueError, "split_kv_scratch"),
+        (dict(qq_bias=torch.zeros(2, 3)), ValueError, "square"),
+        (dict(qq_bias=torch.zeros(2, 2, dtype=torch.float64)), TypeError, "float32"),
+        (dict(qq_bias=torch.zeros(2, 2), num_qq_bias_rows=2), ValueError, "exceeds num_reqs"),
+        (dict(qq_bias=torch.zeros(2, 2), num_qq_bias_rows=torch.tensor(1)), TypeError, "host int"),
+        (dict(num_qq_bias_rows=1), ValueError, "without qq_bias"),
         (
             dict(
                 use_split_kv=True,
