@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run attnsync's GPU suite on a GPU host and collect the results in OUTDIR.
 #
-#   scripts/gpu-suite.sh OUTDIR
+#   scripts/gpu-suite.sh OUTDIR [tests|bench|all]   (default all; tests or bench alone fit one 10-minute call)
 #
 # The host is prepared as /work/shared/GPU.md says: python3 with torch, jax (CUDA plugin),
 # triton, numpy, pytest, hypothesis; FlashInfer comes as wheels in .whl/ and is installed here
@@ -19,10 +19,12 @@
 # Exit status: 0 when every step passed, 1 otherwise, 2 on bad usage.
 set -uo pipefail
 
-if [ $# -ne 1 ] || [ -z "$1" ]; then
-  echo "usage: scripts/gpu-suite.sh OUTDIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then
+  echo "usage: scripts/gpu-suite.sh OUTDIR [tests|bench|all]" >&2
   exit 2
 fi
+PART=${2:-all}
+case "$PART" in tests|bench|all) ;; *) echo "part must be tests, bench or all" >&2; exit 2 ;; esac
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -109,10 +111,18 @@ print(json.dumps(out, indent=1))
 PY
 
 PYTEST=("$PY" -m pytest tests -rA -v -o junit_family=xunit1)
-run_step gpu-tests 270 200 "$WORK/pytest-gpu.log" \
-  "${PYTEST[@]}" -m "gpu or multigpu" --junitxml="$WORK/junit-gpu.xml"
-cat "$WORK/pytest-gpu.log" >>"$OUT/pytest.log" 2>/dev/null
+# Several test processes share the GPU when pytest-xdist is there (one file per worker: the
+# FlashInfer and Triton JIT caches are per process), and a per-test timeout keeps one slow
+# compile from eating the whole budget.
+"$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${ATTNSYNC_WORKERS:-4}" --dist loadfile)
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout "${ATTNSYNC_TEST_TIMEOUT:-240}")
+if [ "$PART" != bench ]; then
+  run_step gpu-tests 420 60 "$WORK/pytest-gpu.log" \
+    "${PYTEST[@]}" -m "gpu or multigpu" --junitxml="$WORK/junit-gpu.xml"
+  cat "$WORK/pytest-gpu.log" >>"$OUT/pytest.log" 2>/dev/null
+fi
 
+if [ "$PART" != tests ]; then
 run_step demo 90 160 "$WORK/demo.err" sh -c '"$1" -m attnsync demo --json >"$2"' sh "$PY" "$OUT/demo.json"
 cat "$WORK/demo.err" >>"$OUT/steps.log" 2>/dev/null
 
@@ -122,15 +132,27 @@ run_step bench_common 120 130 "$WORK/bench_common.out" \
   "$PY" bench/bench_common.py --out "$WORK/bench_common" ${quick[@]+"${quick[@]}"}
 cat "$WORK/bench_common.out" >>"$OUT/steps.log" 2>/dev/null
 
-if [ -f bench/decode_loop.py ]; then
-  run_step decode_loop 180 75 "$WORK/decode_loop.out" \
-    "$PY" bench/decode_loop.py --out "$WORK/decode_loop"
-  cat "$WORK/decode_loop.out" >>"$OUT/steps.log" 2>/dev/null
+for name in ${ATTNSYNC_BENCHES:-decode_loop graph_decode_loop bench_turboquant bench_flex bench_tree bench_mamba}; do
+  [ -f "bench/$name.py" ] || continue
+  quick=()
+  [ "$(remaining)" -lt 240 ] && quick=(--quick)
+  run_step "$name" 150 30 "$WORK/$name.out" \
+    "$PY" "bench/$name.py" --out "$WORK/$name" ${quick[@]+"${quick[@]}"}
+  cat "$WORK/$name.out" >>"$OUT/steps.log" 2>/dev/null
+done
+if [ -f attnsync/verify.py ]; then
+  mkdir -p "$WORK/verify"
+  run_step verify 150 20 "$WORK/verify.err" \
+    sh -c '"$1" -m attnsync verify --json >"$2"' sh "$PY" "$WORK/verify/verify.json"
+  cat "$WORK/verify.err" >>"$OUT/steps.log" 2>/dev/null
+fi
 fi
 
-run_step rest-tests 240 20 "$WORK/pytest-rest.log" \
-  "${PYTEST[@]}" -m "not gpu and not multigpu" --junitxml="$WORK/junit-rest.xml"
-cat "$WORK/pytest-rest.log" >>"$OUT/pytest.log" 2>/dev/null
+if [ "$PART" != bench ]; then
+  run_step rest-tests 240 20 "$WORK/pytest-rest.log" \
+    "${PYTEST[@]}" -m "not gpu and not multigpu" --junitxml="$WORK/junit-rest.xml"
+  cat "$WORK/pytest-rest.log" >>"$OUT/pytest.log" 2>/dev/null
+fi
 
 # report.json, summary.md, merged junit.xml, bench JSON copies.
 "$PY" - "$OUT" "$WORK" "$BUDGET" "$START" <<'PY'
@@ -243,7 +265,9 @@ for backend, rep in (demo_doc.get("backends") or {}).items():
     }
 
 bench = {}
-for name in ("bench_common", "decode_loop"):
+BENCHES = ("bench_common", "decode_loop", "graph_decode_loop", "bench_turboquant", "bench_flex",
+           "bench_tree", "bench_mamba", "verify")
+for name in BENCHES:
     folder = os.path.join(work, name)
     if not os.path.isdir(folder):
         continue
@@ -253,7 +277,7 @@ for name in ("bench_common", "decode_loop"):
     if others:
         bench[name + "_files_not_kept"] = others
     # Keep one JSON copy per bench while OUTDIR stays within MAX_FILES (report.json and
-    # summary.md are still to come).
+    # summary.md are still to come); report.json holds every bench anyway.
     for path in sorted(glob.glob(os.path.join(folder, "*.json")))[:1]:
         if len(os.listdir(out)) + 2 < MAX_FILES:
             shutil.copy(path, os.path.join(out, f"{name}.json"))
@@ -300,7 +324,7 @@ for backend, fws in demo.items():
                   f"{low.get('syncs', low.get('reason', '-'))} |")
 if "error" in demo_doc:
     md.append(f"demo.json unreadable: {demo_doc['error']}")
-for name in ("bench_common", "decode_loop"):
+for name in BENCHES:
     text = read(os.path.join(work, f"{name}.out"))
     if text:
         lines = [l for l in text.splitlines() if not l.startswith("===")]

@@ -145,14 +145,30 @@ def _jax_gpu():
         pytest.skip("JAX has no GPU backend here")
 
 
-def test_jax_cache_writer_bit_for_bit_on_gpu():
+def test_jax_cache_writer_on_gpu_within_one_code():
+    """XLA's GPU division is not correctly rounded (measured on an H100: codes one step off
+    at ties), so on the GPU the JAX writer is held to one quantization step per element and
+    bit-exact scales; the CPU test holds it to the bit."""
     jax, gpu = _jax_gpu()
     from attnsync.kernels import turboquant_jax as tqj
 
     k, v, slots, want = _writer_inputs()
     args = [jax.device_put(x, gpu) for x in (np.full(want.shape, 7, np.uint8), k, v, slots.astype(np.int32))]
-    got = jax.jit(tqj.write_cache)(*args)
-    np.testing.assert_array_equal(np.asarray(got), want)
+    got = np.asarray(jax.jit(tqj.write_cache)(*args))
+    layout = tqb.slot_layout(D)
+    written = slots[slots >= 0]
+    got_slots = got.transpose(0, 2, 1, 3).reshape(-1, HKV, layout.slot_bytes)[written]
+    want_slots = want.transpose(0, 2, 1, 3).reshape(-1, HKV, layout.slot_bytes)[written]
+    scales = slice(layout.k_scale_offset, layout.used_bytes)
+    step = np.ascontiguousarray(want_slots[..., scales]).view("<f4").astype(np.float64)
+    got_step = np.ascontiguousarray(got_slots[..., scales]).view("<f4").astype(np.float64)
+    np.testing.assert_allclose(got_step, step, rtol=1e-6, atol=0)
+    gk, gv = tqb.dequantize(got_slots)
+    wk, wv = tqb.dequantize(want_slots)
+    assert (np.abs(gk - wk) <= step[..., 0:1] * 1.001 + 1e-30).all()
+    # values carry a zero point (scales[2]) too: one code step plus its rounding
+    assert (np.abs(gv - wv) <= step[..., 1:2] * 1.001 + np.abs(step[..., 2:3]) * 1e-6 + 1e-30).all()
+    assert np.mean(got_slots != want_slots) < 0.01  # off-by-one codes are rare ties
 
 
 # --------------------------------------------------------------------------------------------
