@@ -122,17 +122,18 @@ class Batch:
                 f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
                 f"(pad unused entries with 0)."
             )
-        if block_table.size and (int(block_table.max()) + 1) * block_size - 1 > INT32_MAX:
+        max_page = int(block_table.max()) if block_table.size else 0
+        if (max_page + 1) * block_size - 1 > INT32_MAX:
             raise SpecError(
-                f"block_table: page id {int(block_table.max())} at block_size {block_size} gives "
+                f"block_table: page id {max_page} at block_size {block_size} gives "
                 f"slot ids beyond int32. Fix: the KV cache cannot have that many slots."
             )
         if self.num_cache_pages is not None:
             num_pages = as_int(self.num_cache_pages, "num_cache_pages", minimum=1)
-            if block_table.size and int(block_table.max()) >= num_pages:
+            if block_table.size and max_page >= num_pages:
                 bad = np.unravel_index(int(np.argmax(block_table)), block_table.shape)
                 raise SpecError(
-                    f"block_table: page id {int(block_table.max())} at {tuple(int(i) for i in bad)} "
+                    f"block_table: page id {max_page} at {tuple(int(i) for i in bad)} "
                     f"is outside the cache of num_cache_pages={num_pages} pages. Fix: page ids must "
                     f"be below num_cache_pages."
                 )
