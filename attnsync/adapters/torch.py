@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._spec import array_fields, scalar_fields
+from .._spec import array_fields, check_lowerable, scalar_fields
 from .._staging import PackedLayout, SlotRing, pack, plan_layout
 from .._validate import SpecError
 
@@ -42,10 +42,13 @@ class Stager:
         persistent: write every step into the same device addresses (one device buffer kept
             for the life of the stager; the basis for CUDA graphs). Every lowering must then
             have the same layout (pad batches to a bucket); a different layout is refused
-            before anything is written.
+            before anything is written. On the CPU the buffer is host memory that each
+            lowering rewrites in place (tensors of an earlier lowering see the new values).
+            See `attnsync.adapters.graphs.PersistentLowering` for one stager per bucket.
 
     Attributes:
-        stats: `StagingStats` (copies issued, event waits, slot grows).
+        stats: `StagingStats` (copies issued, event waits, slot grows; on the CPU only the
+            writes of a persistent stager are counted, as copies).
     """
 
     def __init__(self, device: Any = "cuda", *, num_slots: int = 2, persistent: bool = False) -> None:
@@ -80,9 +83,39 @@ class Stager:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         return host, host.numpy()
 
+    def _persistent_buffer(self, layout: PackedLayout) -> torch.Tensor:
+        """The fixed device buffer, allocated for the first layout; a different one is refused
+        here, before anything is packed or copied."""
+        if self._persistent_layout is None:
+            self._persistent_layout = layout
+            self._device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        elif layout != self._persistent_layout:
+            raise SpecError(
+                "persistent stager: this lowering's fields have shapes "
+                f"{_shapes(layout)}, but the stager's fixed addresses were laid out for "
+                f"{_shapes(self._persistent_layout)}. Fix: pad every batch to the same "
+                "bucket (Batch(padded_num_reqs=..., padded_num_tokens=...)) and a fixed "
+                "block-table width, or keep one persistent stager per bucket."
+            )
+        assert self._device_buffer is not None
+        return self._device_buffer
+
     def stage(self, layout: PackedLayout, arrays: dict[str, np.ndarray]) -> torch.Tensor:
         """Pack `arrays` and return the device uint8 buffer holding them (one copy)."""
         if self.device.type != "cuda":
+            if self.persistent:
+                # Fixed addresses on a host device too (tests, CPU serving): every lowering
+                # rewrites the one buffer, so tensors of an earlier lowering change with it.
+                with self._lock:
+                    target = self._persistent_buffer(layout)
+                    if self.device.type == "cpu":
+                        pack(layout, arrays, target.numpy())
+                    else:
+                        staged = np.empty(layout.nbytes, dtype=np.uint8)
+                        pack(layout, arrays, staged)
+                        target.copy_(torch.from_numpy(staged))
+                    self._ring.stats.copies += 1
+                    return target
             # CPU tensors alias host memory: a fresh buffer per lowering, so a later lowering
             # never rewrites tensors an earlier one returned. No copy, nothing to pin.
             buffer = np.empty(layout.nbytes, dtype=np.uint8)
@@ -91,18 +124,7 @@ class Stager:
             return out if self.device.type == "cpu" else out.to(self.device)
         with self._lock:
             if self.persistent:
-                if self._persistent_layout is None:
-                    self._persistent_layout = layout
-                    self._device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-                elif layout != self._persistent_layout:
-                    raise SpecError(
-                        "persistent stager: this lowering's fields have shapes "
-                        f"{_shapes(layout)}, but the stager's fixed addresses were laid out for "
-                        f"{_shapes(self._persistent_layout)}. Fix: pad every batch to the same "
-                        "bucket (Batch(padded_num_reqs=..., padded_num_tokens=...)) and a fixed "
-                        "block-table width, or keep one persistent stager per bucket."
-                    )
-                device_buffer = self._device_buffer
+                device_buffer = self._persistent_buffer(layout)
             else:
                 device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
             index, host, view = self._ring.acquire(layout.nbytes)
@@ -243,9 +265,9 @@ def lower(
         `num_reqs`, `num_actual_tokens`, ...).
     """
     _check_metadata(md)
-    stager = stager if stager is not None else default_stager(device)
+    asked = _as_device(device)
+    stager = stager if stager is not None else default_stager(asked)
     target = stager.device
-    asked = torch.device(device)
     if asked.type != target.type or (asked.index is not None and asked.index != target.index):
         raise SpecError(
             f"stager: it stages to {target}, but device={device!r} was asked for. Fix: pass a "
@@ -271,7 +293,8 @@ def lower(
         if role != "device" or (field_name == "seq_lens" and seq_lens is not None):
             continue
         value = getattr(md, field_name)
-        dtype = _TORCH_DEVICE_DTYPE.get(field_name, value.dtype)
+        # integer fields are int32 (check_lowerable refused values that do not fit)
+        dtype = _TORCH_DEVICE_DTYPE.get(field_name, np.int32 if value.dtype.kind in "iu" else value.dtype)
         staged[field_name] = value
         fields.append((field_name, value.shape, dtype))
     recompute = seq_lens is not None and hasattr(md, "slot_mapping")
@@ -300,7 +323,8 @@ def lower(
         elif role == "host":
             # A copy: torch.from_numpy refuses to share read-only arrays without a warning,
             # and the host mirrors are small.
-            values[name] = torch.from_numpy(np.array(getattr(md, field_name)))
+            host = getattr(md, field_name)
+            values[name] = torch.from_numpy(np.array(host, dtype=np.int32 if host.dtype.kind in "iu" else None))
         else:
             values[name] = getattr(md, field_name)
     return cls(**values)
@@ -336,8 +360,222 @@ def _check_metadata(md: Any) -> None:
             f"lower: expected metadata from attnsync.build(...), received {type(md).__name__}. "
             f"Fix: md = attnsync.build(batch, backend=...); lower(md, device=...)."
         )
+    check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
+
+
+def _as_device(device: Any) -> torch.device:
+    """`device` as a torch.device, refusing names torch does not know and absent CUDA devices."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise SpecError(f"device: {device!r} is not a torch device ({exc}). Fix: pass 'cuda', 'cuda:1' or 'cpu'.") from None
+    else:
+        raise TypeError(f"device: expected a torch device such as 'cuda' or 'cpu', received {type(device).__name__}.")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SpecError(
+            f"device: {str(dev)!r} is not available here ({torch.cuda.device_count()} CUDA device(s) visible). "
+            f"Fix: lower to 'cpu', or run on a host with that GPU."
+        )
+    return dev
 
 
 @functools.lru_cache(maxsize=256)
 def _layout(fields: tuple[tuple[str, tuple[int, ...], Any], ...]) -> PackedLayout:
     return plan_layout(fields)
+
+
+def lower_replicated(md: Any, devices: Any, *, stagers: Any = None) -> tuple[Any, ...]:
+    """Lower one host metadata `md` to several devices: one pinned non_blocking copy each.
+
+    For tensor-parallel engines, where every rank's attention reads the same metadata: build
+    once on the host, then one staged copy per device, each on that device's current stream.
+    Nothing is read back and no device waits for another.
+
+    Args:
+        md: a metadata dataclass from `attnsync.build`.
+        devices: the target devices (`["cuda:0", "cuda:1"]`), distinct.
+        stagers: optional, one `Stager` per device (default: each device's process-wide one).
+
+    Returns:
+        One lowering per device, in the order of `devices`.
+
+    Example:
+        >>> import attnsync
+        >>> md = attnsync.build(attnsync.Batch(query_lens=[1], seq_lens=[3], block_table=[[2]],
+        ...                                    block_size=4))
+        >>> [t.slot_mapping.tolist() for t in lower_replicated(md, ["cpu"])]
+        [[10]]
+    """
+    _check_metadata(md)
+    targets = [torch.device(d) for d in devices]
+    if not targets:
+        raise SpecError("devices: expected at least one device, received none.")
+    resolved = [
+        torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+        for d in targets
+    ]
+    if len(set(resolved)) != len(resolved):
+        raise SpecError(f"devices: expected distinct devices, received {[str(d) for d in targets]}.")
+    if stagers is not None:
+        stagers = list(stagers)
+        if len(stagers) != len(targets):
+            raise SpecError(
+                f"stagers: expected one stager per device ({len(targets)}), received {len(stagers)}."
+            )
+    return tuple(
+        lower(md, device, stager=None if stagers is None else stagers[i]) for i, device in enumerate(resolved)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM interop
+
+
+def _vllm_host_array(value: Any, name: str) -> np.ndarray:
+    """A host numpy view of a vLLM CPU field; device tensors are refused, never copied back."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise TypeError(
+                f"{name}: expected a CPU tensor, received one on {value.device}. Reading it would "
+                f"synchronise the host with the device. Fix: pass vLLM's host mirror (the *_cpu field)."
+            )
+        return value.numpy()
+    device = getattr(value, "device", None)
+    if device is not None and not str(device).lower().startswith("cpu"):
+        raise TypeError(f"{name}: expected host data, received an array on {device}.")
+    return np.asarray(value)
+
+
+def batch_from_vllm(
+    common_attn_metadata: Any,
+    *,
+    block_size: int,
+    block_table_cpu: Any = None,
+    seq_lens_exact: Any = None,
+) -> Any:
+    """An `attnsync.Batch` from vLLM's `CommonAttentionMetadata`, reading host fields only.
+
+    Reads `query_start_loc_cpu`, `seq_lens_cpu_upper_bound` (or, on older vLLM, the exact
+    `_seq_lens_cpu`), `num_reqs`, `num_actual_tokens`, `is_prefilling` and `causal`: host
+    tensors and ints. It never touches a device value: not `query_start_loc`, `seq_lens`,
+    `slot_mapping`, not the `seq_lens_cpu` property (it copies `seq_lens` from the GPU when
+    `_seq_lens_cpu` is None), and not `block_table_tensor`, which lives on the GPU. The block
+    table comes from the caller's host copy (vLLM keeps one: `BlockTable.get_numpy_array()` /
+    `get_cpu_tensor()` of the kv-cache group, rows in the same order as the batch).
+
+    vLLM's CUDA-graph padding is kept: trailing rows with no tokens and no context are padding
+    (`padded_num_reqs=num_reqs`), and `padded_num_tokens=num_actual_tokens`.
+
+    Args:
+        common_attn_metadata: an object with `CommonAttentionMetadata`'s attribute names.
+        block_size: tokens per KV-cache page of this kv-cache group.
+        block_table_cpu: [>= R, W] int host array or CPU tensor, the host block table. Optional
+            only when `block_table_tensor` is itself a CPU tensor.
+        seq_lens_exact: None to infer (exact, except under async speculative decoding, marked
+            by `_seq_lens_cpu is None`, where rows with context that are not prefilling hold
+            only an upper bound), a bool for every row, or a bool array over the real rows.
+
+    Returns:
+        The `attnsync.Batch` of the step (lower with `attnsync.build` + `lower` as usual).
+
+    Raises:
+        TypeError: a host field is on a device, or the block table is only on the device.
+        SpecError: the fields are inconsistent, or the attention is not causal.
+    """
+    from .._batch import Batch
+    from .._validate import as_int
+
+    cam = common_attn_metadata
+    block_size = as_int(block_size, "block_size", minimum=1)
+    if getattr(cam, "causal", True) is False:
+        raise SpecError(
+            "common_attn_metadata.causal is False; attnsync builds causal decoder metadata. Fix: "
+            "keep non-causal (encoder) layers on vLLM's own builder."
+        )
+    qsl_value = getattr(cam, "query_start_loc_cpu", None)
+    if qsl_value is None:
+        raise SpecError("common_attn_metadata: query_start_loc_cpu is missing; attnsync reads the host copy.")
+    qsl = _vllm_host_array(qsl_value, "query_start_loc_cpu").astype(np.int64).ravel()
+    num_reqs = getattr(cam, "num_reqs", None)
+    num_reqs = len(qsl) - 1 if num_reqs is None else as_int(num_reqs, "num_reqs", minimum=0)
+    if len(qsl) < num_reqs + 1:
+        raise SpecError(
+            f"query_start_loc_cpu: {len(qsl)} entries for num_reqs={num_reqs}; expected num_reqs + 1."
+        )
+    qsl = qsl[: num_reqs + 1]
+    if len(qsl) and (qsl[0] != 0 or (np.diff(qsl) < 0).any()):
+        raise SpecError(
+            f"query_start_loc_cpu: expected [0] == 0 and non-decreasing values, received "
+            f"{qsl[:8].tolist()}{' ...' if len(qsl) > 8 else ''}."
+        )
+    bound = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    source = "seq_lens_cpu_upper_bound"
+    if bound is None:
+        bound, source = getattr(cam, "_seq_lens_cpu", None), "_seq_lens_cpu"
+    if bound is None:
+        raise SpecError(
+            "common_attn_metadata: neither seq_lens_cpu_upper_bound nor _seq_lens_cpu is set. "
+            "attnsync never reads the seq_lens_cpu property (it copies seq_lens from the GPU). "
+            "Fix: use a vLLM that fills seq_lens_cpu_upper_bound."
+        )
+    seq = _vllm_host_array(bound, source).astype(np.int64).ravel()
+    if len(seq) < num_reqs:
+        raise SpecError(f"{source}: {len(seq)} entries for num_reqs={num_reqs}.")
+    seq = seq[:num_reqs]
+    query_lens = np.diff(qsl)
+    # vLLM pads CUDA-graph batches with rows of no tokens and no context at the end.
+    used = np.flatnonzero((query_lens > 0) | (seq > 0))
+    n = int(used[-1]) + 1 if used.size else 0
+    num_tokens = int(qsl[-1]) if len(qsl) else 0
+    num_actual_tokens = getattr(cam, "num_actual_tokens", None)
+    padded_tokens = (
+        num_tokens if num_actual_tokens is None else as_int(num_actual_tokens, "num_actual_tokens", minimum=0)
+    )
+
+    prefilling = getattr(cam, "is_prefilling", None)
+    if prefilling is not None:
+        prefilling = _vllm_host_array(prefilling, "is_prefilling").astype(bool).ravel()[:n]
+    if seq_lens_exact is None:
+        async_spec = hasattr(cam, "_seq_lens_cpu") and cam._seq_lens_cpu is None
+        if async_spec:
+            # Exact for prefill rows, an optimistic bound for decode rows (vllm-backends.md 1.2).
+            has_context = seq[:n] > query_lens[:n]
+            decode_like = has_context if prefilling is None else has_context & ~prefilling
+            seq_lens_exact = ~decode_like
+        else:
+            seq_lens_exact = True
+    elif not isinstance(seq_lens_exact, bool | np.bool_):
+        seq_lens_exact = _vllm_host_array(seq_lens_exact, "seq_lens_exact").astype(bool).ravel()[:n]
+
+    if block_table_cpu is None:
+        table = getattr(cam, "block_table_tensor", None)
+        device = getattr(table, "device", None)
+        if table is None or device is None or not str(device).lower().startswith("cpu"):
+            raise TypeError(
+                f"block_table_cpu: not given, and common_attn_metadata.block_table_tensor lives on "
+                f"{device}; reading it would synchronise the host with the device. Fix: pass the "
+                f"host block table your runner keeps, batch_from_vllm(cam, block_size=..., "
+                f"block_table_cpu=input_batch.block_table[group].get_numpy_array())."
+            )
+        block_table_cpu = table
+    table_np = _vllm_host_array(block_table_cpu, "block_table_cpu")
+    if table_np.ndim != 2 or table_np.shape[0] < n:
+        raise SpecError(
+            f"block_table_cpu: expected a [>= {n}, W] table (one row per request, in batch order), "
+            f"received shape {table_np.shape}."
+        )
+    return Batch(
+        query_lens=query_lens[:n],
+        seq_lens=seq[:n],
+        block_table=table_np[:n],
+        block_size=block_size,
+        seq_lens_exact=seq_lens_exact,
+        is_prefilling=prefilling,
+        padded_num_reqs=max(num_reqs, n),
+        padded_num_tokens=max(padded_tokens, num_tokens),
+    )
