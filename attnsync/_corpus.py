@@ -33,8 +33,9 @@ def _batch(rng, q, s, block_size, **kwargs) -> Batch:
     s = np.asarray(s, dtype=np.int64)
     width = kwargs.pop("width", None)
     table = kwargs.pop("block_table", None)
+    num_pages = kwargs.pop("num_pages", 4096)
     if table is None:
-        table = _table(rng, s, block_size, width=width)
+        table = _table(rng, s, block_size, width=width, num_pages=num_pages)
     return reorder(Batch(query_lens=q, seq_lens=s, block_table=table, block_size=block_size, **kwargs))[1]
 
 
@@ -89,9 +90,31 @@ def random_batch(rng: np.random.Generator, *, max_reqs: int = 1024, max_prefill:
     return _batch(rng, q, s, block_size, **extra)
 
 
-def corpus(*, seed: int = 0, cases: int = 8, max_reqs: int = 1024) -> Iterator[tuple[str, Batch]]:
-    """Every edge case, then `cases` seeded random batches of up to `max_reqs` requests."""
+def small_random_batch(rng: np.random.Generator, *, max_reqs: int = 8) -> Batch:
+    """A random mixed step small enough for the dense kernel references (`attnsync verify`):
+    decodes with up to 300 tokens of context (some with 1 + k tokens), chunked-prefill
+    continuations of up to 32 tokens, fresh prompts of up to 48 tokens, sometimes padded."""
+    block_size = int(rng.choice([1, 4, 16, 32]))
+    rows = int(rng.integers(1, max_reqs + 1))
+    kind = rng.integers(0, 3, size=rows)  # 0 decode, 1 continuation, 2 fresh prompt
+    q = np.where(kind == 0, rng.integers(1, 4, size=rows),
+                 np.where(kind == 1, rng.integers(2, 33, size=rows), rng.integers(1, 49, size=rows)))
+    context = np.where(kind == 2, 0, rng.integers(1, 301, size=rows))
+    extra: dict = dict(is_prefilling=kind > 0)
+    if rng.integers(0, 2):
+        extra.update(padded_num_reqs=rows + int(rng.integers(0, 4)),
+                     padded_num_tokens=int(q.sum()) + int(rng.integers(0, 16)))
+    return _batch(rng, q, q + context, block_size, num_pages=512, **extra)
+
+
+def corpus(*, seed: int = 0, cases: int = 8, max_reqs: int = 1024,
+           small_cases: int = 0) -> Iterator[tuple[str, Batch]]:
+    """Every edge case, then `cases` seeded random batches of up to `max_reqs` requests, then
+    `small_cases` small ones (`small_random_batch`, for kernel checks against dense references)."""
     yield from edge_cases(seed)
     rng = np.random.default_rng(seed)
     for i in range(cases):
         yield f"random #{i} (seed {seed})", random_batch(rng, max_reqs=max_reqs)
+    small = np.random.default_rng([seed, 1])
+    for i in range(small_cases):
+        yield f"small random #{i} (seed {seed})", small_random_batch(small)

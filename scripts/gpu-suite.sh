@@ -143,7 +143,7 @@ done
 if [ -f attnsync/verify.py ]; then
   mkdir -p "$WORK/verify"
   run_step verify 150 20 "$WORK/verify.err" \
-    sh -c '"$1" -m attnsync verify --json >"$2"' sh "$PY" "$WORK/verify/verify.json"
+    sh -c '"$1" -m attnsync verify --json --cases 1 --time-budget 110 --no-progress >"$2"' sh "$PY" "$WORK/verify/verify.json"
   cat "$WORK/verify.err" >>"$OUT/steps.log" 2>/dev/null
 fi
 fi
