@@ -1,7 +1,8 @@
-"""Tree-masked paged attention: a float64 numpy reference and a torch consumer.
+"""Tree-masked paged attention: a float64 numpy reference, a torch consumer and a Triton one.
 
-Opt-in module. The reference needs numpy only; `tree_paged_attention_torch` imports torch
-inside the function, so importing this module never imports a framework.
+Opt-in module. The reference needs numpy only; `tree_paged_attention_torch` imports torch and
+`tree_paged_attention_triton` imports torch and Triton inside the function, so importing this
+module never imports a framework.
 
 The masking rule (shared with :mod:`attnsync.kernels.tree_jax`). Rows ``[0, num_decodes)`` are
 decode rows, the others are attended causally exactly as in
@@ -22,7 +23,11 @@ rows is refused (``ValueError``). Keys at or beyond ``seq_lens[r]`` are never vi
 
 The torch consumer applies the bias additively (``logits + bias[i, j]`` for keys inside the
 draft block, after the causal mask), the way a kernel's query-query bias works; for a bias of
-zeros and ``-inf`` that is the rule above.
+zeros and ``-inf`` that is the rule above. The Triton consumer is the same additive rule inside
+:func:`attnsync.kernels.triton_attention.unified_paged_attention` (its ``qq_bias``): bias added
+to the scaled logit of key ``s - q + j`` for query ``i``, then the causal mask ``j <= i``. So
+all three agree for any bias of zeros and ``-inf``, in tree order or not: a zero above the
+diagonal is hidden by the causal mask in each of them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["tree_paged_attention_reference", "tree_paged_attention_torch"]
+__all__ = [
+    "tree_paged_attention_reference",
+    "tree_paged_attention_torch",
+    "tree_paged_attention_triton",
+]
 
 
 def tree_paged_attention_reference(
@@ -227,6 +236,132 @@ def tree_paged_attention_torch(
             compute=compute,
         ).to(out.dtype)
     return out
+
+
+# Fields of the torch-lowered `TreeMetadata` that `tree_paged_attention_triton` reads.
+_TRITON_TMD_FIELDS = (
+    "query_start_loc",
+    "seq_lens",
+    "block_table",
+    "tree_attn_bias",
+    "num_reqs",
+    "num_actual_tokens",
+    "max_query_len",
+    "max_seq_len",
+    "block_size",
+    "num_decodes",
+    "max_decode_query_len",
+)
+
+
+def tree_paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tmd: Any,
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tree attention over torch-lowered `TreeMetadata` in ONE Triton launch, no device read.
+
+    The whole mixed batch goes through one 2D launch of
+    :func:`attnsync.kernels.triton_attention.unified_paged_attention`: the decode rows (the
+    first ``tmd.num_decodes``, decode-first order is the builder's contract) take
+    ``qq_bias=tmd.tree_attn_bias`` with ``num_qq_bias_rows=tmd.num_decodes``, the prefill rows
+    after them stay causal. The grid and tile sizes come from the host ints ``num_reqs``,
+    ``max_query_len`` and ``max_seq_len`` only; every per-row length and page comes from the
+    device tensors, so the call reads nothing back and can be captured in a CUDA graph (with
+    ``out`` given). Split-KV is never used: it handles one query token per row, and a tree
+    decode row has several.
+
+    The masking is the module docstring's rule: with the tree's canonical (ancestors-first)
+    node order, ``bias[i, j] == 0`` implies ``j <= i``, so the kernel's causal mask removes
+    nothing the bias keeps. An empty ``[0, 0]`` bias (``draft_index == 0``) makes the decode
+    rows plain causal; a drafting bias (``draft_index >= 1``) works like the full one.
+
+    Args:
+        q: shape [T, Hq, D] (T = ``tmd.num_actual_tokens``), float16/bfloat16/float32, ``D`` a
+            power of two in [16, 256] (the kernel's limits).
+        k_cache, v_cache: shape [num_blocks, tmd.block_size, Hkv, D], q's dtype and device.
+        tmd: ``attnsync.adapters.torch.lower(attnsync.build(batch, backend="tree", ...),
+            q.device)`` (with ``seq_lens=`` the exact device lengths for inexact rows).
+        scale: softmax scale.
+        out: optional [T, Hq, D] output of q's dtype; tokens of no row are left untouched.
+
+    Returns:
+        ``out`` (a new zero tensor if not given).
+
+    Raises:
+        TypeError: ``tmd`` is not a torch lowering of `TreeMetadata`, or a dtype is wrong.
+        ValueError: the decode rows are longer than the bias (the kernel would silently give
+            the pairs outside the bias square no bias), or shapes disagree with the metadata.
+            Checked on host ints and shapes only.
+
+    Example:
+        >>> import attnsync, torch
+        >>> from attnsync.adapters import torch as ast
+        >>> batch = attnsync.Batch(query_lens=[2, 5], seq_lens=[6, 5], block_table=[[0], [1]],
+        ...                        block_size=16)
+        >>> tmd = ast.lower(attnsync.build(batch, backend="tree", speculative_token_tree="[(0,)]"), "cpu")
+        >>> q = torch.ones(7, 2, 16); kv = torch.ones(2, 16, 1, 16)
+        >>> out = tree_paged_attention_triton(q, kv, kv, tmd, scale=0.25)  # doctest: +SKIP
+    """
+    import torch
+
+    # Lazy: the module stays importable (and the reference usable) without Triton.
+    from .triton_attention import unified_paged_attention
+
+    missing = [name for name in _TRITON_TMD_FIELDS if not hasattr(tmd, name)]
+    if missing or not isinstance(tmd.query_start_loc, torch.Tensor) or not isinstance(
+        tmd.tree_attn_bias, torch.Tensor
+    ):
+        raise TypeError(
+            f"tmd: expected the torch lowering of the tree backend's metadata, received "
+            f"{type(tmd).__name__}" + (f" (no field(s) {missing})" if missing else " with non-tensor fields")
+            + '. Fix: tmd = attnsync.adapters.torch.lower(attnsync.build(batch, backend="tree", '
+            "speculative_token_tree=...), device=q.device)."
+        )
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(
+            f"shapes: expected q [T, Hq, D] and k_cache [num_blocks, block_size, Hkv, D], got "
+            f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}"
+        )
+    num_tokens, block_size = q.shape[0], k_cache.shape[1]
+    if block_size != tmd.block_size or num_tokens != tmd.num_actual_tokens:
+        raise ValueError(
+            f"shapes: q has {num_tokens} tokens and the cache pages of {block_size}, but the "
+            f"metadata was built for {tmd.num_actual_tokens} tokens and block_size {tmd.block_size}"
+        )
+    bias = tmd.tree_attn_bias
+    # The kernel adds no bias to pairs outside the [B, B] square, so a decode row longer than
+    # the bias would run causally instead of failing; the reference refuses it, so do we.
+    if tmd.num_decodes and bias.shape[0] and tmd.max_decode_query_len > bias.shape[0]:
+        raise ValueError(
+            f"tree_attn_bias: decode rows have up to {tmd.max_decode_query_len} tokens but the bias "
+            f"is {tuple(bias.shape)}; a decode row's tokens are the tree's first nodes, so it "
+            f"cannot be longer than the tree"
+        )
+    if out is None:
+        out = torch.zeros_like(q)
+    return unified_paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        query_start_loc=tmd.query_start_loc,
+        seq_lens=tmd.seq_lens,
+        block_table=tmd.block_table,
+        max_query_len=tmd.max_query_len,
+        max_seq_len=tmd.max_seq_len,
+        num_reqs=tmd.num_reqs,
+        scale=scale,
+        # An empty [0, 0] bias (first drafting step) is accepted and compiles the plain
+        # causal kernel; without decode rows num_qq_bias_rows = 0 does the same.
+        qq_bias=bias,
+        num_qq_bias_rows=tmd.num_decodes,
+        use_split_kv=False,
+    )
 
 
 def _sub_batch_torch(

@@ -3,8 +3,10 @@
 Every builder output is checked against a per-row Python reference that shares none of its
 code; the bias against a matrix written by hand; the host maxima against the sync-ful
 ``.max().item()`` forms vLLM used; the lowered fields numpy vs torch vs JAX bit for bit; and
-the torch and JAX consumers against the float64 reference, itself checked by hand and against
-the causal reference of `attnsync.kernels.reference`.
+the torch, JAX and Triton consumers against the float64 reference, itself checked by hand and
+against the causal reference of `attnsync.kernels.reference`. The Triton tests run the kernel
+on CPU tensors through Triton's interpreter (marked `triton_cpu`; tests/gpu/test_tree_gpu.py
+runs it on CUDA).
 """
 
 from __future__ import annotations
@@ -643,3 +645,188 @@ def test_builder_and_reference_import_no_framework():
                             check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton consumer: one launch of unified_paged_attention with the tree bias as qq_bias
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_consumer():
+    if not torch.cuda.is_available():
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py does it too
+    pytest.importorskip("triton")
+    from attnsync.kernels import triton_attention
+    from attnsync.kernels.tree_reference import tree_paged_attention_triton
+
+    return tree_paged_attention_triton, triton_attention
+
+
+def _rounded(case, dtype: torch.dtype) -> dict:
+    """`case` with q, k, v rounded to `dtype` and the reference recomputed on the rounded values,
+    so a low-precision run is judged on the kernel's arithmetic alone."""
+    rounded = dict(case)
+    for x in "qkv":
+        rounded[x] = torch.from_numpy(case[x]).to(dtype).float().numpy()
+    md = case["md"]
+    rounded["ref"] = tree_paged_attention_reference(
+        rounded["q"], rounded["k"], rounded["v"], query_start_loc=md.query_start_loc, seq_lens=case["exact"],
+        block_table=md.block_table, tree_attn_bias=md.tree_attn_bias, num_decodes=md.num_decodes,
+        scale=case["scale"], num_reqs=md.num_reqs,
+    )
+    return rounded
+
+
+def _triton_out(triton_consumer, case, dtype: torch.dtype = torch.float32, *, md=None, out=None) -> np.ndarray:
+    consume, _ = triton_consumer
+    md = case["md"] if md is None else md
+    seq_lens = None if md.slot_mapping_exact else torch.from_numpy(case["exact"])
+    tmd = torch_adapter.lower(md, "cpu", seq_lens=seq_lens)
+    q, k, v = (torch.from_numpy(case[x]).to(dtype) for x in "qkv")
+    result = consume(q, k, v, tmd, scale=case["scale"], out=out)
+    assert result.dtype == dtype and (out is None or result is out)
+    return result.float().numpy().astype(np.float64)
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [(name, "float32") for name in sorted(CASES)]
+    + [(name, "bfloat16") for name in ("mixed", "gqa-4", "inexact", "draft-2")],
+)
+def test_triton_consumer_matches_reference(triton_consumer, name, dtype):
+    dtype = getattr(torch, dtype)
+    case = make_case(**CASES[name])
+    if dtype == torch.bfloat16:
+        case = _rounded(case, dtype)
+    md = case["md"]
+    real = md.num_decode_tokens + md.num_prefill_tokens
+    poisoned = torch.full(case["q"].shape, float("nan"), dtype=dtype)
+    out = _triton_out(triton_consumer, case, dtype, out=poisoned)
+    assert relative_error(out, case["ref"]) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert not np.isnan(out[:real]).any()
+    assert np.isnan(out[real:]).all()  # padding tokens belong to no row: left untouched
+    default = _triton_out(triton_consumer, case, dtype)
+    assert (default[real:] == 0).all()  # out=None: a zero tensor, like the torch consumer
+    np.testing.assert_array_equal(default[:real], out[:real])
+
+
+@pytest.mark.triton_cpu
+def test_triton_consumer_is_one_launch_with_the_bias_on_the_decode_rows(triton_consumer, monkeypatch):
+    # The mixed batch (decode rows of q_len == L and < L, an empty decode row, a chunked and a
+    # fresh prefill, padded rows and tokens) goes through ONE 2D launch: the bias covers the
+    # decode rows only, the grid comes from host ints.
+    _, triton_attention = triton_consumer
+    calls = []
+    real_launch = triton_attention.unified_paged_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "unified_paged_attention", spy)
+    case = make_case(**CASES["mixed"])
+    md = case["md"]
+    assert md.max_decode_query_len == md.tree_size == 5 and md.num_prefills == 2 and md.num_reqs == 8
+    out = _triton_out(triton_consumer, case)
+    assert relative_error(out, case["ref"]) < 1e-5
+    assert len(calls) == 1
+    (kw,) = calls
+    assert kw["num_qq_bias_rows"] == md.num_decodes == 4 and tuple(kw["qq_bias"].shape) == (5, 5)
+    assert kw["use_split_kv"] is False
+    assert (kw["num_reqs"], kw["max_query_len"], kw["max_seq_len"]) == (md.num_reqs, md.max_query_len, md.max_seq_len)
+    assert all(type(kw[k]) is int for k in ("num_reqs", "max_query_len", "max_seq_len", "num_qq_bias_rows"))
+
+
+@pytest.mark.triton_cpu
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(consumer_cases())
+def test_triton_and_torch_consumers_agree_fuzz(triton_consumer, spec):
+    case = make_case(**spec)
+    if not case["q"].shape[0]:
+        return  # a batch of empty rows has no token to compare
+    out = _triton_out(triton_consumer, case)
+    assert relative_error(out, case["ref"]) < 1e-5
+    assert relative_error(out, _torch_out(case)) < 1e-5
+
+
+@pytest.mark.triton_cpu
+def test_triton_bias_semantics_equal_the_reference_rule(triton_consumer):
+    # The reference's rule: draft token i sees the context before the block plus draft key j
+    # when j <= i and bias[i, j] == 0. The kernel adds bias[i, j] and then applies its causal
+    # mask. (1) In the canonical order a node's ancestors come first, so bias[i, j] == 0
+    # implies j <= i: the causal mask removes nothing the tree keeps.
+    for tree in (TREE, CASES["deep-tree"]["tree"], "[(2,), (0, 1), (0,), (2, 0), (0, 1, 3), (1,)]"):
+        bias = tree_attention_bias(tree)
+        assert (bias[np.triu_indices(bias.shape[0], 1)] == -np.inf).all(), tree
+    # (2) A bias that is NOT in ancestor-first order (the tree's transpose: every node "sees"
+    # its descendants, which come later) keeps only the diagonal in the reference, the torch
+    # consumer and the kernel alike: the causal mask hides zeros above the diagonal in all three.
+    case = make_case(rows=[(5, 9), (3, 2), (1, 4), (7, 3)], seed=5)
+    md = case["md"]
+    diagonal = np.where(np.eye(5, dtype=bool), 0, -np.inf).astype(np.float32)
+
+    def with_bias(b):
+        changed = dataclasses.replace(md, tree_attn_bias=np.ascontiguousarray(b, dtype=np.float32))
+        ref = tree_paged_attention_reference(
+            case["q"], case["k"], case["v"], query_start_loc=md.query_start_loc, seq_lens=case["exact"],
+            block_table=md.block_table, tree_attn_bias=changed.tree_attn_bias, num_decodes=md.num_decodes,
+            scale=case["scale"], num_reqs=md.num_reqs,
+        )
+        torch_out = _torch_out({**case, "md": changed})
+        return ref, torch_out, _triton_out(triton_consumer, case, md=changed)
+
+    transposed = with_bias(tree_attention_bias(TREE).T)
+    only_self = with_bias(diagonal)
+    for got in (*transposed, *only_self):
+        assert relative_error(got, only_self[0]) < 1e-5
+    # (3) An all-zero bias is causal, like the empty bias of the first drafting step.
+    causal = paged_attention_reference(case["q"], case["k"], case["v"], query_start_loc=md.query_start_loc,
+                                       seq_lens=case["exact"], block_table=md.block_table, scale=case["scale"])
+    for got in with_bias(np.zeros((5, 5))):
+        assert relative_error(got, causal) < 1e-5
+    # and the real tree differs from causal on the decode rows: the bias reached the kernel
+    tree_out = _triton_out(triton_consumer, case)
+    assert relative_error(tree_out, case["ref"]) < 1e-5
+    assert np.abs(tree_out[:8] - causal[:8]).max() > 1e-3
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("draft_index", [0, 1, 3])
+def test_triton_consumer_drafting_steps(triton_consumer, draft_index):
+    # draft_index 0: empty [0, 0] bias, decode rows attend causally; >= 1: the root-excluded
+    # sub-square of the bias, sized from max_query_len.
+    case = make_case(rows=[(4, 6), (2, 11), (1, 3), (9, 0)], draft_index=draft_index, seed=draft_index)
+    md = case["md"]
+    expected = {0: (0, 0), 1: (4, 4), 3: (4, 4)}[draft_index]
+    assert md.tree_attn_bias.shape == expected
+    out = _triton_out(triton_consumer, case)
+    assert relative_error(out, case["ref"]) < 1e-5
+    if draft_index == 0:
+        causal = paged_attention_reference(case["q"], case["k"], case["v"], query_start_loc=md.query_start_loc,
+                                           seq_lens=case["exact"], block_table=md.block_table, scale=case["scale"])
+        assert relative_error(out, causal) < 1e-5
+
+
+def test_triton_consumer_refuses_what_the_kernel_would_get_wrong(triton_consumer):
+    # Checked on host ints and shapes before any launch, so this runs on CUDA hosts too.
+    consume, _ = triton_consumer
+    case = make_case(rows=[(4, 5), (4, 9)], draft_index=1)
+    md = case["md"]
+    q, k, v = (torch.from_numpy(case[x]) for x in "qkv")
+    # The kernel gives pairs outside the bias square no bias at all (causal): refuse instead.
+    short = dataclasses.replace(md, tree_attn_bias=np.zeros((2, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"up to 4 tokens but the bias is \(2, 2\)"):
+        consume(q, k, v, torch_adapter.lower(short, "cpu"), scale=1.0)
+    tmd = torch_adapter.lower(md, "cpu")
+    with pytest.raises(TypeError, match=r"torch lowering of the tree backend.*Fix: tmd = "):
+        consume(q, k, v, md, scale=1.0)  # the host metadata, not lowered
+    with pytest.raises(ValueError, match="block_size 4"):
+        consume(q, k[:, :2], v[:, :2], tmd, scale=1.0)
+    with pytest.raises(ValueError, match="built for 8 tokens"):
+        consume(q[:5], k, v, tmd, scale=1.0)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        consume(q.double(), k.double(), v.double(), tmd, scale=1.0)

@@ -1,6 +1,6 @@
 """Tree attention on the GPU: build + lowering without syncs or host stalls, the host maxima
-against the `.item()` reads they replace, and the torch (and JAX) consumers against the
-float64 reference.
+against the `.item()` reads they replace, and the torch, Triton (and JAX) consumers against
+the float64 reference.
 
 Every test is marked `gpu`; tests/conftest.py skips them without CUDA. The JAX tests also skip
 when JAX has no GPU backend. Host-time budgets are far below the queued sleep (a stall costs
@@ -72,9 +72,10 @@ def decode_heavy(num_reqs: int, *, seed: int = 0, inexact: bool = False, block_s
     return args
 
 
-def paged_case(rows, *, block_size=16, hq=8, hkv=2, d=64, seed=0, draft_index=None, rejected=0):
-    """A paged batch from (query_len, context) rows plus caches; the first half of the decode
-    rows (query_len <= 8) carries host bounds `rejected` tokens too large when `rejected`."""
+def paged_batch(rows, *, block_size=16, hq=8, hkv=2, d=64, seed=0, rejected=0):
+    """A paged `attnsync.Batch` from (query_len, context) rows, plus q and NaN-poisoned caches;
+    the first half of the decode rows (query_len <= 8) carries host bounds `rejected` tokens
+    too large when `rejected`. Returns (batch, q, k, v, exact lengths)."""
     rng = np.random.default_rng(seed)
     q_lens = np.array([r[0] for r in rows], dtype=np.int32)
     exact = np.array([r[0] + r[1] for r in rows], dtype=np.int32)
@@ -98,8 +99,15 @@ def paged_case(rows, *, block_size=16, hq=8, hkv=2, d=64, seed=0, draft_index=No
     v[~used] = np.nan
     batch = attnsync.Batch(query_lens=q_lens, seq_lens=host, block_table=table, block_size=block_size,
                            seq_lens_exact=~bound_rows if rejected else True)
-    md = attnsync.build(batch, backend="tree", speculative_token_tree=TREE, draft_index=draft_index)
-    q = rng.standard_normal((md.num_actual_tokens, hq, d)).astype(np.float32)
+    q = rng.standard_normal((int(q_lens.sum()), hq, d)).astype(np.float32)
+    return batch, q, k, v, exact
+
+
+def paged_case(rows, *, tree=TREE, draft_index=None, **kwargs):
+    """`paged_batch` built with the tree backend: (md, q, k, v, exact lengths)."""
+    batch, q, k, v, exact = paged_batch(rows, **kwargs)
+    md = attnsync.build(batch, backend="tree", speculative_token_tree=tree, draft_index=draft_index)
+    assert md.num_actual_tokens == q.shape[0]
     return md, q, k, v, exact
 
 
@@ -234,3 +242,57 @@ def test_drafting_bias_survives_both_lowerings(cuda, jax_gpu):
     jmd = asj.lower(md, device)
     np.testing.assert_array_equal(tmd.tree_attn_bias.cpu().numpy(), md.tree_attn_bias)
     np.testing.assert_array_equal(np.asarray(jmd.tree_attn_bias), md.tree_attn_bias)
+
+
+TREE_5 = "[(0,), (1,), (0, 0), (0, 1)]"  # L = 5: root + 4 drafted nodes
+
+
+@pytest.mark.parametrize("rejected", [0, 3])
+def test_triton_consumer_bf16_realistic_without_sync_or_stall(cuda, rejected):
+    # A verification step as a server runs it: 16 decode rows with an L = 5 tree (full trees
+    # and shorter ones), contexts up to 1000 keys, 2 prefill rows (a fresh prompt and a chunk),
+    # Hq 16 / Hkv 8 / D 128, pages of 16, bf16; the whole batch in one Triton launch. With
+    # `rejected`, the first decode rows have host lengths that are upper bounds and the exact
+    # lengths come as a device tensor, as under async speculative decoding.
+    pytest.importorskip("triton")
+    from attnsync.kernels.tree_reference import tree_paged_attention_triton
+
+    rng = np.random.default_rng(11)
+    q_lens = [5] * 8 + [int(x) for x in rng.integers(1, 5, 8)]
+    contexts = [int(x) for x in rng.integers(0, 996, 16)]
+    contexts[3] = 1000 - q_lens[3]  # the longest row: exactly 1000 keys
+    rows = [*zip(q_lens, contexts, strict=True), (200, 0), (77, 523)]
+    batch, q, k, v, exact = paged_batch(rows, block_size=16, hq=16, hkv=8, d=128, seed=11, rejected=rejected)
+    md = attnsync.build(batch, backend="tree", speculative_token_tree=TREE_5)
+    assert (md.num_decodes, md.num_prefills, md.tree_size, md.max_decode_query_len) == (16, 2, 5, 5)
+    assert int(exact.max()) == 1000
+
+    tq, tk, tv = (torch.from_numpy(x).to(cuda, torch.bfloat16) for x in (q, k, v))
+    # the reference sees exactly the rounded values the kernel sees
+    q, k, v = (t.float().cpu().numpy() for t in (tq, tk, tv))
+    scale = 1 / math.sqrt(q.shape[-1])
+    ref = _reference(md, q, k, v, exact, scale)
+    exact_dev = torch.from_numpy(exact).to(cuda) if rejected else None
+    out = torch.full_like(tq, float("nan"))
+
+    def step():
+        tmd = ast.lower(attnsync.build(batch, backend="tree", speculative_token_tree=TREE_5), cuda,
+                        seq_lens=exact_dev)
+        return tree_paged_attention_triton(tq, tk, tv, tmd, scale=scale, out=out)
+
+    for _ in range(3):
+        step()  # warm: Triton compile, tree cache, pinned ring, allocator
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    with no_sync():
+        result = step()
+    assert result is out and out.dtype == torch.bfloat16
+    assert relative_error(out.float().cpu().numpy(), ref) < 1e-2
+    # build + lower + launch only enqueue work: their host time is far below a queued 200 ms
+    # sleep (a wait for the GPU anywhere would cost the whole sleep).
+    stall_free(step, budget_ms=20.0, sleep_ms=200.0)
+    torch.cuda.synchronize()
+    assert relative_error(out.float().cpu().numpy(), ref) < 1e-2
+    # the torch consumer agrees on the same inputs
+    torch_out = tree_paged_attention_torch(tq, tk, tv, ast.lower(md, cuda, seq_lens=exact_dev), scale=scale)
+    assert relative_error(torch_out.float().cpu().numpy(), ref) < 2e-2
