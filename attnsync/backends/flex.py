@@ -46,11 +46,13 @@ Options:
         the smallest power of two holding this step's longest list. Pass a fixed value to keep
         one layout across steps (CUDA graphs, persistent staging, jit buckets); a step that
         needs more raises `SpecError`.
-    inverse_table: ``"host"`` (default) builds ``physical_to_logical`` here, [R, num_cache_pages]
+    inverse_table: ``"host"`` builds ``physical_to_logical`` here, [R, num_cache_pages]
         int32, staged with the rest. ``"device"`` leaves it empty ([R, 0]) and the torch and JAX
         consumers build it on the device from the staged block table (one ``scatter_reduce``):
         the table grows with the cache, so staging it costs ``4 * R * num_cache_pages`` bytes a
-        step, which dominates for large caches.
+        step, which dominates for large caches. ``"auto"`` (default) stages it while it is at
+        most 1 MiB and leaves it to the device beyond (256 requests over a 32k-page cache would
+        stage 33 MB a step).
     decode_threshold: split threshold of the common metadata (default 1).
 """
 
@@ -65,6 +67,7 @@ from .._spec import array_field, build_common
 from .._validate import INT32_MAX, SpecError, as_choice, as_int, freeze
 
 DEFAULT_Q_BLOCK_SIZE = 16  # vLLM's direct-build default on torch >= 2.9; one 16-row MMA tile
+AUTO_HOST_INVERSE_TABLE_BYTES = 1 << 20  # "auto" stages the host inverse table up to 1 MiB
 NULL_PAGE = 0  # page 0 is the null page: never listed, never mapped (vLLM's NULL_BLOCK_ID)
 
 
@@ -296,7 +299,7 @@ def build(
     num_cache_pages: int | None = None,
     q_block_size: int = DEFAULT_Q_BLOCK_SIZE,
     max_kv_blocks: int | None = None,
-    inverse_table: str = "host",
+    inverse_table: str = "auto",
     decode_threshold: int = 1,
 ) -> FlexMetadata:
     """Build the flex backend's metadata on the host (numpy only). See the module docstring.
@@ -320,8 +323,13 @@ def build(
             f"{qb}. Fix: pass 16, 32, 64 or 128."
         )
     width = None if max_kv_blocks is None else as_int(max_kv_blocks, "max_kv_blocks", minimum=1)
-    on_device = as_choice(inverse_table, "inverse_table", ("host", "device")) == "device"
+    choice = as_choice(inverse_table, "inverse_table", ("auto", "host", "device"))
     pages = _cache_pages(batch, num_cache_pages)
+    # "auto": stage the host-built table while it is small; past the limit one device scatter
+    # is cheaper than packing and copying 4 * R * num_cache_pages bytes every step.
+    on_device = choice == "device" or (
+        choice == "auto" and 4 * batch.padded_num_reqs * pages > AUTO_HOST_INVERSE_TABLE_BYTES
+    )
     common = build_common(batch, decode_threshold=decode_threshold)
     r_pad, t_pad, bs = common.num_reqs, common.num_actual_tokens, common.block_size
     if t_pad and not r_pad:

@@ -792,3 +792,15 @@ def test_attention_shape_checks():
         ft.flex_paged_attention(q[:-1], k, v, tmd, scale=1.0)
     with pytest.raises(SpecError, match="k_cache/v_cache"):
         ft.flex_paged_attention(q, k, v[:-1], tmd, scale=1.0)
+
+
+def test_auto_inverse_table_stages_small_tables_and_leaves_large_ones_to_the_device():
+    batch = attnsync.Batch(query_lens=[1, 3], seq_lens=[6, 3], block_table=[[2, 5], [3, 0]], block_size=4)
+    small = attnsync.build(batch, backend="flex", num_cache_pages=8)
+    assert not small.inverse_table_on_device and small.physical_to_logical.shape == (2, 8)
+    # 2 rows x 2**18 pages x 4 bytes = 2 MiB > 1 MiB: one device scatter instead of staging it
+    large = attnsync.build(batch, backend="flex", num_cache_pages=1 << 18)
+    assert large.inverse_table_on_device and large.physical_to_logical.shape == (2, 0)
+    forced = attnsync.build(batch, backend="flex", num_cache_pages=1 << 18, inverse_table="host")
+    assert forced.physical_to_logical.shape == (2, 1 << 18)
+    np.testing.assert_array_equal(forced.physical_to_logical[:, :8], small.physical_to_logical)
