@@ -189,8 +189,9 @@ def test_p03_bucketize_equals_numpy_searchsorted(device):
         q = rng.integers(0, 5, int(rng.integers(1, 10)))  # zeros: empty rows, equal qsl entries
         qsl = qsl_of(q)
         x = np.arange(int(qsl[-1]) + 3)  # a few tokens past the end too
+        tokens, ends = on(device, x), on(device, qsl[1:])  # inputs prepared outside the guard
         with sync_free(device):
-            got = torch.bucketize(on(device, x), on(device, qsl[1:]), right=True)
+            got = torch.bucketize(tokens, ends, right=True)
         assert np_of(got).tolist() == np.searchsorted(qsl[1:], x, side="right").tolist()
 
 
@@ -657,8 +658,9 @@ def test_p15_flashinfer_paged_kv_worked_values(device):
     assert paged_kv_brute_force(seq, table, page) == want
     indptr, indices, last = paged_kv_host(seq, table, page)
     assert (indptr.tolist(), indices.tolist(), last.tolist()) == want
+    table_d, indptr_d = on(device, table), on(device, indptr)  # inputs prepared outside the guard
     with sync_free(device):
-        got = indices_on_device(on(device, table), on(device, indptr), int(indptr[-1]))
+        got = indices_on_device(table_d, indptr_d, int(indptr[-1]))
     assert np_of(got).tolist() == want[1]
 
 
@@ -671,8 +673,9 @@ def test_p15_flashinfer_paged_kv_random(device):
         want = paged_kv_brute_force(seq.tolist(), table.tolist(), page)
         indptr, indices, last = paged_kv_host(seq, table, page)
         assert (indptr.tolist(), indices.tolist(), last.tolist()) == want
+        table_d, indptr_d = on(device, table), on(device, indptr)  # inputs prepared outside the guard
         with sync_free(device):
-            got = indices_on_device(on(device, table), on(device, indptr), int(indptr[-1]))
+            got = indices_on_device(table_d, indptr_d, int(indptr[-1]))
         assert np_of(got).tolist() == want[1]
 
 
@@ -923,8 +926,9 @@ def test_p20_inverse_block_table(device):
     rng = np.random.default_rng(20)
     for table, seq, block_size, pages in random_tables(rng):
         want = inverse_host_dict(table.tolist(), seq.tolist(), block_size, pages)
+        table_d, seq_d = on(device, table), on(device, seq)  # inputs prepared outside the guard
         with sync_free(device):
-            got = inverse_device(on(device, table), on(device, seq), block_size, pages)
+            got = inverse_device(table_d, seq_d, block_size, pages)
         assert np_of(got).tolist() == want
 
 
