@@ -911,6 +911,12 @@ def _kernel_flashinfer(case: _Case, fw: _Framework, lowered: Any) -> tuple[float
 
     from .adapters.flashinfer_plan import plan, run, workspace_buffer
 
+    md = case.md
+    if md.num_decode_tokens != md.num_decodes:
+        # FlashInfer's decode wrapper plans one query token per request; plan() refuses a real
+        # decode row without a token, with that reason (found by this matrix on an H100).
+        raise _Skip("a real decode row has no new tokens; FlashInfer's decode wrapper plans one per request")
+
     # bf16 with grouped-query heads and head dim 128: the configuration the GPU tests compile
     # (FlashInfer JIT-compiles per configuration; first use costs ~10 s decode, ~75 s prefill)
     hq, hkv, dim, dtype = 16, 8, 128, torch.bfloat16
@@ -1162,7 +1168,11 @@ def _count_torch_syncs(fn: Callable[[], Any]) -> tuple[int, str, Any]:
             result = fn()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    # Arming the mode warns once that it "is a prototype feature": that is not a sync.
+    syncs = [
+        str(w.message) for w in caught
+        if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)
+    ]
     return len(syncs), (syncs[0].splitlines()[0] if syncs else ""), result
 
 

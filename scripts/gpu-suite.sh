@@ -211,18 +211,27 @@ def parse_junit(xml_path, log_path):
             counts[kind] += 1
         source = "junit"
     else:
-        pattern = re.compile(r"^(tests/\S+?\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+        # "path::test STATUS" (plain -v) or "[gw0] [ 7%] STATUS path::test" (pytest-xdist)
+        plain = re.compile(r"^(tests/\S+?\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+        xdist = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+?\.py)::(\S+)")
         seen = set()
         for line in read(log_path).splitlines():
-            m = pattern.match(line)
-            if not m or m.group(0) in seen:
+            m = plain.match(line)
+            if m:
+                path, name, status = m.group(1), m.group(2), m.group(3)
+            else:
+                m = xdist.match(line)
+                if not m:
+                    continue
+                status, path, name = m.group(1), m.group(2), m.group(3)
+            if (path, name) in seen:
                 continue
-            seen.add(m.group(0))
+            seen.add((path, name))
             kind = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed"}.get(
-                m.group(3), "skipped")
+                status, "skipped")
             if kind == "failed":
-                failures.append({"test": f"{m.group(1)}::{m.group(2)}", "message": "see pytest.log"})
-            counts = files.setdefault(m.group(1), {"passed": 0, "failed": 0, "skipped": 0})
+                failures.append({"test": f"{path}::{name}", "message": "see pytest.log"})
+            counts = files.setdefault(path, {"passed": 0, "failed": 0, "skipped": 0})
             counts[kind] += 1
         source = "log (no junit XML: pytest did not finish)" if files else "none"
     totals = {k: sum(c[k] for c in files.values()) for k in ("passed", "failed", "skipped")}

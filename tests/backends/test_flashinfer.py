@@ -688,3 +688,4 @@ def test_wrapper_without_the_pinned_attribute_waits_for_its_previous_plan(fake_c
     fp._guarded_plan(wrapper, lambda: calls.append(2))
     assert calls == [1, 2] and len(_FakeEvent.made) == 2
     assert _FakeEvent.made[0].waited  # the first plan's copy was pending: the second waited
+
