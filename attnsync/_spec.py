@@ -208,6 +208,24 @@ def _pad(values: np.ndarray, length: int, fill: int | bool) -> np.ndarray:
     return out
 
 
+def inherit(common: CommonMetadata, cls: type, /, **own: Any) -> Any:
+    """Build backend metadata `cls` whose fields shared with `CommonMetadata` come from `common`.
+
+    Every field of `cls` that `CommonMetadata` also has is taken from `common` (the same
+    read-only arrays, no copies), so its derivation stays in one place: `build_common`. `own`
+    gives the backend's other fields and may override a shared one.
+    """
+    values = {name: getattr(common, name) for name in _shared_names(cls)}
+    values.update(own)
+    return cls(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_names(cls: type) -> tuple[str, ...]:
+    mine = {f.name for f in dataclasses.fields(cls)}
+    return tuple(f.name for f in dataclasses.fields(CommonMetadata) if f.name in mine)
+
+
 def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     """Build the common metadata of `batch` (host only, numpy).
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._batch import Batch, require_decode_first
-from .._spec import array_field, build_common, require_exact
+from .._spec import array_field, build_common, inherit, require_exact
 from .._validate import INT32_MAX, SpecError, as_int, freeze
 
 _BACKEND = "flashinfer"
@@ -275,26 +275,18 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
 
     for value in (indptr, indices, last, prefill_qo_indptr, prefill_kv_indptr):
         freeze(value)
-    return FlashInferMetadata(
-        query_start_loc=common.query_start_loc,
-        seq_lens=common.seq_lens,
-        block_table=common.block_table,
-        slot_mapping=common.slot_mapping,
+    return inherit(
+        common,
+        FlashInferMetadata,
         paged_kv_indptr=indptr,
         paged_kv_indices=indices,
         paged_kv_last_page_len=last,
         prefill_qo_indptr=prefill_qo_indptr,
         prefill_paged_kv_indptr=prefill_kv_indptr,
-        num_reqs=common.num_reqs,
-        num_actual_tokens=common.num_actual_tokens,
         num_scheduled_reqs=n,
-        num_scheduled_tokens=common.num_scheduled_tokens,
-        max_query_len=common.max_query_len,
-        max_seq_len=common.max_seq_len,
         block_size=page,
         decode_threshold=threshold,
         num_decodes=nd,
-        num_decode_tokens=common.num_decode_tokens,
         num_prefills=n - nd,
         num_prefill_tokens=common.num_scheduled_tokens - common.num_decode_tokens,
         max_decode_query_len=max_decode_q,

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._batch import Batch
-from .._spec import array_field, build_common
+from .._spec import array_field, build_common, inherit
 from .._validate import INT32_MAX, SpecError, as_choice, as_int, freeze
 
 DEFAULT_Q_BLOCK_SIZE = 16  # vLLM's direct-build default on torch >= 2.9; one 16-row MMA tile
@@ -361,11 +361,10 @@ def build(
     for value in (doc_ids, num_blocks_per_seq, inverse, kv_num_blocks, kv_indices, decode_offset):
         if value.flags.writeable:
             freeze(value)
-    return FlexMetadata(
+    return inherit(
+        common,
+        FlexMetadata,
         query_start_loc=qsl,
-        seq_lens=common.seq_lens,
-        block_table=common.block_table,
-        slot_mapping=common.slot_mapping,
         doc_ids=doc_ids,
         decode_offset=decode_offset,
         num_blocks_per_seq=num_blocks_per_seq,
@@ -374,10 +373,6 @@ def build(
         kv_indices=kv_indices,
         num_reqs=r_pad,
         num_actual_tokens=t_pad,
-        num_scheduled_reqs=common.num_scheduled_reqs,
-        num_scheduled_tokens=common.num_scheduled_tokens,
-        max_query_len=common.max_query_len,
-        max_seq_len=common.max_seq_len,
         block_size=bs,
         q_block_size=qb,
         num_q_blocks=num_q_blocks,
@@ -386,6 +381,4 @@ def build(
         num_cache_pages=pages,
         total_cache_tokens=pages * bs,
         inverse_table_on_device=on_device,
-        all_exact=common.all_exact,
-        slot_mapping_exact=common.slot_mapping_exact,
     )

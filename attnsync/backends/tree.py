@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from .._batch import Batch, require_decode_first
-from .._spec import array_field, build_common
+from .._spec import array_field, build_common, inherit
 from .._validate import SpecError, as_int, freeze
 
 __all__ = ["TreeMetadata", "build", "parse_speculative_token_tree", "tree_attention_bias"]
@@ -356,18 +356,13 @@ def build(
     else:
         bias = _drafting_bias(paths, min(common.max_query_len, size - 1))
 
-    return TreeMetadata(
+    return inherit(
+        common,
+        TreeMetadata,
         query_start_loc=qsl,
         seq_lens=seq_lens,
-        block_table=common.block_table,
-        slot_mapping=common.slot_mapping,
         tree_attn_bias=bias,
         prefill_query_start_loc=prefill_qsl,
-        num_reqs=common.num_reqs,
-        num_actual_tokens=common.num_actual_tokens,
-        max_query_len=common.max_query_len,
-        max_seq_len=common.max_seq_len,
-        block_size=common.block_size,
         tree_size=size,
         draft_index=draft_index,
         num_decodes=nd,
@@ -378,5 +373,4 @@ def build(
         max_decode_seq_len=_max(seq_lens[:nd]),
         max_prefill_query_len=_max(query_lens[nd:n]),
         max_prefill_seq_len=_max(seq_lens[nd:n]),
-        slot_mapping_exact=common.slot_mapping_exact,
     )

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._batch import Batch
-from .._spec import array_field, build_common
+from .._spec import array_field, build_common, inherit
 from .._validate import SpecError, as_int, freeze
 
 DEFAULT_NUM_SEGMENTS = 16  # partial-softmax segments per row on the split-KV path (vLLM uses 16)
@@ -175,17 +175,10 @@ def build(
         and common.num_reqs <= threshold
         and common.max_seq_len >= min_seq_len
     )
-    return TritonMetadata(
-        query_start_loc=common.query_start_loc,
-        seq_lens=common.seq_lens,
-        block_table=common.block_table,
-        slot_mapping=common.slot_mapping,
+    return inherit(
+        common,
+        TritonMetadata,
         prefix_ranges=ranges,
-        num_reqs=common.num_reqs,
-        num_actual_tokens=common.num_actual_tokens,
-        max_query_len=common.max_query_len,
-        max_seq_len=common.max_seq_len,
-        block_size=common.block_size,
         use_split_kv=bool(use_split_kv),
         seq_threshold_3d=threshold,
         num_segments=segments,
@@ -193,5 +186,4 @@ def build(
         segm_output_shape=(threshold, hq, segments, _next_pow2(dim)),
         segm_stats_shape=(threshold, hq, segments),
         has_prefix_ranges=bool((ranges[..., 1] > ranges[..., 0]).any()),
-        slot_mapping_exact=common.slot_mapping_exact,
     )

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._batch import Batch
-from .._spec import array_field, build_common
+from .._spec import array_field, build_common, inherit
 from .._validate import SpecError, as_choice, as_int, freeze
 
 DECODE_THRESHOLD = 1  # vLLM's TurboQuant split: single-token rows are decodes
@@ -235,22 +235,15 @@ def build(
         host_loop_rows = ()
     for value in (prefill_qsl, prefill_seq_lens, spec_token_ids):
         freeze(value)
-    return TurboQuantMetadata(
+    return inherit(
+        common,
+        TurboQuantMetadata,
         query_start_loc=qsl,
-        seq_lens=common.seq_lens,
-        block_table=common.block_table,
-        slot_mapping=common.slot_mapping,
-        token_to_req=common.token_to_req,
         prefill_query_start_loc=prefill_qsl,
         prefill_seq_lens=prefill_seq_lens,
         spec_token_ids=spec_token_ids,
-        num_reqs=common.num_reqs,
-        num_actual_tokens=common.num_actual_tokens,
         num_scheduled_reqs=n,
         num_scheduled_tokens=t,
-        max_query_len=common.max_query_len,
-        max_seq_len=common.max_seq_len,
-        block_size=common.block_size,
         is_prefill=common.max_query_len > DECODE_THRESHOLD,
         num_decodes=nd,
         num_decode_tokens=ndt,
@@ -264,8 +257,6 @@ def build(
         num_spec_rows=num_spec_rows,
         num_spec_tokens=int(spec_token_ids.size),
         spec_max_seq_len=int(ps[spec].max()) if num_spec_rows else 0,
-        all_exact=common.all_exact,
-        slot_mapping_exact=common.slot_mapping_exact,
     )
 
 
