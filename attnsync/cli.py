@@ -62,6 +62,9 @@ DEMO_MODEL = {
     "num_kv_heads": 8,
     "head_dim": 128,
 }
+# Options a backend takes with a default that cannot serve the demo (Mamba2 needs the model's
+# scan chunk size; 256 is Mamba2's usual one).
+DEMO_BACKEND_OPTIONS = {"mamba": {"chunk_size": 256}}
 
 
 def demo_batch() -> Batch:
@@ -284,6 +287,7 @@ def _build_for(name: str, batch: Batch) -> tuple[Any, dict[str, Any]]:
         reason = f"its build needs option(s) {unknown} that the demo cannot choose"
         return None, {**report, "status": "skipped", "reason": reason}
     options = {option: DEMO_MODEL[option] for option in required}
+    options.update(DEMO_BACKEND_OPTIONS.get(name, {}))
     try:
         md = build(batch, backend=name, **options)
     except SpecError as exc:
