@@ -13,7 +13,20 @@ Each module is opt-in and imports its own framework; this package imports nothin
   jit-compiled; ``paged_attention_jax_from_metadata`` runs it from the JAX lowering of the
   ``triton`` backend. Imports ``jax``.
 
-All three read the same metadata contract:
+Backend-specific consumers, each checked against its own float64 reference:
+
+* :mod:`attnsync.kernels.tree_reference` -- tree attention: float64 reference (numpy), torch
+  consumer, and ``tree_paged_attention_triton`` (the Triton kernel above with the tree bias).
+  :mod:`attnsync.kernels.tree_jax` is the JAX consumer.
+* :mod:`attnsync.kernels.flex_jax` -- JAX reference attention driven by the ``flex`` backend's
+  block-sparse metadata (the torch side is :mod:`attnsync.adapters.flex_torch`).
+* :mod:`attnsync.kernels.mamba_reference` / :mod:`attnsync.kernels.mamba_jax` -- Mamba2 chunked
+  scan (SSD) and varlen causal conv1d driven by the ``mamba`` metadata, with float64
+  sequential oracles.
+* :mod:`attnsync.kernels.turboquant` / :mod:`attnsync.kernels.turboquant_jax` -- the k8v4
+  quantized cache, its Triton decode and prefill paths, and a JAX reference.
+
+The three paged-attention modules above read the same metadata contract:
 
 * ``query_start_loc``: shape [R + 1], int32, non-decreasing, ``query_start_loc[0] == 0``.
 * ``seq_lens``: shape [R], int32, total context of each row including this step's new tokens.
