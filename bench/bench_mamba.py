@@ -28,13 +28,10 @@ Writes DIR/bench_mamba.json and DIR/bench_mamba.md and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +44,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
+from bench_common import measure  # the one timing helper of bench/ (same folder)
 
 SIZES = (1, 8, 32, 128, 256, 512, 1024)
 QUICK_SIZES = (1, 32, 256, 1024)
@@ -150,32 +148,6 @@ def naive_mamba_torch(batch: attnsync.Batch, options: dict[str, Any], device: An
         out["state_indices_tensor_p"] = table[nd:, 0]
         out["state_indices_tensor_d"] = table[:nd, : 1 + k]
     return out
-
-
-def measure(fn: Callable[[], Any], drain: Callable[[], None], *, reps: int, warmup: int,
-            budget_s: float) -> dict[str, float]:
-    """Median and p90 host microseconds of `fn()`; fewer reps when one call is slow."""
-    for _ in range(warmup):
-        fn()
-        drain()
-    start = time.perf_counter()
-    fn()
-    drain()
-    reps = max(10, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-9))))
-    samples = []
-    enabled = gc.isenabled()
-    gc.disable()  # one collection inside a timed call would dominate a microsecond timing
-    try:
-        for _ in range(reps):
-            drain()
-            t0 = time.perf_counter_ns()
-            fn()
-            samples.append((time.perf_counter_ns() - t0) / 1e3)
-    finally:
-        if enabled:
-            gc.enable()
-    samples.sort()
-    return {"median": statistics.median(samples), "p90": samples[int(0.9 * (len(samples) - 1))], "reps": reps}
 
 
 def _environment() -> dict[str, Any]:

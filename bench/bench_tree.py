@@ -28,13 +28,10 @@ DIR/bench_tree.md and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
 from attnsync.testing import host_time_under_busy_gpu, naive_common_torch
+from bench_common import measure  # the one timing helper of bench/ (same folder)
 
 TREE = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]"  # 7 drafted nodes: L = 8
 TREE_SIZE = 8
@@ -100,32 +98,6 @@ def naive_step(torch: Any, batch: attnsync.Batch, device: Any, nd: int) -> dict[
     out["prefill_query_start_loc"] = qsl[nd:] - qsl[nd : nd + 1]
     out["maxima"] = naive_maxima(torch, qsl, out["seq_lens"], nd)
     return out
-
-
-def measure(fn: Callable[[], Any], drain: Callable[[], None], *, reps: int, warmup: int,
-            budget_s: float) -> dict[str, float]:
-    """Median and p90 host microseconds of `fn()`, the device drained before each call."""
-    for _ in range(warmup):
-        fn()
-        drain()
-    start = time.perf_counter()
-    fn()
-    drain()
-    reps = max(10, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-9))))
-    samples = []
-    enabled = gc.isenabled()
-    gc.disable()  # a collection inside one timed call would dominate microsecond timings
-    try:
-        for _ in range(reps):
-            drain()
-            t0 = time.perf_counter_ns()
-            fn()
-            samples.append((time.perf_counter_ns() - t0) / 1e3)
-    finally:
-        if enabled:
-            gc.enable()
-    samples.sort()
-    return {"median": statistics.median(samples), "p90": samples[int(0.9 * (len(samples) - 1))], "reps": reps}
 
 
 def run(*, quick: bool) -> dict[str, Any]:
