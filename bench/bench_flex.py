@@ -1,6 +1,6 @@
 """Flex: host time per step of the block-sparse metadata + BlockMask vs compiled create_block_mask.
 
-    python bench/bench_flex.py [--reqs 32 64 128 256] [--iters 50] [--out bench_flex.json]
+    python bench/bench_flex.py --out DIR [--quick] [--reqs 32 64 128 256] [--iters 50]
 
 Workload: a decode step of R requests (one new token each, contexts uniform in [200, 2000),
 page 16, q block 16), pages drawn without replacement from a cache of fixed size (big enough
@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
                         help="run compiled create_block_mask (auto: on CUDA only; its CPU compile is slow)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_flex.json")
+    parser.add_argument("--quick", action="store_true", help="two sizes (32 and 256), 15 iterations")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.reqs, args.iters = [32, 256], min(args.iters, 15)
     device = torch.device(args.device)
     run_baseline = args.baseline == "on" or (args.baseline == "auto" and device.type == "cuda")
     max_reqs = max(args.reqs)
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 last["create_block_mask_compiled"]["step_ms"] / last[key]["step_ms"])
     print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "num_cache_pages": num_pages,
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_flex.json").write_text(json.dumps({"quick": args.quick, "iters": args.iters,"device": str(device), "torch": torch.__version__, "num_cache_pages": num_pages,
                                         "rows": rows, "summary": summary}, indent=2))
     return 0
 
