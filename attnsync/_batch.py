@@ -58,6 +58,8 @@ class Batch:
     Attributes:
         num_reqs: R, the real request count.
         num_tokens: sum of `query_lens`, the real token count.
+        all_exact: True when every row's `seq_lens` is exact.
+        max_query_len, max_seq_len: the largest `query_lens` and `seq_lens` (0 for no rows).
 
     Example:
         >>> import attnsync
@@ -78,6 +80,9 @@ class Batch:
     num_cache_pages: int | None = None
     num_reqs: int = field(init=False)
     num_tokens: int = field(init=False)
+    all_exact: bool = field(init=False)
+    max_query_len: int = field(init=False)
+    max_seq_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -91,7 +96,8 @@ class Batch:
                 f"received {seq_lens.shape[0]}. Fix: query_lens, seq_lens and block_table rows "
                 f"must describe the same requests."
             )
-        block_table = as_int_array(self.block_table, "block_table", ndim=2, minimum=0)
+        # Range checked below with the largest page id, in one scan of the table.
+        block_table = as_int_array(self.block_table, "block_table", ndim=2)
         if block_table.shape[0] != num_reqs:
             if block_table.size == 0 and num_reqs == 0:
                 block_table = block_table.reshape(0, block_table.shape[1] if block_table.ndim == 2 else 0)
@@ -111,10 +117,11 @@ class Batch:
         total_tokens = int(query_lens.sum(dtype=np.int64))
         if total_tokens > INT32_MAX:
             raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
-        pages_needed = -(-seq_lens.astype(np.int64) // block_size)
+        max_seq_len = int(seq_lens.max()) if num_reqs else 0
         width = block_table.shape[1]
-        narrow = pages_needed > width
-        if narrow.any():
+        if -(-max_seq_len // block_size) > width:  # the longest row decides; find the first one
+            pages_needed = -(-seq_lens.astype(np.int64) // block_size)
+            narrow = pages_needed > width
             row = int(np.argmax(narrow))
             raise SpecError(
                 f"block_table: row {row} needs {int(pages_needed[row])} pages for seq_len "
@@ -122,7 +129,12 @@ class Batch:
                 f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
                 f"(pad unused entries with 0)."
             )
-        max_page = int(block_table.max()) if block_table.size else 0
+        # Seen as uint32, a negative page id is >= 2**31: one max() finds both the largest page
+        # and any negative one (the table is the biggest input: R x W, 512 KB at 256 x 512).
+        max_page = int(block_table.view(np.uint32).max()) if block_table.size else 0
+        if max_page > INT32_MAX:  # a negative id: the general check names it and its index
+            as_int_array(block_table, "block_table", ndim=2, minimum=0)
+            raise AssertionError("a page id >= 2**31 in an int32 table")
         if (max_page + 1) * block_size - 1 > INT32_MAX:
             raise SpecError(
                 f"block_table: page id {max_page} at block_size {block_size} gives "
@@ -138,9 +150,9 @@ class Batch:
                     f"be below num_cache_pages."
                 )
         exact = as_bool_array(self.seq_lens_exact, "seq_lens_exact", length=num_reqs)
-        computed = seq_lens - query_lens
-        no_context = ~exact & (computed <= 0)
-        if no_context.any():
+        all_exact = self.seq_lens_exact is True or bool(exact.all())
+        no_context = None if all_exact else ~exact & (seq_lens <= query_lens)
+        if no_context is not None and no_context.any():
             row = int(np.argmax(no_context))
             raise SpecError(
                 f"seq_lens_exact: row {row} is marked inexact but has no context (seq_len "
@@ -152,8 +164,8 @@ class Batch:
             prefilling = None
         else:
             prefilling = as_bool_array(self.is_prefilling, "is_prefilling", length=num_reqs)
-            both = prefilling & ~exact
-            if both.any():
+            both = None if all_exact else prefilling & ~exact
+            if both is not None and both.any():
                 row = int(np.argmax(both))
                 raise SpecError(
                     f"seq_lens_exact: row {row} is prefilling but marked inexact. A prefilling row "
@@ -186,6 +198,9 @@ class Batch:
         set_(self, "padded_num_tokens", padded_tokens)
         set_(self, "num_reqs", num_reqs)
         set_(self, "num_tokens", total_tokens)
+        set_(self, "all_exact", all_exact)
+        set_(self, "max_query_len", int(query_lens.max()) if num_reqs else 0)
+        set_(self, "max_seq_len", max_seq_len)
 
     @property
     def num_computed_tokens(self) -> np.ndarray:

@@ -60,7 +60,7 @@ _MASK_GATHER_FACTOR = 4
 _MASK_GATHER_SLACK = 4096
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class FlashInferMetadata:
     """Host metadata for FlashInfer's paged decode and prefill wrappers (read-only numpy).
 

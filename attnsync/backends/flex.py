@@ -71,7 +71,7 @@ AUTO_HOST_INVERSE_TABLE_BYTES = 1 << 20  # "auto" stages the host inverse table 
 NULL_PAGE = 0  # page 0 is the null page: never listed, never mapped (vLLM's NULL_BLOCK_ID)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class FlexMetadata:
     """Host metadata of the ``flex`` backend (numpy, read-only). R is `num_reqs` (padded rows),
     T is `num_actual_tokens` (padded tokens), P is `num_cache_pages`, NQ is `num_q_blocks`.

@@ -66,7 +66,7 @@ MIN_CONV_CAPACITY = 16  # smallest default bucket of the conv1d launch arrays
 _I32 = np.int32
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class MambaMetadata:
     """Mamba metadata of one step: numpy arrays (read-only) and host scalars.
 

@@ -78,7 +78,7 @@ DEFAULT_TREE: tuple[tuple[int, ...], ...] = ((0,),)  # one draft token after the
 Path = tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class TreeMetadata:
     """Metadata of tree attention: a decode sub-batch with the tree bias, a causal prefill one.
 

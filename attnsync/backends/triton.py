@@ -51,7 +51,7 @@ DEFAULT_NUM_SEGMENTS = 16  # partial-softmax segments per row on the split-KV pa
 DEFAULT_SPLIT_KV_MIN_SEQ_LEN = 1024
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class TritonMetadata:
     """Metadata of `attnsync.kernels.triton_attention.unified_paged_attention`.
 

@@ -87,7 +87,7 @@ class HostRow(NamedTuple):
     cached_len: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class TurboQuantMetadata:
     """Metadata of a TurboQuant attention layer (vLLM's `TurboQuantMetadata` plus host plans).
 
