@@ -76,7 +76,8 @@ def _lowerable_plan(cls: type) -> tuple[tuple[tuple[str, str | None, int], ...],
 def check_lowerable(md: Any) -> None:
     """Refuse metadata whose fields are not what `attnsync.build` makes (adapters call this).
 
-    Built metadata is trusted: its values were validated once, at `Batch`. This is the cheap
+    Built metadata is trusted: its values were validated once, at `Batch`, and `construct`
+    marks what a builder made (`BUILT_MARK`), so it is not checked again. This is the cheap
     structural check at the adapters' boundary against objects edited by hand (for example
     with `dataclasses.replace`): every array field a numpy array of int32, bool or float32
     (other integer dtypes only with values that fit int32), the common fields' lengths
@@ -84,6 +85,8 @@ def check_lowerable(md: Any) -> None:
     ints >= 0. Raises `TypeError` or `SpecError` naming the field; O(number of fields) for
     built metadata (value ranges are read only for non-int32 integer arrays).
     """
+    if getattr(md, "__dict__", {}).get(BUILT_MARK):
+        return  # made by `construct` from a validated Batch; an edited copy has no mark
     arrays, scalars = _lowerable_plan(type(md))
     for name, kind in scalars:
         value = getattr(md, name)
@@ -208,6 +211,9 @@ def _pad(values: np.ndarray, length: int, fill: int | bool) -> np.ndarray:
     return out
 
 
+BUILT_MARK = "_attnsync_built"
+
+
 def construct(cls: type, values: dict[str, Any]) -> Any:
     """An instance of the frozen metadata dataclass `cls` holding `values`, one per field.
 
@@ -216,6 +222,7 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
     against 0.2 us for one `__dict__.update` (`bench/host_primitives.py`), and builders run
     once per step. Metadata classes have no `__post_init__` to skip; the field names are
     checked, so a builder that forgets a field fails here, not at a later attribute read.
+    Only builders call this, with arrays derived from a validated `Batch`.
     """
     names = _field_names(cls)
     if values.keys() != names:
@@ -223,6 +230,9 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
         raise AssertionError(f"{cls.__name__}: fields missing {missing}, unknown {extra}")
     md = object.__new__(cls)
     md.__dict__.update(values)
+    # Trusted by the adapters' `check_lowerable`: `dataclasses.replace` and hand-made instances
+    # go through `__init__` and carry no mark, so edited metadata is still checked.
+    md.__dict__[BUILT_MARK] = True
     return md
 
 

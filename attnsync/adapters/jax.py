@@ -24,6 +24,7 @@ every step of a bucket, so jitted consumers compile once per bucket; per-step co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -279,17 +280,34 @@ def _to_device(
     buffer = torch_stager.stage(layout, arrays)
     int32 = torch_adapter.TORCH_DTYPES["int32"]
     leaves, scalars = [], ()
-    for e in layout.entries:
-        view = buffer[e.offset : e.offset + e.nbytes].view(int32).view(e.shape)
-        if e.name in floats:
-            view = view.view(torch_adapter.TORCH_DTYPES["float32"])  # bitcast, zero-copy
-        assert view.data_ptr() % 16 == 0, "JAX on GPU needs 16-byte aligned buffers"
-        if e.name == _STEP_VALUES:
-            # One import and one small jitted split, rather than one import per scalar.
-            scalars = _unstacker(e.shape[0])(jax.dlpack.from_dlpack(view))
-        else:
-            leaves.append(jax.dlpack.from_dlpack(view))
+    with _exporting_from(torch_device):
+        for e in layout.entries:
+            view = buffer[e.offset : e.offset + e.nbytes].view(int32).view(e.shape)
+            if e.name in floats:
+                view = view.view(torch_adapter.TORCH_DTYPES["float32"])  # bitcast, zero-copy
+            assert view.data_ptr() % 16 == 0, "JAX on GPU needs 16-byte aligned buffers"
+            if e.name == _STEP_VALUES:
+                # One import and one small jitted split, rather than one import per scalar.
+                scalars = _unstacker(e.shape[0])(jax.dlpack.from_dlpack(view))
+            else:
+                leaves.append(jax.dlpack.from_dlpack(view))
     return (*leaves, *scalars)
+
+
+def _exporting_from(torch_device: Any) -> Any:
+    """A context in which torch's current CUDA device is `torch_device`, for DLPack exports.
+
+    torch exports a CUDA tensor over DLPack only while its device is the current one (else
+    `BufferError: Can't export tensors on a different CUDA device index`), and the current
+    device is not always what the caller set: on the two-GPU H100 host (results/2026-11-27-h100,
+    run 5) torch's current device read 1 in processes where JAX had initialised both GPUs.
+    Entering the device costs a few microseconds, so only when it differs.
+    """
+    import torch
+
+    if torch.cuda.current_device() == torch_device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(torch_device)
 
 
 def _to_sharding(
@@ -305,7 +323,8 @@ def _to_sharding(
         parts = []
         for jax_device, torch_device in zip(devices, torch_devices, strict=True):
             buffer = torch_adapter.default_stager(torch_device).stage(layout, arrays)
-            part = jax.dlpack.from_dlpack(buffer[: layout.nbytes].view(int32))
+            with _exporting_from(torch_device):
+                part = jax.dlpack.from_dlpack(buffer[: layout.nbytes].view(int32))
             if part.devices() != {jax_device}:
                 raise SpecError(
                     f"sharding: torch's {torch_device} imported as JAX {part.devices()}, not "
