@@ -50,6 +50,15 @@ class PackedLayout:
 
     entries: tuple[PackedEntry, ...]
     nbytes: int
+    # Layouts key per-step caches (views, pack targets): hashing the nested entries each time
+    # would cost microseconds a lookup, so the hash is computed once.
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.entries, self.nbytes)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def entry(self, name: str) -> PackedEntry:
         """The entry called `name`."""

@@ -441,12 +441,22 @@ def _stager_for(device: Any, stager: Stager | None) -> tuple[Stager, torch.devic
 
 def views_of(buffer: torch.Tensor, layout: PackedLayout) -> dict[str, torch.Tensor]:
     """Typed views of every field of a staged uint8 `buffer` (one `as_strided` per field)."""
-    typed = {name: buffer.view(TORCH_DTYPES[name]) for name in {e.dtype for e in layout.entries}}
-    views = {}
-    for e in layout.entries:
-        itemsize = typed[e.dtype].element_size()
-        views[e.name] = typed[e.dtype].as_strided(e.shape, _contiguous_strides(e.shape), e.offset // itemsize)
-    return views
+    dtypes, recipe = _view_recipe(layout)
+    typed = [buffer.view(dtype) for dtype in dtypes]
+    return {name: typed[i].as_strided(shape, strides, offset) for name, i, shape, strides, offset in recipe}
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_recipe(layout: PackedLayout) -> tuple[tuple[torch.dtype, ...], tuple[tuple[str, int, tuple, tuple, int], ...]]:
+    """The dtypes to view a staged buffer as, and per field (name, dtype index, shape,
+    strides, element offset): worked out once per layout rather than per lowering."""
+    names = sorted({e.dtype for e in layout.entries}, key=[e.dtype for e in layout.entries].index)
+    dtypes = tuple(TORCH_DTYPES[name] for name in names)
+    recipe = tuple(
+        (e.name, names.index(e.dtype), e.shape, _contiguous_strides(e.shape), e.offset // np.dtype(e.dtype).itemsize)
+        for e in layout.entries
+    )
+    return dtypes, recipe
 
 
 @functools.lru_cache(maxsize=1024)
