@@ -194,7 +194,7 @@ def test_file(case):
 
 def parse_junit(xml_path, log_path):
     """Per-file pass/fail/skip counts from junit XML, or from the -v log if pytest was killed."""
-    files, failures = {}, []
+    files, failures, measured = {}, [], []
     if os.path.exists(xml_path):
         root = ET.parse(xml_path).getroot()
         for case in root.iter("testcase"):
@@ -209,6 +209,8 @@ def parse_junit(xml_path, log_path):
                     kind = "skipped"
             counts = files.setdefault(test_file(case), {"passed": 0, "failed": 0, "skipped": 0})
             counts[kind] += 1
+            for prop in case.iter("property"):  # record_property: JIT times, errors per dtype
+                measured.append({"test": name, "name": prop.get("name"), "value": prop.get("value")})
         source = "junit"
     else:
         # "path::test STATUS" (plain -v) or "[gw0] [ 7%] STATUS path::test" (pytest-xdist)
@@ -235,7 +237,8 @@ def parse_junit(xml_path, log_path):
             counts[kind] += 1
         source = "log (no junit XML: pytest did not finish)" if files else "none"
     totals = {k: sum(c[k] for c in files.values()) for k in ("passed", "failed", "skipped")}
-    return {"source": source, "totals": totals, "per_file": dict(sorted(files.items())), "failures": failures}
+    return {"source": source, "totals": totals, "per_file": dict(sorted(files.items())), "failures": failures,
+            "measured": measured}
 
 
 steps = []
@@ -323,6 +326,10 @@ for run, res in tests.items():
     if res["failures"]:
         md += ["", "Failures:"] + [f"- `{x['test']}`: {x['message'].splitlines()[0] if x['message'] else ''}"
                                    for x in res["failures"][:40]]
+    if res.get("measured"):
+        md += ["", "Measured by the tests (record_property: first-use JIT seconds, relative errors per dtype):", "",
+               "| test | quantity | value |", "|---|---|---:|"]
+        md += [f"| `{x['test']}` | {x['name']} | {x['value']} |" for x in res["measured"]]
 md += ["", "## Demo (attnsync demo --json)", "",
        "| backend | framework | status | H2D copies | syncs |", "|---|---|---|---:|---|"]
 for backend, fws in demo.items():

@@ -231,7 +231,10 @@ def test_jax_lowering_and_consumer_on_gpu(jax_gpu):
     np.testing.assert_array_equal(np.asarray(jmd.tree_attn_bias).view(np.int32), md.tree_attn_bias.view(np.int32))
     np.testing.assert_array_equal(np.asarray(jmd.prefill_query_start_loc), md.prefill_query_start_loc)
     assert relative_error(np.asarray(out), ref) < 1e-4
-    stall_free(lambda: asj.lower(md, device), budget_ms=2.0)
+    # One DLPack import per field (each array aliases the staged buffer) costs 1-3 ms of host
+    # time on the H100 hosts with four test processes (2.86 ms in run 5), so the budget is
+    # 10 ms: still far below the 50 ms kernel queued ahead, which a real wait would sit out.
+    stall_free(lambda: asj.lower(md, device), budget_ms=10.0)
 
 
 def test_drafting_bias_survives_both_lowerings(cuda, jax_gpu):

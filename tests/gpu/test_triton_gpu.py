@@ -128,7 +128,7 @@ def jax_gpu():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", ["mixed", "decode", "prefix"])
-def test_end_to_end_matches_reference(cuda, case, dtype):
+def test_end_to_end_matches_reference(cuda, case, dtype, record_property):
     rows = _rows("mixed" if case == "prefix" else case)
     prefix = _prefix(rows) if case == "prefix" else None
     paged = _paged(rows, prefix=prefix)
@@ -142,6 +142,7 @@ def test_end_to_end_matches_reference(cuda, case, dtype):
     got = _to_np(out)
     ref = paged.cast(_np_dtype(dtype)).reference()
     err = relative_error(got, ref)
+    record_property("relative_error_vs_float64", float(f"{err:.3g}"))
     assert err < TOLERANCE, f"{case}/{dtype}: relative error {err:.3g}"
     end = int(paged.query_start_loc[paged.num_reqs])
     assert np.isnan(got[end:]).all(), "padding tokens stay untouched"
@@ -191,7 +192,7 @@ def test_build_lower_launch_without_sync_or_stall(cuda, case):
 
 
 @pytest.mark.parametrize("case", ["mixed", "prefix"])
-def test_jax_on_dlpack_lowering_matches_triton(cuda, jax_gpu, case):
+def test_jax_on_dlpack_lowering_matches_triton(cuda, jax_gpu, case, record_property):
     jax, asj, ja, device = jax_gpu
     ml_dtypes = pytest.importorskip("ml_dtypes")
     # Smaller rows than above: the JAX kernel gathers every row's pages for each token.
@@ -213,6 +214,8 @@ def test_jax_on_dlpack_lowering_matches_triton(cuda, jax_gpu, case):
     got_j = np.asarray(out_j).astype(np.float64)
     got_t = _to_np(out)
     ref = paged.reference()
+    record_property("jax_bf16_vs_float64", float(f"{relative_error(got_j, ref):.3g}"))
+    record_property("triton_bf16_vs_float64", float(f"{relative_error(got_t, ref):.3g}"))
     assert relative_error(got_j, ref) < TOLERANCE
     assert relative_error(got_t, ref) < TOLERANCE
     # Both kernels round to bf16 once at the end: they agree to about two bf16 ulps.
