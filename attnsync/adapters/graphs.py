@@ -20,6 +20,8 @@ tensors at fixed addresses. The pieces:
   (`make_decode_cuda_graph_wrapper`); its fixed buffers are refreshed by `plan()` before each
   replay, planned for all the bucket's rows (padded rows get no pages, as in vLLM).
 - `GraphLadder`: one captured step per bucket, chosen per batch.
+- `OverlappedSteps`: two captured steps of a bucket used in turn, each step's uploads on a
+  side stream overlapping the other's replay.
 - `plan_padded_decode`: `plan()` of a CUDA-graph decode wrapper for every row of a bucket.
 
 One step::
@@ -51,6 +53,7 @@ from . import torch as ast
 __all__ = [
     "FlashInferDecodeGraph",
     "GraphLadder",
+    "OverlappedSteps",
     "PersistentLadder",
     "PersistentLowering",
     "TritonGraph",
@@ -519,6 +522,79 @@ class FlashInferDecodeGraph(_CapturedStep):
         with _on(self.device):
             for layer, kv in enumerate(self.kv_caches):
                 self.wrapper.run(self.q[:rows], kv, out=out[layer, :rows])
+        return out
+
+
+class OverlappedSteps:
+    """Two captured steps of one bucket, used in turn, with each step's metadata uploads
+    overlapping the other's replay.
+
+    A single captured step serialises on one stream: step N+1's H2D copy (and, for FlashInfer,
+    `plan()`'s uploads into the wrapper's fixed buffers: indptr, last-page fill, page ids, plan
+    info) can only start once replay N has read the buffers, and the replay waits for them.
+    On the H100 host that left 83 us a step between graph mode and the planned-once limit
+    (results/2026-11-27-h100, run 3). Here the two steps own separate fixed buffers
+    (persistent lowering, wrapper buffers): step N+1 is prepared on a side stream that waits
+    only for replay N-1 (the last reader of its buffers), and the replay stream waits for that
+    preparation, which ran while replay N did. Outputs alternate between the two steps' `out`
+    tensors: the result of a step is valid until the step after next.
+
+    Args:
+        make: `make() -> TritonGraph | FlashInferDecodeGraph`, called twice (two captures, two
+            sets of fixed buffers) for the same bucket, on one CUDA device.
+
+    Attributes:
+        steps: the two captured steps.
+        prepare_stream: the side stream preparations run on.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.steps = (make(), make())
+        devices = {step.device for step in self.steps}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise SpecError(
+                f"make: OverlappedSteps needs two steps on one CUDA device (it overlaps streams), "
+                f"received steps on {sorted(str(d) for d in devices)}."
+            )
+        if self.steps[0] is self.steps[1]:
+            raise SpecError("make: returned the same step twice; it must capture a new one per call.")
+        self.device = self.steps[0].device
+        self.prepare_stream = torch.cuda.Stream(self.device)
+        self._read = [torch.cuda.Event(), torch.cuda.Event()]  # replay i has read step i's buffers
+        self._ready = [torch.cuda.Event(), torch.cuda.Event()]  # step i's buffers hold the new step
+        self._replayed = [False, False]
+        self._next = 0
+
+    @property
+    def bucket(self) -> Bucket:
+        """The bucket both steps serve."""
+        return self.steps[0].bucket
+
+    def step(self, batch: attnsync.Batch, q: torch.Tensor | None = None) -> torch.Tensor:
+        """Prepare `batch` on the side stream into the idle step, then replay it on the current
+        stream; returns that step's `out` (see `TritonGraph.step`). A batch that does not fit
+        the bucket raises `SpecError` before anything is written."""
+        index = self._next
+        target = self.steps[index]
+        if q is not None and (q.dim() != 3 or q.shape[0] > target.q.shape[0] or q.shape[1:] != target.q.shape[1:]):
+            raise SpecError(
+                f"q: expected [<= {target.q.shape[0]}, {target.q.shape[1]}, {target.q.shape[2]}] "
+                f"(tokens, heads, head_dim), received {tuple(q.shape)}."
+            )
+        current = torch.cuda.current_stream(self.device)
+        side = self.prepare_stream
+        with torch.cuda.device(self.device), torch.cuda.stream(side):
+            if self._replayed[index]:
+                side.wait_event(self._read[index])  # replay N-1 has read these buffers
+            target.last = target.prepare(batch)
+            self._ready[index].record(side)
+        current.wait_event(self._ready[index])
+        if q is not None:
+            target.q[: q.shape[0]].copy_(q, non_blocking=True)  # on the replay stream, after q's producer
+        out = target.replay()
+        self._read[index].record(current)
+        self._replayed[index] = True
+        self._next = 1 - index
         return out
 
 

@@ -318,3 +318,47 @@ def test_jax_bucketed_lowering_on_gpu_compiles_once_per_bucket(cuda):
         assert jmd.slot_mapping.devices() == {device} and jmd.num_decodes.devices() == {device}
         want = int(md.slot_mapping.sum()) + int(md.seq_lens.sum()) * bucket.max_seq_len + md.num_decodes
         assert int(jax.device_get(value)) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Two captures used in turn, metadata prepared on a side stream.
+
+
+@pytest.mark.parametrize("kernel", ["triton", "flashinfer"])
+def test_overlapped_steps_equal_the_reference_while_the_host_runs_ahead(cuda, kv_caches, kernel):
+    from attnsync.adapters.graphs import FlashInferDecodeGraph, OverlappedSteps, TritonGraph
+
+    lad = ladder()
+    steps = list(batches(11, (6, 8, 5, 7, 8, 6, 7)))
+    bucket = lad.bucket_for(steps[0])
+    if kernel == "flashinfer":
+        pytest.importorskip("flashinfer")
+
+        def make():
+            return FlashInferDecodeGraph(lad, bucket, kv_caches=kv_caches, num_qo_heads=HQ,
+                                         q_data_type=torch.bfloat16, sm_scale=SCALE)
+    else:
+        def make():
+            return TritonGraph(lad, bucket, kv_caches=kv_caches, num_q_heads=HQ, scale=SCALE)
+
+    overlapped = OverlappedSteps(make)
+    assert overlapped.steps[0].graph is not None and overlapped.steps[1].graph is not None
+    qs = [random_q(b.num_reqs, 40 + i) for i, b in enumerate(steps)]
+    torch.cuda.synchronize()
+    # A busy GPU, so the host enqueues every step (and its side-stream preparation) long
+    # before the replays run: each preparation must still wait for the replay that last read
+    # its buffers, and each replay for its preparation.
+    torch.cuda._sleep(50_000_000)
+    outs = []
+    with no_sync():
+        for batch, q in zip(steps, qs, strict=True):
+            outs.append(overlapped.step(batch, q)[:, : batch.num_reqs].clone())
+    torch.cuda.synchronize()
+    for i, (batch, q, out) in enumerate(zip(steps, qs, outs, strict=True)):
+        md = attnsync.build(batch)
+        for layer, kv in enumerate(kv_caches):
+            got = out[layer].float().cpu().numpy()
+            assert relative_error(got, reference(md, q, kv)) < TOLERANCE, (kernel, i, layer)
+    (too_big,) = batches(12, (9,))
+    with pytest.raises(attnsync.SpecError, match=r"9 requests \(bucket rows: 8\)"):
+        overlapped.step(too_big, random_q(9, 60))
