@@ -361,4 +361,4 @@ def test_overlapped_steps_equal_the_reference_while_the_host_runs_ahead(cuda, kv
             assert relative_error(got, reference(md, q, kv)) < TOLERANCE, (kernel, i, layer)
     (too_big,) = batches(12, (9,))
     with pytest.raises(attnsync.SpecError, match=r"9 requests \(bucket rows: 8\)"):
-        overlapped.step(too_big, random_q(9, 60))
+        overlapped.step(too_big)
