@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from ._batch import Batch as Batch
 from ._batch import reorder as reorder
+from ._buckets import Bucket as Bucket
+from ._buckets import BucketLadder as BucketLadder
 from ._build import build as build
 from ._spec import CommonMetadata as CommonMetadata
 from ._validate import SpecError as SpecError
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "Bucket",
+    "BucketLadder",
     "CommonMetadata",
     "SpecError",
     "available_backends",

@@ -98,7 +98,7 @@ class Loop:
     def __init__(self, steps: int) -> None:
         import decode_loop as dl
 
-        from attnsync._buckets import BucketLadder
+        from attnsync import BucketLadder
 
         self.dl = dl
         self.w = dl.Workload(steps)

@@ -47,7 +47,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import jax
 import jax.numpy as jnp
 
-from attnsync._buckets import BucketLadder
+from attnsync import BucketLadder
 from attnsync.adapters import jax as asj
 from attnsync.kernels.jax_attention import paged_attention_jax
 

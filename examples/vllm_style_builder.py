@@ -37,7 +37,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
-from attnsync._buckets import BucketLadder
+from attnsync import BucketLadder
 from attnsync.adapters import torch as ast
 from attnsync.adapters.graphs import PersistentLadder
 

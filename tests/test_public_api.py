@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attnsync
 
-PUBLIC = ["Batch", "CommonMetadata", "SpecError", "available_backends", "build", "reorder"]
+PUBLIC = ["Batch", "Bucket", "BucketLadder", "CommonMetadata", "SpecError", "available_backends", "build", "reorder"]
 
 
 def test_all_is_pinned():

@@ -119,7 +119,7 @@ class PersistentLadder:
 
     Example:
         >>> import attnsync
-        >>> from attnsync._buckets import BucketLadder
+        >>> from attnsync import BucketLadder
         >>> ladder = BucketLadder(max_num_reqs=8, max_num_tokens=8, max_model_len=64, block_size=16)
         >>> lowerings = PersistentLadder(ladder, "cpu")
         >>> batch = attnsync.Batch(query_lens=[1, 1, 1], seq_lens=[5, 17, 9],

@@ -20,7 +20,7 @@ import pytest
 
 import attnsync
 from attnsync import SpecError
-from attnsync._buckets import BucketLadder
+from attnsync import BucketLadder
 from attnsync.kernels.reference import paged_attention_reference, relative_error
 
 torch = pytest.importorskip("torch")
@@ -278,7 +278,7 @@ SHARDING_SCRIPT = textwrap.dedent(
     import numpy as np, jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import attnsync
-    from attnsync._buckets import BucketLadder
+    from attnsync import BucketLadder
     from attnsync.adapters import jax as asj
 
     devices = jax.devices()

@@ -109,7 +109,12 @@ def test_naive_forms_stall_and_sync_free_forms_do_not(pair):
         except AssertionError:
             if attempt == 2:
                 raise
-    elapsed, _ = host_time_under_busy_gpu(naive, sleep_ms=50.0)
+    # The naive form must wait: up to three tries, since the sleep kernel's length is calibrated
+    # from clocks that vary with other test processes on the GPU (one try fell short in run 6).
+    for _ in range(3):
+        elapsed, _ = host_time_under_busy_gpu(naive, sleep_ms=50.0)
+        if elapsed > 25.0:
+            break
     assert elapsed > 25.0, f"{pair}: the naive form returned after {elapsed:.2f} ms; it should wait for the GPU"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import attnsync
-from attnsync._buckets import BucketLadder
+from attnsync import BucketLadder
 from attnsync.kernels.reference import paged_attention_reference, relative_error
 from attnsync.testing import assert_no_host_stall, count_h2d_copies, no_sync
 

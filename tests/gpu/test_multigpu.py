@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import attnsync
-from attnsync._buckets import BucketLadder
+from attnsync import BucketLadder
 from attnsync.kernels.reference import paged_attention_reference, relative_error
 from attnsync.testing import no_sync
 
