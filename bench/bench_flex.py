@@ -12,6 +12,9 @@ one process:
   scatter on the device) + ``flex_torch.block_mask`` (``BlockMask.from_kv_blocks``);
 - ``attnsync (inverse on host)``: the same with the [R, num_cache_pages] inverse table built in
   numpy and staged (its bytes grow with the cache);
+- ``attnsync (lists on device)``: ``block_sparse="device"`` and ``inverse_table="device"``:
+  the host builds only the per-row and per-token fields and a width bound; ``flex_torch.lower``
+  builds the page lists (``kv_blocks_device``) and the inverse table on the device;
 - ``create_block_mask (compiled)``: ``torch.compile(create_block_mask)`` on the same paged
   mask_mod over [T, num_cache_pages * page] (dense mask evaluation on the device). Its device
   inputs (doc ids, inverse table, ...) are prepared once and not timed, which favours it.
@@ -118,6 +121,20 @@ def main(argv: list[str] | None = None) -> int:
                 return ft.block_mask(tmd)
 
             result[f"attnsync_inverse_{inverse}"] = measure(step, device, args.iters)
+
+        def lists_on_device():
+            md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, inverse_table="device",
+                                block_sparse="device")
+            return ft.block_mask(ft.lower(md, device))
+
+        result["attnsync_lists_on_device"] = measure(lists_on_device, device, args.iters)
+        # same lists as the host build, the device ones padded with -1 to their (bound) width
+        host_md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK)
+        dev_tmd = ft.lower(attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, block_sparse="device"), device)
+        _sync(device)
+        width = host_md.kv_indices.shape[1]
+        assert (dev_tmd.kv_num_blocks.cpu().numpy() == host_md.kv_num_blocks).all()
+        assert (dev_tmd.kv_indices.cpu().numpy()[:, :width] == host_md.kv_indices).all()
         md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK)
         result["kv_indices_shape"] = list(md.kv_indices.shape)
         # the build alone (numpy), for the linear-growth check
@@ -144,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             assert (got == md.kv_num_blocks).all(), (got, md.kv_num_blocks)
         rows.append(result)
         line = [f"R={num_reqs:4d}"]
-        for key in ("attnsync_inverse_device", "attnsync_inverse_host", "create_block_mask_compiled"):
+        for key in ("attnsync_inverse_device", "attnsync_inverse_host", "attnsync_lists_on_device",
+                    "create_block_mask_compiled"):
             if key in result:
                 line.append(f"{key}: host {result[key]['host_ms']:.3f} ms, step {result[key]['step_ms']:.3f} ms")
         line.append(f"build {result['build_only']['host_ms']:.3f} ms")
@@ -152,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, object] = {}
     first, last = rows[0], rows[-1]
     growth = last["num_reqs"] / first["num_reqs"]
-    for key in ("attnsync_inverse_device", "attnsync_inverse_host", "build_only"):
+    for key in ("attnsync_inverse_device", "attnsync_inverse_host", "attnsync_lists_on_device", "build_only"):
         summary[f"{key}_growth"] = last[key]["host_ms"] / first[key]["host_ms"]
     summary["request_growth"] = growth
     if run_baseline:
-        for key in ("attnsync_inverse_device", "attnsync_inverse_host"):
+        for key in ("attnsync_inverse_device", "attnsync_inverse_host", "attnsync_lists_on_device"):
             summary[f"speedup_{key}_at_{last['num_reqs']}"] = (
                 last["create_block_mask_compiled"]["host_ms"] / last[key]["host_ms"])
             summary[f"step_speedup_{key}_at_{last['num_reqs']}"] = (

@@ -80,6 +80,8 @@ def lower(md: FlexMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | No
         ``all_exact`` is True once the device lengths are exact, which `block_mask` requires.
         A device-built inverse table is a fresh tensor per call (not at a persistent address);
         under CUDA graphs call `physical_to_logical_device(..., out=persistent)` yourself.
+        Metadata built with ``block_sparse="device"`` gets ``kv_num_blocks`` / ``kv_indices``
+        from `kv_blocks_device` here (fresh tensors too).
     """
     if not isinstance(md, FlexMetadata):
         raise TypeError(
@@ -97,6 +99,13 @@ def lower(md: FlexMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | No
     if seq_lens is not None or md.inverse_table_on_device:
         updates["physical_to_logical"] = physical_to_logical_device(
             tmd.block_table, tmd.seq_lens, md.block_size, md.num_cache_pages
+        )
+    if md.block_sparse_on_device:
+        updates["kv_num_blocks"], updates["kv_indices"] = kv_blocks_device(
+            tmd.doc_ids, tmd.query_start_loc, updates.get("decode_offset", tmd.decode_offset), tmd.block_table,
+            block_size=md.block_size, q_block_size=md.q_block_size,
+            max_pages=min(md.max_pages_per_seq, md.block_table.shape[1]),
+            num_pages=md.num_cache_pages, width=md.max_kv_blocks,
         )
     return dataclasses.replace(tmd, **updates) if updates else tmd
 

@@ -53,12 +53,21 @@ Options:
         step, which dominates for large caches. ``"auto"`` (default) stages it while it is at
         most 1 MiB and leaves it to the device beyond (256 requests over a 32k-page cache would
         stage 33 MB a step).
+    block_sparse: ``"host"`` (default) builds ``kv_num_blocks`` / ``kv_indices`` here, in
+        numpy: O(total pages) work with a sort-free dedupe when no page is shared.
+        ``"device"`` leaves them empty ([NQ], [NQ, 0]) and the torch and JAX consumers build
+        them on the device from the staged fields (`flex_torch.kv_blocks_device`: fixed shapes,
+        a handful of launches, no sync), so the host work no longer grows with the pages a
+        batch spans. The host still sizes the list: ``max_kv_blocks`` is then a bound, the
+        next power of two of the most pages any query block's requests own, so the device
+        list is never cut (or the given ``max_kv_blocks``, refused when below that bound).
     decode_threshold: split threshold of the common metadata (default 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,7 +102,8 @@ class FlexMetadata:
             column c < num_blocks_per_seq[r] with block_table[r, c] == p, else -1; column 0
             (the null page) is -1. [R, 0] when `inverse_table_on_device`. Device.
         kv_num_blocks: [NQ] int32, pages listed for each query block, in [0, max_kv_blocks].
-            Device.
+            Device. Zeros (and `kv_indices` [NQ, 0]) when `block_sparse_on_device`: the
+            consumers compute both on the device.
         kv_indices: [NQ, max_kv_blocks] int32, the listed physical page ids of each query block,
             distinct, in [1, P), left-packed in first-occurrence order, -1 after the first
             kv_num_blocks[b] entries. Device.
@@ -106,6 +116,7 @@ class FlexMetadata:
         max_pages_per_seq: ceil(max_seq_len / block_size), a bound on any row's pages.
         num_cache_pages: P. total_cache_tokens: P * block_size, the KV sequence length.
         inverse_table_on_device: True when `physical_to_logical` is left to the device.
+        block_sparse_on_device: True when `kv_num_blocks` / `kv_indices` are left to the device.
         all_exact: every row's length is exact. slot_mapping_exact: as in `CommonMetadata`.
     """
 
@@ -133,6 +144,7 @@ class FlexMetadata:
     num_cache_pages: int
     total_cache_tokens: int
     inverse_table_on_device: bool
+    block_sparse_on_device: bool
     all_exact: bool
     slot_mapping_exact: bool
 
@@ -227,6 +239,27 @@ def _first_occurrences(key: np.ndarray, key_bound: int) -> np.ndarray:
     return first
 
 
+def device_list_bound(common: Any, *, q_block_size: int, num_q_blocks: int, num_pages: int) -> int:
+    """The most pages any query block may list: all pages of the requests with a token in it.
+
+    A query block's list (see the module docstring) holds pages of the requests its real
+    tokens belong to, each at most once and never the null page, so the sum of those
+    requests' page counts (and ``num_pages - 1``) bounds it. O(R + NQ) host work: the bound
+    that sizes a device-built list, which is never cut at this width.
+    """
+    tokens, rows = common.num_scheduled_tokens, common.num_scheduled_reqs
+    if tokens == 0 or num_q_blocks == 0:
+        return 0
+    pages = -(-common.seq_lens[:rows].astype(np.int64) // common.block_size)
+    owned_before = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(pages, out=owned_before[1:])
+    first = np.arange(0, tokens, q_block_size)
+    last = np.minimum(first + q_block_size, tokens) - 1
+    low, high = common.token_to_req[first], common.token_to_req[last]
+    most = int((owned_before[high + 1] - owned_before[low]).max())
+    return max(0, min(most, num_pages - 1))
+
+
 def block_sparse_pages(
     *,
     query_start_loc: np.ndarray,
@@ -304,6 +337,7 @@ def build(
     q_block_size: int = DEFAULT_Q_BLOCK_SIZE,
     max_kv_blocks: int | None = None,
     inverse_table: str = "auto",
+    block_sparse: str = "host",
     decode_threshold: int = 1,
 ) -> FlexMetadata:
     """Build the flex backend's metadata on the host (numpy only). See the module docstring.
@@ -328,6 +362,7 @@ def build(
         )
     width = None if max_kv_blocks is None else as_int(max_kv_blocks, "max_kv_blocks", minimum=1)
     choice = as_choice(inverse_table, "inverse_table", ("auto", "host", "device"))
+    sparse_on_device = as_choice(block_sparse, "block_sparse", ("host", "device")) == "device"
     pages = _cache_pages(batch, num_cache_pages)
     # "auto": stage the host-built table while it is small; past the limit one device scatter
     # is cheaper than packing and copying 4 * R * num_cache_pages bytes every step.
@@ -350,17 +385,32 @@ def build(
         inverse = np.zeros((r_pad, 0), dtype=np.int32)
     else:
         inverse = inverse_block_table(common.block_table, common.seq_lens, bs, pages)
-    kv_num_blocks, kv_indices = block_sparse_pages(
-        query_start_loc=qsl,
-        num_computed_tokens=common.num_computed_tokens,
-        block_table=common.block_table,
-        block_size=bs,
-        q_block_size=qb,
-        num_tokens=common.num_scheduled_tokens,
-        num_q_blocks=num_q_blocks,
-        num_pages=pages,
-        width=width,
-    )
+    if sparse_on_device:
+        bound = device_list_bound(common, q_block_size=qb, num_q_blocks=num_q_blocks, num_pages=pages)
+        if width is None:
+            width = _next_pow2(max(bound, 1))
+        elif width < bound:
+            raise SpecError(
+                f"max_kv_blocks: {width} columns, but a query block of this batch may list up to "
+                f"{bound} pages (the pages its requests own), and the device-built list must not be "
+                f"cut. Fix: max_kv_blocks >= {bound}, or block_sparse='host' (exact lists)."
+            )
+        kv_num_blocks = np.zeros(num_q_blocks, dtype=np.int32)
+        kv_indices = np.zeros((num_q_blocks, 0), dtype=np.int32)
+        listed_width = width
+    else:
+        kv_num_blocks, kv_indices = block_sparse_pages(
+            query_start_loc=qsl,
+            num_computed_tokens=common.num_computed_tokens,
+            block_table=common.block_table,
+            block_size=bs,
+            q_block_size=qb,
+            num_tokens=common.num_scheduled_tokens,
+            num_q_blocks=num_q_blocks,
+            num_pages=pages,
+            width=width,
+        )
+        listed_width = int(kv_indices.shape[1])
     decode_offset = np.ascontiguousarray(common.num_computed_tokens, dtype=np.int32)
     for value in (doc_ids, num_blocks_per_seq, inverse, kv_num_blocks, kv_indices, decode_offset):
         if value.flags.writeable:
@@ -380,9 +430,10 @@ def build(
         block_size=bs,
         q_block_size=qb,
         num_q_blocks=num_q_blocks,
-        max_kv_blocks=int(kv_indices.shape[1]),
+        max_kv_blocks=listed_width,
         max_pages_per_seq=-(-common.max_seq_len // bs),
         num_cache_pages=pages,
         total_cache_tokens=pages * bs,
         inverse_table_on_device=on_device,
+        block_sparse_on_device=sparse_on_device,
     )

@@ -135,7 +135,14 @@ def flex_token_mask(jmd: Any, *, physical_to_logical: jax.Array | None = None) -
     inverse = jmd.physical_to_logical if physical_to_logical is None else physical_to_logical
     q_idx = jnp.arange(tokens, dtype=jnp.int32)[:, None]
     kv_idx = jnp.arange(slots, dtype=jnp.int32)[None, :]
-    blocks = expand_block_mask(jmd.kv_num_blocks, jmd.kv_indices, jmd.num_cache_pages)
+    kv_num_blocks, kv_indices = jmd.kv_num_blocks, jmd.kv_indices
+    if jmd.block_sparse_on_device:  # built with block_sparse="device": the lists are made here
+        kv_num_blocks, kv_indices = kv_blocks_jax(
+            jmd.doc_ids, jmd.query_start_loc, jmd.decode_offset, jmd.block_table, block_size=page,
+            q_block_size=jmd.q_block_size, max_pages=min(jmd.max_pages_per_seq, jmd.block_table.shape[1]),
+            num_pages=jmd.num_cache_pages, width=jmd.max_kv_blocks,
+        )
+    blocks = expand_block_mask(kv_num_blocks, kv_indices, jmd.num_cache_pages)
     listed = blocks[q_idx // jmd.q_block_size, kv_idx // page]
     row = jmd.doc_ids[q_idx]
     logical_block = inverse[row, kv_idx // page]

@@ -804,3 +804,54 @@ def test_auto_inverse_table_stages_small_tables_and_leaves_large_ones_to_the_dev
     forced = attnsync.build(batch, backend="flex", num_cache_pages=1 << 18, inverse_table="host")
     assert forced.physical_to_logical.shape == (2, 1 << 18)
     np.testing.assert_array_equal(forced.physical_to_logical[:, :8], small.physical_to_logical)
+
+
+# ----------------------------------------------------------------------------------------------
+# block_sparse="device": the lists built by the consumers
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flex_batches())
+def test_device_block_lists_equal_the_host_lists(case):
+    batch, num_pages, qb = case
+    host = attnsync.build(batch, backend="flex", num_cache_pages=num_pages, q_block_size=qb)
+    md = attnsync.build(batch, backend="flex", num_cache_pages=num_pages, q_block_size=qb, block_sparse="device")
+    assert md.block_sparse_on_device and not host.block_sparse_on_device
+    assert md.kv_indices.shape == (md.num_q_blocks, 0)
+    # the host bound holds every host list: the device list is never cut
+    assert md.max_kv_blocks >= int(host.kv_num_blocks.max(initial=0))
+    tmd = ft.lower(md, "cpu")
+    assert tmd.kv_indices.shape == (md.num_q_blocks, md.max_kv_blocks)
+    np.testing.assert_array_equal(tmd.kv_num_blocks.numpy(), host.kv_num_blocks)
+    width = host.kv_indices.shape[1]
+    shown = min(width, md.max_kv_blocks)
+    np.testing.assert_array_equal(tmd.kv_indices.numpy()[:, :shown], host.kv_indices[:, :shown])
+    assert (tmd.kv_indices.numpy()[:, width:] == -1).all()
+
+
+def test_device_block_lists_give_the_reference_outputs_in_torch_and_jax():
+    batch = mixed_batch(padded_num_reqs=6, padded_num_tokens=14)
+    md = attnsync.build(batch, backend="flex", q_block_size=4, block_sparse="device")
+    tmd = ft.lower(md, "cpu")
+    q, k, v = _random_qkv(md)
+    expected = dense_attention(q.numpy(), k.numpy(), v.numpy(), brute_mask(batch, num_pages=12), 0.37)
+    restricted = ft.block_mask(tmd, mask_mod=_block_restricted_mask_mod(tmd))
+    out = _eager_flex(q, k, v, tmd, scale=0.37, block_mask=restricted)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
+    jmd = asj.lower(md)
+    with jax.transfer_guard("disallow"):
+        args = [jax.device_put(a.numpy().astype(np.float32)) for a in (q, k, v)]
+        jout = fj.flex_attention_jax(*args, jmd, scale=0.37)
+    np.testing.assert_allclose(np.asarray(jout), expected, rtol=0, atol=2e-6)
+
+
+def test_device_block_lists_refuse_a_width_below_the_bound():
+    batch = mixed_batch()
+    md = attnsync.build(batch, backend="flex", q_block_size=16, block_sparse="device")
+    bound = md.max_kv_blocks
+    assert bound >= 2
+    with pytest.raises(SpecError, match=r"max_kv_blocks: 1 columns, but a query block .* up to \d+ pages"):
+        attnsync.build(batch, backend="flex", q_block_size=16, block_sparse="device", max_kv_blocks=1)
+    with pytest.raises(SpecError, match=r"block_sparse: unknown value 'gpu'"):
+        attnsync.build(batch, backend="flex", block_sparse="gpu")
