@@ -855,3 +855,16 @@ def test_device_block_lists_refuse_a_width_below_the_bound():
         attnsync.build(batch, backend="flex", q_block_size=16, block_sparse="device", max_kv_blocks=1)
     with pytest.raises(SpecError, match=r"block_sparse: unknown value 'gpu'"):
         attnsync.build(batch, backend="flex", block_sparse="gpu")
+
+
+def test_captured_block_lists_refuse_what_they_cannot_capture():
+    batch = mixed_batch()
+    host_lists = attnsync.build(batch, backend="flex", q_block_size=4)
+    with pytest.raises(SpecError, match="block_sparse='device', inverse_table='device'"):
+        ft.CapturedBlockLists(host_lists, "cpu")
+    device_lists = attnsync.build(batch, backend="flex", q_block_size=4, block_sparse="device",
+                                  inverse_table="device")
+    with pytest.raises(SpecError, match="CUDA graphs need a CUDA device"):
+        ft.CapturedBlockLists(device_lists, "cpu")
+    with pytest.raises(TypeError, match="expected FlexMetadata"):
+        ft.CapturedBlockLists(attnsync.build(batch), "cpu")

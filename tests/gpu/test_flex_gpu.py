@@ -371,3 +371,29 @@ def test_jax_reference_on_gpu(cuda):
         out = fj.flex_attention_jax(*args, jmd, scale=0.125)
     expected = dense_reference(q, k, v, brute_mask(batch), 0.125)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-4)
+
+
+def test_captured_block_lists_replay_each_step_without_sync(cuda):
+    """`CapturedBlockLists`: metadata with device-built lists, one capture, replayed for two
+    batches of the bucket; the lists and inverse table equal the host build's bit for bit."""
+    device_options = dict(q_block_size=QB, max_kv_blocks=MAX_KV, block_sparse="device", inverse_table="device")
+    steps = [batch_a(), batch_b(), batch_a()]
+    captured = ft.CapturedBlockLists(attnsync.build(steps[0], backend="flex", **device_options), cuda)
+    for batch in steps:
+        md = attnsync.build(batch, backend="flex", **device_options)
+        with no_sync():
+            tmd = captured.step(md)
+            mask = ft.block_mask(tmd)
+        torch.cuda.synchronize()
+        host = attnsync.build(batch, backend="flex", **OPTIONS)  # host lists, host inverse table
+        np.testing.assert_array_equal(tmd.kv_num_blocks.cpu().numpy(), host.kv_num_blocks)
+        np.testing.assert_array_equal(tmd.kv_indices.cpu().numpy(), host.kv_indices)
+        np.testing.assert_array_equal(tmd.physical_to_logical.cpu().numpy(), host.physical_to_logical)
+        assert mask.kv_indices.data_ptr() == tmd.kv_indices.data_ptr()
+    other = attnsync.build(batch_a(), backend="flex", q_block_size=QB, max_kv_blocks=2 * MAX_KV,
+                           block_sparse="device", inverse_table="device")
+    copies = captured.stager.stats.copies
+    with pytest.raises(attnsync.SpecError, match="captured for"):
+        captured.step(other)
+    assert captured.stager.stats.copies == copies, "nothing staged"
+    stall_free(lambda: captured.step(md), budget_ms=2.0)
