@@ -176,6 +176,49 @@ class Report:
         }
 
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report `to_dict` wrote (for example a saved `--out` file)."""
+        cells = [
+            Cell(**{k: v for k, v in cell.items() if k != "cases"},
+                 cases=[CaseResult(**case) for case in cell.get("cases", [])])
+            for cell in data["cells"]
+        ]
+        return cls(cells=cells, environment=data["environment"], config=data["config"],
+                   elapsed_s=float(data.get("elapsed_s", 0.0)))
+
+
+def merge_reports(reports: Sequence[Report]) -> Report:
+    """One report from runs over disjoint sets of backends (one process per backend, say).
+
+    The runs must share the corpus (seed, cases, request limit), frameworks and checks; a
+    backend in two runs, or differing settings, raise `SpecError`. The merged run's time is
+    the longest of the parts (they ran side by side); it is stopped early if any part was.
+    """
+    if not reports:
+        raise SpecError("merge: expected at least one report.")
+    first = reports[0].config
+    same = ("seed", "cases", "max_reqs", "frameworks", "checks")
+    backends: list[str] = []
+    for report in reports:
+        differs = [key for key in same if report.config.get(key) != first.get(key)]
+        if differs:
+            raise SpecError(f"merge: the reports differ in {differs}; merge only runs of the same corpus and columns.")
+        twice = sorted(set(backends) & set(report.config["backends"]))
+        if twice:
+            raise SpecError(f"merge: backend(s) {twice} appear in two reports; run each backend once.")
+        backends.extend(report.config["backends"])
+    order = [b for b in BACKENDS if b in backends] + [b for b in backends if b not in BACKENDS]
+    stopped = "; ".join(r.config["stopped"] for r in reports if r.config.get("stopped"))
+    config = {**first, "backends": order, "merged_from": len(reports)}
+    config.pop("stopped", None)
+    if stopped:
+        config["stopped"] = stopped
+    cells = [cell for backend in order for report in reports for cell in report.cells if cell.backend == backend]
+    return Report(cells=cells, environment=reports[0].environment, config=config,
+                  elapsed_s=max(r.elapsed_s for r in reports))
+
+
 class _Skip(Exception):
     """A case that cannot run here: `reason` (groupable) and `detail` (specific)."""
 
@@ -1755,6 +1798,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds (a partial report, marked as stopped)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="run nothing: merge saved JSON reports of disjoint backends (one process "
+                        "per backend, say) into one matrix, printed (and written with --out)")
     return parser
 
 
@@ -1787,6 +1833,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     [--max-reqs N] [--out PATH] ...`; returns the exit status: 0 all ran and nothing failed, 1 a
     failure, 2 bad arguments, 3 stopped early (time budget or SIGTERM) without a failure."""
     args = _parser().parse_args(None if argv is None else list(argv))
+    if args.merge:
+        try:
+            parts = []
+            for path in args.merge:
+                with open(path, encoding="utf-8") as handle:
+                    parts.append(Report.from_dict(json.load(handle)))
+            report = merge_reports(parts)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"attnsync verify --merge: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        if args.out:
+            print(f"attnsync verify: report written to {write_report(report, args.out)}", file=sys.stderr)
+        print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else format_text(report))
+        return 1 if report.failed else (3 if report.config.get("stopped") else 0)
     if args.cases < 0 or args.max_reqs < 1:
         _parser().error("--cases must be >= 0 and --max-reqs >= 1")
     # `timeout` (the GPU suite's step limit) sends SIGTERM: stop and print what ran so far.

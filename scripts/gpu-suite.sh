@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run attnsync's GPU suite on a GPU host and collect the results in OUTDIR.
 #
-#   scripts/gpu-suite.sh OUTDIR [tests|bench|all]   (default all; tests or bench alone fit one 10-minute call)
+#   scripts/gpu-suite.sh OUTDIR [tests|bench|verify|all]   (default all; each part alone fits one 10-minute call)
 #
 # The host is prepared as /work/shared/GPU.md says: python3 with torch, jax (CUDA plugin),
 # triton, numpy, pytest, hypothesis; FlashInfer comes as wheels in .whl/ and is installed here
@@ -20,11 +20,11 @@
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then
-  echo "usage: scripts/gpu-suite.sh OUTDIR [tests|bench|all]" >&2
+  echo "usage: scripts/gpu-suite.sh OUTDIR [tests|bench|verify|all]" >&2
   exit 2
 fi
 PART=${2:-all}
-case "$PART" in tests|bench|all) ;; *) echo "part must be tests, bench or all" >&2; exit 2 ;; esac
+case "$PART" in tests|bench|verify|all) ;; *) echo "part must be tests, bench, verify or all" >&2; exit 2 ;; esac
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -116,13 +116,13 @@ PYTEST=("$PY" -m pytest tests -rA -v -o junit_family=xunit1)
 # compile from eating the whole budget.
 "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${ATTNSYNC_WORKERS:-4}" --dist loadfile)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout "${ATTNSYNC_TEST_TIMEOUT:-240}")
-if [ "$PART" != bench ]; then
+if [ "$PART" = tests ] || [ "$PART" = all ]; then
   run_step gpu-tests "${ATTNSYNC_GPU_TESTS_CAP:-420}" 60 "$WORK/pytest-gpu.log" \
     "${PYTEST[@]}" -m "gpu or multigpu" --junitxml="$WORK/junit-gpu.xml"
   cat "$WORK/pytest-gpu.log" >>"$OUT/pytest.log" 2>/dev/null
 fi
 
-if [ "$PART" != tests ]; then
+if [ "$PART" = bench ] || [ "$PART" = all ]; then
 run_step demo 90 160 "$WORK/demo.err" sh -c '"$1" -m attnsync demo --json >"$2"' sh "$PY" "$OUT/demo.json"
 cat "$WORK/demo.err" >>"$OUT/steps.log" 2>/dev/null
 
@@ -140,16 +140,17 @@ for name in ${ATTNSYNC_BENCHES:-decode_loop graph_decode_loop bench_turboquant b
     "$PY" "bench/$name.py" --out "$WORK/$name" ${quick[@]+"${quick[@]}"}
   cat "$WORK/$name.out" >>"$OUT/steps.log" 2>/dev/null
 done
-if [ -f attnsync/verify.py ]; then
-  mkdir -p "$WORK/verify"
-  run_step verify 150 20 "$WORK/verify.err" \
-    sh -c '"$1" -m attnsync verify --json --cases 1 --time-budget 110 --no-progress >"$2"' sh "$PY" "$WORK/verify/verify.json"
-  cat "$WORK/verify.err" >>"$OUT/steps.log" 2>/dev/null
 fi
+if [ "$PART" = verify ] || { [ "$PART" = all ] && [ "${ATTNSYNC_VERIFY:-1}" != 0 ]; }; then
+  # One process per backend side by side, merged into one matrix (scripts/verify-parallel.sh).
+  mkdir -p "$WORK/verify"
+  run_step verify "${ATTNSYNC_VERIFY_CAP:-300}" 20 "$WORK/verify.err" \
+    env PYTHON="$PY" scripts/verify-parallel.sh "$WORK/verify" --cases 1 --time-budget "${ATTNSYNC_VERIFY_BUDGET_S:-200}"
+  cat "$WORK/verify.err" >>"$OUT/steps.log" 2>/dev/null
 fi
 
 # ATTNSYNC_REST_TESTS=0 leaves the CPU tests to CI when device time is short.
-if [ "$PART" != bench ] && [ "${ATTNSYNC_REST_TESTS:-1}" != 0 ]; then
+if { [ "$PART" = tests ] || [ "$PART" = all ]; } && [ "${ATTNSYNC_REST_TESTS:-1}" != 0 ]; then
   run_step rest-tests 240 20 "$WORK/pytest-rest.log" \
     "${PYTEST[@]}" -m "not gpu and not multigpu" --junitxml="$WORK/junit-rest.xml"
   cat "$WORK/pytest-rest.log" >>"$OUT/pytest.log" 2>/dev/null
@@ -343,9 +344,11 @@ if "error" in demo_doc:
     md.append(f"demo.json unreadable: {demo_doc['error']}")
 for name in BENCHES:
     text = read(os.path.join(work, f"{name}.out"))
+    if name == "verify":  # the merged matrix as printed (scripts/verify-parallel.sh)
+        text = read(os.path.join(work, "verify", "verify.txt"))
     if text:
         lines = [l for l in text.splitlines() if not l.startswith("===")]
-        md += ["", f"## {name}", ""] + lines[-80:]
+        md += ["", f"## {name}", ""] + (["```"] + lines[-150:] + ["```"] if name == "verify" else lines[-80:])
 md += ["", "Files: report.json (all of the above as data), pytest.log, junit.xml, demo.json, steps.log, "
        "bench JSON copies."]
 with open(os.path.join(out, "summary.md"), "w") as f:

@@ -321,3 +321,29 @@ def test_sigterm_prints_a_partial_report():
         pytest.skip("the run finished before the signal")
     assert proc.returncode == 3, err
     assert "STOPPED EARLY (interrupted)" in out and "PASS" in out
+
+
+def test_merge_joins_per_backend_runs_into_one_matrix(tmp_path, capsys):
+    paths = []
+    for backend in ("common", "flashinfer"):
+        path = tmp_path / f"{backend}.json"
+        assert verify.main(["--backend", backend, "--framework", "numpy", "--cases", "0", "--case", "one request decode",
+                            "--no-progress", "--out", str(path)]) == 0
+        paths.append(str(path))
+    capsys.readouterr()
+    together = verify.run_matrix(backends=["common", "flashinfer"], frameworks=["numpy"], cases=0,
+                                 only_cases=["one request decode"], progress=False)
+    assert verify.main(["--merge", *paths, "--out", str(tmp_path / "merged.json")]) == 0
+    text = capsys.readouterr().out
+    assert "common" in text and "flashinfer" in text and "0 failed" in text
+    merged = verify.Report.from_dict(json.loads((tmp_path / "merged.json").read_text()))
+    assert merged.config["backends"] == ["common", "flashinfer"] and merged.config["merged_from"] == 2
+    assert [(c.name, c.status) for c in merged.cells] == [(c.name, c.status) for c in together.cells]
+    # a backend in two parts, or parts of different corpora, cannot be merged
+    assert verify.main(["--merge", paths[0], paths[0]]) == 2
+    assert "appear in two reports" in capsys.readouterr().err
+    other = json.loads(Path(paths[1]).read_text())
+    other["config"]["seed"] = 7
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert verify.main(["--merge", paths[0], str(tmp_path / "other.json")]) == 2
+    assert "differ in ['seed']" in capsys.readouterr().err
