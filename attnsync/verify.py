@@ -681,8 +681,23 @@ def _lower_case(case: _Case, fw: _Framework) -> tuple[Any, dict[str, np.ndarray]
         lowered = _lower(case.backend, fw, case.md, _device_lengths(fw, case.lengths))
         fields = _DEVICE_RECOMPUTED.get(case.backend, _DEVICE_RECOMPUTED_DEFAULT)
         overrides = {name: getattr(case.twin_md, name) for name in fields if hasattr(case.md, name)}
+        overrides.update(_torch_device_built(case.backend, case.twin_md))
         return lowered, overrides, dict(_SCALAR_OVERRIDES.get(case.backend, {}))
+    if fw.name.startswith("torch"):
+        return _lower(case.backend, fw, case.md), _torch_device_built(case.backend, case.md), {}
     return _lower(case.backend, fw, case.md), {}, {}
+
+
+def _torch_device_built(backend: str, md: Any) -> dict[str, np.ndarray]:
+    """Fields the torch lowering builds on the device that the host metadata leaves empty, with
+    the host builder's values for them: flex's inverse table (``inverse_table="device"``, which
+    "auto" picks for large caches) comes back [R, num_cache_pages], not [R, 0]."""
+    if backend != "flex" or not md.inverse_table_on_device:
+        return {}
+    from .backends.flex import inverse_block_table
+
+    return {"physical_to_logical": inverse_block_table(md.block_table, md.seq_lens, md.block_size,
+                                                       md.num_cache_pages)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -347,3 +347,17 @@ def test_merge_joins_per_backend_runs_into_one_matrix(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert verify.main(["--merge", paths[0], str(tmp_path / "other.json")]) == 2
     assert "differ in ['seed']" in capsys.readouterr().err
+
+
+def test_flex_device_inverse_table_is_compared_with_the_host_builder():
+    """A realistic random batch makes "auto" leave flex's inverse table to the device: the torch
+    lowering's [R, P] table is compared with the host builder's (found on the GPU host, run 7)."""
+    pytest.importorskip("torch")
+    report = verify.run_matrix(backends=["flex"], frameworks=["torch-cpu"], checks=["metadata"], cases=1,
+                               only_cases=["random #0 (seed 0)"], progress=False)
+    cell = report.cell("flex", "torch-cpu", "metadata")
+    assert cell.status == "pass", cell.cases
+    md_case = next(b for name, b in corpus(seed=0, cases=1, max_reqs=256) if name == "random #0 (seed 0)")
+    md = attnsync.build(verify.prepare_batch("flex", md_case), backend="flex",
+                        **verify.build_options("flex", verify.prepare_batch("flex", md_case)))
+    assert md.inverse_table_on_device, "the case must exercise the device-built table"

@@ -222,7 +222,9 @@ def test_jax_dlpack_lowering_equals_torch_lowering():
     from attnsync.adapters import torch as ast
 
     md = attnsync.build(BATCHES["mixed"](), backend="flashinfer")
-    tmd = ast.lower(md, device="cuda")
+    # The torch device of the JAX device, named: on the 2-GPU host, "cuda" meant GPU 1 once
+    # JAX had initialised both GPUs in this process (run 7).
+    tmd = ast.lower(md, device=torch.device("cuda", device.id))
     jmd = asj.lower(md, device)
     pairs = {
         "query_start_loc": "query_start_loc",
