@@ -153,6 +153,15 @@ def test_refusals():
         asj.lower(md, "cpu")
     with pytest.raises(TypeError, match=r"lower: expected metadata"):
         asj.lower(object())
+    with pytest.raises(TypeError, match=r"alias: expected True or False"):
+        asj.lower(md, cpu(), alias="no")
+
+
+def test_alias_false_gives_the_same_arrays_on_the_cpu():
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    with jax.transfer_guard("disallow"):
+        split = asj.lower(md, cpu(), alias=False)
+    assert_jax_equals(md, split)
 
 
 def test_zeros_like_lowered():

@@ -248,6 +248,31 @@ def test_jax_arrays_alias_the_staged_buffer(jax_gpu, cuda):
     assert stager.stats.copies == 1
 
 
+@pytest.mark.gpu
+def test_jax_split_lowering_is_one_import_without_sync_and_does_not_alias(jax_gpu, cuda):
+    """`alias=False`: one DLPack import of the staging and one jitted split. Same values, one
+    H2D copy, no sync or stall, and arrays that own their memory (device copies)."""
+    jax, asj, device = jax_gpu
+    stager = RecordingStager(cuda)
+    md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    for _ in range(3):  # compile the split once
+        jax.block_until_ready(asj.lower(md, device, alias=False))
+    with no_sync():
+        out = asj.lower(md, device, stager=stager, alias=False)
+    jax.block_until_ready(out)
+    layout, buffer = stager.staged[0]
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    for entry in layout.entries:
+        leaf = getattr(out, entry.name)
+        assert leaf.dtype == np.int32 and leaf.devices() == {device}, entry.name
+        assert not start <= leaf.unsafe_buffer_pointer() < end or entry.nbytes == 0, entry.name
+        np.testing.assert_array_equal(np.asarray(leaf), getattr(md, entry.name), err_msg=entry.name)
+    assert stager.stats.copies == 1
+    copies, _ = count_h2d_copies(lambda: jax.block_until_ready(asj.lower(md, device, alias=False)))
+    assert copies == 1
+    stall_free(lambda: asj.lower(md, device, alias=False), budget_ms=15.0, sleep_ms=100.0)
+
+
 # --------------------------------------------------------------------------------------------
 # The pinned ring under a delayed stream (reference vllm-backends.md 6, item 21)
 
