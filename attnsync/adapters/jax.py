@@ -191,11 +191,12 @@ def lower(
         alias: on a GPU (DLPack from the torch staging), True (default) imports every field
             as its own zero-copy view of the staged buffer, one DLPack import per field.
             False imports the staged buffer once and splits it with one jitted function
-            (device-to-device copies on the GPU, no sync, still one H2D copy): the arrays no
-            longer alias the staging, and the host pays one import and one dispatch instead of
-            one import per field (each import costs about a tenth of a millisecond of host
-            time on the H100 hosts: results/2026-11-27-h100). Elsewhere the fields are always
-            split from one `jax.device_put`, and `alias` changes nothing.
+            (device-to-device copies on the GPU, no sync, still one H2D copy): arrays that own
+            their memory, so they may be donated and no later staging into the same memory
+            (a persistent stager) can change them. Host time is about the same either way
+            (703 against 731 us for 256 requests on an H100 host:
+            results/2026-11-27-h100/run12-bench-common-quick.json). Elsewhere the fields are
+            always split from one `jax.device_put`, and `alias` changes nothing.
 
     Returns:
         A frozen pytree dataclass `Jax<MetadataClass>` (with `bucket`:
