@@ -428,22 +428,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for decode_loop.json")
+def loop_cli(argv: list[str] | None, *, name: str, doc: str, quick_steps: int, min_steps: int,
+             run: Callable[..., dict[str, Any]], markdown: Callable[[dict[str, Any]], str],
+             unavailable: Callable[[], str | None]) -> int:
+    """The command line of a decode-loop benchmark (this one and graph_decode_loop.py):
+    --out DIR, --steps, --repeats, --quick; a "skipped" JSON where `unavailable()` says why."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help=f"folder for {name}.json")
     parser.add_argument("--steps", type=int, default=None, help="decode steps per timed loop (200)")
     parser.add_argument("--repeats", type=int, default=None, help="timed loops per mode (5)")
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (20 steps, 2 repeats)")
+    parser.add_argument("--quick", action="store_true", help=f"a short smoke run ({quick_steps} steps, 2 repeats)")
     args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (20 if args.quick else 200)
+    steps = args.steps if args.steps is not None else (quick_steps if args.quick else 200)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    if steps < 1 or repeats < 1:
-        parser.error("--steps and --repeats must be >= 1")
+    if steps < min_steps or repeats < 1:
+        parser.error(f"--steps must be >= {min_steps} and --repeats >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "decode_loop.json"
-    reason = _unavailable()
+    path = args.out / f"{name}.json"
+    reason = unavailable()
     if reason is not None:
-        print(f"decode_loop: skipped: {reason}")
+        print(f"{name}: skipped: {reason}")
         path.write_text(json.dumps({"status": "skipped", "reason": reason}, indent=1) + "\n")
         return 0
     report = run(steps=steps, repeats=repeats, quick=args.quick)
@@ -451,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\nwrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return loop_cli(argv, name="decode_loop", doc=__doc__, quick_steps=20, min_steps=1, run=run,
+                    markdown=markdown, unavailable=_unavailable)
 
 
 if __name__ == "__main__":

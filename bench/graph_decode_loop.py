@@ -33,8 +33,6 @@ skipped (with its reason) and Triton still runs. Steps/s only compare within one
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
@@ -123,8 +121,20 @@ def _parts() -> dict[str, list[float]]:
     return {k: [] for k in ("batch", "pad", "build", "lower", "plan", "replay")}
 
 
+def _overlapped_mode(loop: Loop, make: Callable[[], Any]) -> Callable[[int], None]:
+    """The `overlapped` mode: `OverlappedSteps` over two captures made by `make`."""
+    from attnsync.adapters.graphs import OverlappedSteps
+
+    overlapped = OverlappedSteps(make)
+
+    def step(step: int) -> None:
+        overlapped.step(loop.batch(step))
+
+    return step
+
+
 def triton_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[str, Callable[[int], None]], dict]:
-    from attnsync.adapters.graphs import OverlappedSteps, TritonGraph
+    from attnsync.adapters.graphs import TritonGraph
 
     dl = loop.dl
 
@@ -160,12 +170,7 @@ def triton_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[str, C
     def limit(step: int) -> None:
         once.replay()
 
-    overlapped = OverlappedSteps(make)
-
-    def overlapped_step(step: int) -> None:
-        overlapped.step(loop.batch(step))
-
-    return {"attnsync": sync_free, "once": limit, "overlapped": overlapped_step}, {
+    return {"attnsync": sync_free, "once": limit, "overlapped": _overlapped_mode(loop, make)}, {
         "graph": g, "stats": lambda: {"copies": g.lowering.stats.copies, "event_waits": g.lowering.stats.event_waits},
         "prepare": lambda step: g.prepare(loop.batch(step)), "path": "split-kv" if g.use_split_kv else "2d",
     }
@@ -176,7 +181,7 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
 
     from attnsync.adapters import torch as ast
     from attnsync.adapters.flashinfer_plan import _ROTATIONS
-    from attnsync.adapters.graphs import FlashInferDecodeGraph, OverlappedSteps, plan_padded_decode
+    from attnsync.adapters.graphs import FlashInferDecodeGraph, plan_padded_decode
 
     dl = loop.dl
 
@@ -212,11 +217,6 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
     def limit(step: int) -> None:
         once.replay()
 
-    overlapped = OverlappedSteps(make)
-
-    def overlapped_step(step: int) -> None:
-        overlapped.step(loop.batch(step))
-
     stager = ast.default_stager(g.device)
 
     def stats() -> dict[str, int]:
@@ -224,7 +224,7 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
         return {"copies": stager.stats.copies, "event_waits": stager.stats.event_waits,
                 "plan_buffer_waits": rotation.waits if rotation is not None else 0}
 
-    return {"attnsync": sync_free, "once": limit, "overlapped": overlapped_step}, {
+    return {"attnsync": sync_free, "once": limit, "overlapped": _overlapped_mode(loop, make)}, {
         "graph": g, "stats": stats, "prepare": lambda step: g.prepare(loop.batch(step)), "path": "decode wrapper",
     }
 
@@ -405,28 +405,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for graph_decode_loop.json")
-    parser.add_argument("--steps", type=int, default=None, help="decode steps per timed loop (200)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed loops per mode (5)")
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (30 steps, 2 repeats)")
-    args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (30 if args.quick else 200)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    if steps < 2 or repeats < 1:
-        parser.error("--steps must be >= 2 and --repeats >= 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "graph_decode_loop.json"
-    reason = _unavailable()
-    if reason is not None:
-        print(f"graph_decode_loop: skipped: {reason}")
-        path.write_text(json.dumps({"status": "skipped", "reason": reason}, indent=1) + "\n")
-        return 0
-    report = run(steps=steps, repeats=repeats, quick=args.quick)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(markdown(report))
-    print(f"\nwrote {path}")
-    return 0
+    import decode_loop
+
+    return decode_loop.loop_cli(argv, name="graph_decode_loop", doc=__doc__, quick_steps=30, min_steps=2,
+                                run=run, markdown=markdown, unavailable=_unavailable)
 
 
 if __name__ == "__main__":
