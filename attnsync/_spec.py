@@ -351,7 +351,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         tokens_per_region = (t, 0, 0, 0)
         decode_first = True
     else:
-        region = batch.regions(threshold)
+        region = batch.regions(threshold)  # host numpy: bincount and tolist read no device
         rows_per_region = np.bincount(region, minlength=4).tolist()
         tokens_per_region = np.bincount(region, weights=q, minlength=4).astype(np.int64).tolist()
         is_decode = region == DECODE

@@ -29,7 +29,6 @@ block_size`` so that one sparse block is one kernel tile.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -111,7 +110,7 @@ def lower(md: FlexMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | No
             max_pages=min(md.max_pages_per_seq, md.block_table.shape[1]),
             num_pages=md.num_cache_pages, width=md.max_kv_blocks,
         )
-    return dataclasses.replace(tmd, **updates) if updates else tmd
+    return torch_adapter.with_fields(tmd, **updates) if updates else tmd
 
 
 class CapturedBlockLists:
@@ -207,10 +206,7 @@ class CapturedBlockLists:
         with torch.cuda.device(self.device):
             self.graph.replay()
         counts, indices, inverse = self._outputs
-        out = object.__new__(type(tmd))  # tmd with three fields replaced, without the frozen
-        out.__dict__.update(tmd.__dict__)  # __init__ (see attnsync._spec.construct)
-        out.__dict__.update(kv_num_blocks=counts, kv_indices=indices, physical_to_logical=inverse)
-        return out
+        return torch_adapter.with_fields(tmd, kv_num_blocks=counts, kv_indices=indices, physical_to_logical=inverse)
 
 
 def _require_exact(tmd: Any, what: str) -> None:

@@ -224,15 +224,26 @@ class _CapturedStep:
         Returns the static output [layers, bucket tokens, Hq, D]; rows of real tokens hold this
         step's attention until the next replay.
         """
+        self.check_q(batch, q)
         self.last = self.prepare(batch)
         if q is not None:
-            if q.dim() != 3 or q.shape[0] > self.q.shape[0] or q.shape[1:] != self.q.shape[1:]:
-                raise SpecError(
-                    f"q: expected [<= {self.q.shape[0]}, {self.q.shape[1]}, {self.q.shape[2]}] "
-                    f"(tokens, heads, head_dim), received {tuple(q.shape)}."
-                )
             self.q[: q.shape[0]].copy_(q, non_blocking=True)
         return self.replay()
+
+    def check_q(self, batch: attnsync.Batch, q: torch.Tensor | None) -> None:
+        """Refuse, before anything is written, a `q` that does not fit the static input
+        ([<= tokens, Hq, D]); a batch beyond the bucket is named first (`prepare` would refuse
+        it too, but only after this check). None passes."""
+        if q is None or not isinstance(batch, attnsync.Batch):  # prepare() refuses a non-Batch
+            return
+        problem = self.ladder.fit_error(batch, self.bucket)
+        if problem is not None:
+            raise SpecError(problem)
+        if q.dim() != 3 or q.shape[0] > self.q.shape[0] or q.shape[1:] != self.q.shape[1:]:
+            raise SpecError(
+                f"q: expected [<= {self.q.shape[0]}, {self.q.shape[1]}, {self.q.shape[2]}] "
+                f"(tokens, heads, head_dim), received {tuple(q.shape)}."
+            )
 
 
 def _check_caches(kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> torch.Tensor:
@@ -576,11 +587,7 @@ class OverlappedSteps:
         the bucket raises `SpecError` before anything is written."""
         index = self._next
         target = self.steps[index]
-        if q is not None and (q.dim() != 3 or q.shape[0] > target.q.shape[0] or q.shape[1:] != target.q.shape[1:]):
-            raise SpecError(
-                f"q: expected [<= {target.q.shape[0]}, {target.q.shape[1]}, {target.q.shape[2]}] "
-                f"(tokens, heads, head_dim), received {tuple(q.shape)}."
-            )
+        target.check_q(batch, q)
         current = torch.cuda.current_stream(self.device)
         side = self.prepare_stream
         with torch.cuda.device(self.device), torch.cuda.stream(side):

@@ -345,6 +345,22 @@ def lower(
     return lowered
 
 
+def with_fields(lowered: Any, **updates: Any) -> Any:
+    """A copy of a lowered object with some fields replaced (the lowering's own fields only).
+
+    `dataclasses.replace` would run the frozen class's generated `__init__` (7 us for 24
+    fields on the H100 host, results/2026-11-27-h100/run5-host-primitives.json); this copies the
+    instance dict instead, as `lower` builds it.
+    """
+    unknown = set(updates) - set(lowered.__dict__)
+    if unknown:
+        raise AttributeError(f"{type(lowered).__name__} has no field(s) {sorted(unknown)}")
+    out = object.__new__(type(lowered))
+    out.__dict__.update(lowered.__dict__)
+    out.__dict__.update(updates)
+    return out
+
+
 class _Plan:
     """How one metadata class lowers: its torch class and which fields go where (made once)."""
 
