@@ -346,9 +346,13 @@ def test_torch_lowering_stages_nothing_after_a_refusal():
             super().__init__("cpu")
             self.calls = 0
 
-        def stage(self, layout, arrays):
+        def stage(self, layout, arrays):  # fresh lowerings, and device seq_lens
             self.calls += 1
             return super().stage(layout, arrays)
+
+        def _fill(self, *args):  # reused lowerings
+            self.calls += 1
+            return super()._fill(*args)
 
     stager = SpyStager()
     inexact = attnsync.build(batch(seq_lens_exact=[False, True]))

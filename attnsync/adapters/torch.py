@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import threading
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .._spec import array_fields, check_lowerable, scalar_fields
-from .._staging import PackedLayout, SlotRing, pack, plan_layout
+from .._staging import PackedLayout, SlotRing, pack, plan_layout, unpack
 from .._validate import SpecError
 
 # The torch dtype each numpy dtype becomes; the core speaks numpy only (style lesson 13).
@@ -64,6 +65,10 @@ class Stager:
         self._streams: dict[tuple[int, int, int], torch.cuda.Stream] = {}
         self._targets: dict[tuple[int, PackedLayout], tuple[Any, torch.Tensor, tuple]] = {}
         self._device_index = self.device.index if self.device.index is not None else -1
+        # Reusable lowerings (see `_Reusable`): per (metadata class, layout, stream), two
+        # entries used in turn.
+        self._reusable: dict[tuple, list] = {}
+        self._reuse_turn: dict[tuple, int] = {}
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -130,18 +135,35 @@ class Stager:
                 device_buffer = self._persistent_buffer(layout)
             else:
                 device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-            index, host, view = self._ring.acquire(layout.nbytes)
-            source, targets = self._pack_targets(index, host, view, layout)
-            for name, target in targets:
-                np.copyto(target, arrays[name], casting="unsafe")
-            # An H2D copy runs on the current stream of the destination's device, so the
-            # event is recorded there too. One event per slot, reused: it is re-recorded only
-            # after acquire() saw its previous copy complete.
-            device_buffer.copy_(source, non_blocking=True)
-            event = self._events[index]
-            event.record(self._current_stream())  # 1.0 us given the stream (run5-host-primitives.json)
-            self._ring.release(index, event)
+            self._copy_to(device_buffer, layout, arrays)
             return device_buffer
+
+    def _fill(self, device_buffer: torch.Tensor, layout: PackedLayout, arrays: dict[str, Any],
+              host_targets: tuple[tuple[str, np.ndarray], ...]) -> None:
+        """Write `arrays` into a reused lowering's `device_buffer` (lock held): one pinned copy on
+        CUDA; on the CPU straight into `host_targets`, the buffer's numpy views."""
+        if self.device.type == "cuda":
+            self._copy_to(device_buffer, layout, arrays)
+            return
+        for name, target in host_targets:
+            np.copyto(target, arrays[name], casting="unsafe")
+        if self.persistent:
+            self._ring.stats.copies += 1
+
+    def _copy_to(self, device_buffer: torch.Tensor, layout: PackedLayout, arrays: dict[str, np.ndarray]) -> None:
+        """Pack `arrays` into the next free pinned slot and copy it into `device_buffer`
+        (CUDA; one non_blocking copy on the current stream). Call with the lock held."""
+        index, host, view = self._ring.acquire(layout.nbytes)
+        source, targets = self._pack_targets(index, host, view, layout)
+        for name, target in targets:
+            np.copyto(target, arrays[name], casting="unsafe")
+        # An H2D copy runs on the current stream of the destination's device, so the
+        # event is recorded there too. One event per slot, reused: it is re-recorded only
+        # after acquire() saw its previous copy complete.
+        device_buffer.copy_(source, non_blocking=True)
+        event = self._events[index]
+        event.record(self._current_stream())  # 1.0 us given the stream (run5-host-primitives.json)
+        self._ring.release(index, event)
 
     def _current_stream(self) -> torch.cuda.Stream:
         """The current stream of this stager's device, without `torch.cuda.current_stream`'s
@@ -313,6 +335,8 @@ def lower(
         )
 
     values = md.__dict__
+    if seq_lens is None and stager.device.type in ("cuda", "cpu"):
+        return _lower_reusing(plan, stager, values)
     recompute = seq_lens is not None and plan.has_slot_mapping
     if seq_lens is None:
         staged = {field_name: values[field_name] for field_name in plan.device_fields}
@@ -361,6 +385,111 @@ def with_fields(lowered: Any, **updates: Any) -> Any:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Reusable lowerings
+#
+# Making a lowering's tensors costs more host time than filling them: on the H100 host one
+# `as_strided` view is 1.6 us, a device `torch.empty` 2.6 us, a `from_numpy` mirror 1.4 us plus
+# its copy (results/2026-11-27-h100/run5-host-primitives.json), and views of a 256-request
+# lowering took 16 us of its 100 (run6-lower-profile.json). So a stager keeps, per metadata
+# class, field shapes and stream, two lowerings used in turn, and writes a step's values into
+# the older one's memory when nothing outside attnsync can still see it:
+#
+#   * no Python reference to the lowered object or to any of its tensors beyond attnsync's own
+#     (`sys.getrefcount` equals what it was when the entry was made), and
+#   * no other tensor on the device buffer's or the mirror buffer's memory (the storage's use
+#     count, `torch._C._storage_Use_Count`, is unchanged): a slice a consumer kept, a DLPack
+#     export, a `with_fields` copy all raise it.
+#
+# If anything still holds it, the entry is replaced by a fresh one and the old memory stays
+# with its holder, exactly as a fresh lowering would. The device buffer is rewritten by a copy
+# on the same stream its earlier consumers were queued on (the stream is part of the key), so
+# their kernels have read it before the copy lands: the guarantee torch's caching allocator
+# gives a freed block reused on its own stream.
+
+
+class _Reusable:
+    """One lowering whose memory a later lowering of the same shapes may rewrite."""
+
+    __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "device_targets",
+                 "mirror_targets")
+
+    def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any]) -> None:
+        if stager.persistent:
+            self.device_buffer = stager._persistent_buffer(layout)  # refuses another layout, unwritten
+        else:
+            self.device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=stager.device)
+        self.layout = layout
+        # On the CPU the device buffer is host memory: the values are packed straight into it.
+        self.device_targets = (
+            tuple((e.name, t) for e, t in zip(layout.entries, unpack(layout, self.device_buffer.numpy()).values())
+                  if e.nbytes)
+            if stager.device.type == "cpu" else ()
+        )
+        mirror_layout = _layout(tuple(
+            (field_name, values[field_name].shape, np.int32 if values[field_name].dtype.kind in "iu"
+             else values[field_name].dtype)
+            for field_name, _ in plan.host_names
+        ))
+        mirror_buffer = torch.empty(mirror_layout.nbytes, dtype=torch.uint8)
+        mirrors = views_of(mirror_buffer, mirror_layout)
+        self.mirror_targets = tuple(
+            (e.name, t) for e, t in zip(mirror_layout.entries, unpack(mirror_layout, mirror_buffer.numpy()).values())
+            if e.nbytes
+        )
+        views = views_of(self.device_buffer, layout)
+        out = {name: views[field_name] for field_name, name in plan.device_names}
+        out.update({name: mirrors[field_name] for field_name, name in plan.host_names})
+        self.lowered = object.__new__(plan.cls)  # see `lower` on skipping the frozen __init__
+        self.lowered.__dict__.update(out)
+        self.held = tuple(out.values())
+        # A persistent stager's buffer is shared by every lowering it made (that is its point),
+        # so only the mirrors' memory is watched there.
+        watched = (mirror_buffer,) if stager.persistent else (self.device_buffer, mirror_buffer)
+        self.storages = tuple(t.untyped_storage() for t in watched)
+        self.baseline = None  # set by the caller once this constructor's locals are gone
+
+    def counts(self) -> tuple[int, ...]:
+        """References to the lowering and its tensors, and users of its memory (see above)."""
+        refs = [sys.getrefcount(self.lowered)]
+        refs.extend(sys.getrefcount(t) for t in self.held)
+        refs.extend(torch._C._storage_Use_Count(s._cdata) for s in self.storages)
+        return tuple(refs)
+
+
+_REUSABLE_KEYS = 64  # shapes kept per stager; eager batches of drifting size make new keys
+
+
+def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
+    """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering."""
+    arrays = [values[f] for f in plan.array_fields]
+    key = (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]),
+           torch._C._cuda_getCurrentStream(stager._device_index) if stager.device.type == "cuda" else None)
+    with stager._lock:
+        pool = stager._reusable.get(key)
+        if pool is None:
+            if len(stager._reusable) >= _REUSABLE_KEYS:  # forget the oldest shapes
+                oldest = next(iter(stager._reusable))
+                del stager._reusable[oldest], stager._reuse_turn[oldest]
+            pool = stager._reusable[key] = [None, None]
+            stager._reuse_turn[key] = 0
+        turn = stager._reuse_turn[key]
+        stager._reuse_turn[key] = turn ^ 1
+        entry = pool[turn]
+        if entry is None or entry.counts() != entry.baseline:
+            staged = {field_name: values[field_name] for field_name in plan.device_fields}
+            entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values)
+            entry.baseline = entry.counts()
+        stager._fill(entry.device_buffer, entry.layout, values, entry.device_targets)
+        for name, target in entry.mirror_targets:
+            np.copyto(target, values[name], casting="unsafe")
+        lowered = entry.lowered
+        fields = lowered.__dict__
+        for name in plan.scalar_names:
+            fields[name] = values[name]
+        return lowered
+
+
 class _Plan:
     """How one metadata class lowers: its torch class and which fields go where (made once)."""
 
@@ -370,6 +499,8 @@ class _Plan:
         self.host_names = tuple((f, name) for f, name, role in plan if role == "host")
         self.scalar_names = tuple(name for _, name, role in plan if role == "scalar")
         self.device_fields = tuple(f for f, _ in self.device_names)
+        # every array a lowering reads: the key of reusable lowerings
+        self.array_fields = self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields)
         names = {f.name for f in dataclasses.fields(md_class)}
         self.has_slot_flag = "slot_mapping_exact" in names
         self.has_slot_mapping = "slot_mapping" in names

@@ -107,6 +107,103 @@ def test_each_lowering_gets_fresh_memory_on_cpu():
     assert torch.equal(first.slot_mapping, before)
 
 
+OTHER_TABLE = [[5, 6, 1], [1, 1, 1], [2, 0, 0], [9, 0, 0]]
+
+
+def _same_shape_batches(count):
+    """`count` batches of MIXED's shapes with different values (seq_lens and page ids)."""
+    out = []
+    for i in range(count):
+        table = (np.asarray(MIXED["block_table"]) + 10 * i) * (np.asarray(MIXED["block_table"]) > 0)
+        out.append(attnsync.Batch(**{**MIXED, "seq_lens": [17 + i, 33 - i, 3, 12 + i], "block_table": table}))
+    return out
+
+
+def test_a_dropped_lowering_is_reused_and_holds_the_new_values():
+    stager = ast.Stager("cpu")
+    mds = [attnsync.build(b) for b in _same_shape_batches(4)]
+    ids = []
+    for md in mds:
+        out = ast.lower(md, "cpu", stager=stager)
+        assert_lowered_equals(md, out)
+        ids.append(id(out))
+        del out
+    # two lowerings used in turn: steps 0 and 2 share one, steps 1 and 3 the other
+    assert ids[0] == ids[2] and ids[1] == ids[3] and ids[0] != ids[1]
+
+
+@pytest.mark.parametrize("hold", [
+    "object", "device field", "host mirror", "slice of a device field", "slice of a host mirror",
+    "with_fields copy", "numpy view of a mirror",
+])
+def test_a_held_lowering_is_never_rewritten(hold):
+    """Anything that can still see a lowering's memory keeps it from reuse: its values stay."""
+    stager = ast.Stager("cpu")
+    mds = [attnsync.build(b) for b in _same_shape_batches(3)]
+    first = ast.lower(mds[0], "cpu", stager=stager)
+    kept = {
+        "object": lambda o: o,
+        "device field": lambda o: o.slot_mapping,
+        "host mirror": lambda o: o.seq_lens_cpu_upper_bound,
+        "slice of a device field": lambda o: o.slot_mapping[1:],
+        "slice of a host mirror": lambda o: o.seq_lens_cpu_upper_bound[1:],
+        "with_fields copy": lambda o: ast.with_fields(o, max_seq_len=0),
+        "numpy view of a mirror": lambda o: o.seq_lens_cpu_upper_bound.numpy(),
+    }[hold](first)
+    del first
+    ast.lower(mds[1], "cpu", stager=stager)  # the other entry
+    third = ast.lower(mds[2], "cpu", stager=stager)  # would reuse the first one's memory
+    assert_lowered_equals(mds[2], third)
+    if hold == "object":
+        assert third is not kept
+        assert_lowered_equals(mds[0], kept)
+    elif hold == "with_fields copy":
+        assert kept.max_seq_len == 0
+        np.testing.assert_array_equal(kept.slot_mapping.numpy(), mds[0].slot_mapping)
+        np.testing.assert_array_equal(kept.seq_lens_cpu_upper_bound.numpy(), mds[0].seq_lens)
+    else:  # (the old object may be gone, and its id reused: the values are what counts)
+        values = kept.numpy() if isinstance(kept, torch.Tensor) else kept
+        source = mds[0].slot_mapping if "device" in hold else mds[0].seq_lens
+        np.testing.assert_array_equal(values, source[1:] if "slice" in hold else source)
+
+
+def test_reuse_is_per_shape_and_scalars_follow_the_step():
+    stager = ast.Stager("cpu")
+    small = attnsync.build(attnsync.Batch(**MIXED))
+    padded = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    for _ in range(3):  # alternating shapes never share memory
+        a = ast.lower(small, "cpu", stager=stager)
+        b = ast.lower(padded, "cpu", stager=stager)
+        assert_lowered_equals(small, a)
+        assert_lowered_equals(padded, b)
+        assert a.slot_mapping.shape != b.slot_mapping.shape
+        del a, b
+    md1, md2, md3 = (attnsync.build(b) for b in _same_shape_batches(3))
+    ast.lower(md1, "cpu", stager=stager)
+    ast.lower(md2, "cpu", stager=stager)
+    again = ast.lower(md3, "cpu", stager=stager)  # md1's lowering, rewritten
+    assert md3.max_seq_len != md1.max_seq_len
+    assert again.max_seq_len == md3.max_seq_len
+    assert_lowered_equals(md3, again)
+
+
+def test_persistent_stager_reuses_lowerings_at_its_fixed_addresses():
+    stager = ast.Stager("cpu", persistent=True)
+    mds = [attnsync.build(b) for b in _same_shape_batches(3)]
+    first = ast.lower(mds[0], "cpu", stager=stager)
+    address = first.slot_mapping.data_ptr()
+    mirror = first.seq_lens_cpu_upper_bound
+    del first
+    for md in mds[1:]:
+        out = ast.lower(md, "cpu", stager=stager)
+        assert out.slot_mapping.data_ptr() == address
+        assert_lowered_equals(md, out)
+        del out
+    # the mirror kept from the first step was never rewritten
+    np.testing.assert_array_equal(mirror.numpy(), mds[0].seq_lens)
+    assert stager.stats.copies == 3
+
+
 def test_matches_the_naive_sync_ful_builder():
     batch = attnsync.Batch(**MIXED)
     naive = naive_common_torch(batch, "cpu")
