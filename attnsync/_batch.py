@@ -214,12 +214,15 @@ class Batch:
         prefilling), 2 long extend (> threshold, has context), 3 prefill (> threshold, no
         context). Without `is_prefilling`, short rows count as decodes.
         """
-        threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+        threshold = decode_threshold if type(decode_threshold) is int and decode_threshold >= 1 else as_int(
+            decode_threshold, "decode_threshold", minimum=1)
         short = self.query_lens <= threshold
-        # long rows: 2 (long extend) or 3 (prefill: no context yet)
-        long_region = LONG_EXTEND + (self.seq_lens <= self.query_lens)
-        short_region = DECODE if self.is_prefilling is None else self.is_prefilling  # 1 = short extend
-        return np.where(short, short_region, long_region).astype(np.int8)
+        # long rows: 2 (long extend) or 3 (prefill: no context yet); int8 throughout (bools
+        # viewed as int8 are 0/1), so no int64 temporaries
+        long_region = (self.seq_lens <= self.query_lens).view(np.int8) + np.int8(LONG_EXTEND)
+        # 1 = short extend
+        short_region = np.int8(DECODE) if self.is_prefilling is None else self.is_prefilling.view(np.int8)
+        return np.where(short, short_region, long_region)
 
     def take(self, rows: np.ndarray) -> Batch:
         """A new batch holding `rows` of this one, in that order (padding sizes kept)."""

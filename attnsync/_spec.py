@@ -274,6 +274,27 @@ def _arange(length: int) -> np.ndarray:
     return _ARANGE[:length]
 
 
+def _split(batch: Batch, threshold: int, query_start_loc: np.ndarray) -> tuple[list[int], list[int], bool]:
+    """Rows and tokens per region (decode, short extend, long extend, prefill) and whether the
+    decodes come first; host numpy (bincount and tolist read no device).
+
+    A batch already in region order (what `reorder` makes, and what every backend that needs
+    decode-first order gets) has each region as one run of rows, so its tokens are differences
+    of `query_start_loc`: no weighted bincount (float weights, 2.6 us at 256 rows on the CPU
+    host, a third of the split's cost).
+    """
+    region = batch.regions(threshold)
+    rows = np.bincount(region, minlength=4).tolist()
+    n = batch.num_reqs
+    if n < 2 or (region[1:] >= region[:-1]).all():
+        ends = [0, rows[0], rows[0] + rows[1], rows[0] + rows[1] + rows[2], n]
+        starts = query_start_loc[ends].tolist()
+        return rows, [starts[k + 1] - starts[k] for k in range(4)], True
+    tokens = np.bincount(region, weights=batch.query_lens, minlength=4).astype(np.int64).tolist()
+    is_decode = region == DECODE
+    return rows, tokens, not bool((is_decode[1:] > is_decode[:-1]).any())
+
+
 def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     """Build the common metadata of `batch` (host only, numpy).
 
@@ -351,11 +372,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         tokens_per_region = (t, 0, 0, 0)
         decode_first = True
     else:
-        region = batch.regions(threshold)  # host numpy: bincount and tolist read no device
-        rows_per_region = np.bincount(region, minlength=4).tolist()
-        tokens_per_region = np.bincount(region, weights=q, minlength=4).astype(np.int64).tolist()
-        is_decode = region == DECODE
-        decode_first = not (n > 1 and (is_decode[1:] > is_decode[:-1]).any())
+        rows_per_region, tokens_per_region, decode_first = _split(batch, threshold, query_start_loc)
     for value in (query_start_loc, seq_lens, exact, num_computed, prefilling, block_table,
                   slot_mapping, token_to_req, query_lens):
         value.setflags(write=False)

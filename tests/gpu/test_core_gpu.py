@@ -315,16 +315,44 @@ def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps):
     cycles = int(cycles_per_ms() * 1.0)  # each step's copy waits behind ~1 ms of GPU work
     stager = ast.Stager(cuda, num_slots=2)
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
+    addresses = set()
     torch.cuda.synchronize()
     for step, md in enumerate(mds):
         torch.cuda._sleep(cycles)
         out = ast.lower(md, cuda, stager=stager)
+        addresses.add(out.slot_mapping.data_ptr())
         # checked on the device, in stream order; read back once at the end
         mismatches += (ring_got(out) != expected[step]).sum()
+        del out  # free for reuse two steps later: its device memory is then rewritten in stream order
     torch.cuda.synchronize()
     assert int(mismatches.item()) == 0
     assert stager.stats.copies == RING_STEPS
     assert stager.stats.event_waits > 0, "the host ran ahead, so the guard must have waited"
+    assert len(addresses) == 2, "dropped lowerings are reused, two in turn"
+
+
+@pytest.mark.gpu
+def test_held_lowerings_keep_their_values_under_a_delayed_stream(cuda, ring_steps):
+    """Lowerings (or slices of them) still held are never reused: each keeps its own memory."""
+    mds, _, expected = ring_steps
+    steps = 64
+    cycles = int(cycles_per_ms() * 0.5)
+    stager = ast.Stager(cuda, num_slots=2)
+    kept = []
+    torch.cuda.synchronize()
+    for step, md in enumerate(mds[:steps]):
+        torch.cuda._sleep(cycles)
+        out = ast.lower(md, cuda, stager=stager)
+        kept.append(out if step % 2 else out.block_table_tensor[1:])  # the object, or a slice only
+        del out
+    torch.cuda.synchronize()
+    for step, value in enumerate(kept):
+        if step % 2:
+            assert torch.equal(ring_got(value), expected[step]), step
+        else:
+            want = torch.from_numpy(mds[step].block_table[1:].astype(np.int32)).to(cuda)
+            assert torch.equal(value, want), step
+    assert len({(v.block_table_tensor if i % 2 else v).data_ptr() for i, v in enumerate(kept)}) == steps
 
 
 @pytest.mark.gpu
