@@ -225,7 +225,9 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
     Only builders call this, with arrays derived from a validated `Batch`.
     """
     names = _field_names(cls)
-    if values.keys() != names:
+    # A forgotten field makes the count differ (a full key comparison costs 2.5 us a step on
+    # the H100 host; builders' tests read every field, so a swapped name fails there too).
+    if len(values) != len(names):
         missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
         raise AssertionError(f"{cls.__name__}: fields missing {missing}, unknown {extra}")
     md = object.__new__(cls)
@@ -264,6 +266,17 @@ def _shared_names(cls: type) -> tuple[str, ...]:
 # and token_to_req are prefixes of it (views, no allocation). Grown by replacement, never
 # written, so views handed out earlier stay valid.
 _ARANGE = freeze(np.arange(4097, dtype=np.int32))
+
+
+def _all_false(length: int) -> np.ndarray:
+    """A read-only bool array of `length` False values (a view of a cached one)."""
+    global _FALSE
+    if length > _FALSE.shape[0]:
+        _FALSE = freeze(np.zeros(max(length, 2 * _FALSE.shape[0]), dtype=bool))
+    return _FALSE[:length]
+
+
+_FALSE = freeze(np.zeros(1024, dtype=bool))
 
 
 def _arange(length: int) -> np.ndarray:
@@ -307,7 +320,8 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
             f"batch: expected an attnsync.Batch, received {type(batch).__name__}. "
             f"Fix: wrap your arrays in attnsync.Batch(query_lens=..., seq_lens=..., ...)."
         )
-    threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+    threshold = (decode_threshold if type(decode_threshold) is int and decode_threshold >= 1
+                 else as_int(decode_threshold, "decode_threshold", minimum=1))
     n, r_pad, t_pad = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
     t = batch.num_tokens
     q = batch.query_lens
@@ -321,11 +335,18 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     prefilling = (
         _pad(batch.is_prefilling, r_pad, False)
         if batch.is_prefilling is not None
-        else np.zeros(r_pad, dtype=bool)
+        else _all_false(r_pad)
     )
     block_table = _pad(batch.block_table, r_pad, 0)
     num_computed = seq_lens - query_lens
     slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
+    # Arrays made here are frozen below; the batch's own and the cached ones already are
+    # (setflags is 1.3 us a call on the H100 host, results/2026-11-27-h100/session3-lineprof.txt).
+    made = [num_computed]
+    if r_pad != n:
+        made += [query_lens, seq_lens, exact, block_table]
+        if batch.is_prefilling is not None:
+            made.append(prefilling)
 
     if n and t == n and max_query_len == 1:
         # One token per row (decode steps, the hot path): token i belongs to row i, its
@@ -335,11 +356,13 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         else:
             query_start_loc = np.full(r_pad + 1, n, dtype=np.int32)
             query_start_loc[: n + 1] = _arange(n + 1)
+            made.append(query_start_loc)
         if t_pad == t:
             token_to_req = _arange(n)
         else:
             token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
             token_to_req[:n] = _arange(n)
+            made.append(token_to_req)
         column, offset = np.divmod(num_computed[:n], page)
         slots = block_table[_arange(n), column]
         slots *= page
@@ -349,11 +372,13 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     else:
         query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
         np.add.accumulate(query_lens, out=query_start_loc[1:])
+        made.append(query_start_loc)
         # Per-token arrays with one repeat each; padding tokens map to row R (one past the
         # last). Position of token i of row r is num_computed[r] + i
         # = arange(t) + (num_computed - qsl)[r].
         token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
         token_to_req[:t] = np.repeat(_arange(n), q)
+        made.append(token_to_req)
         positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
         positions += _arange(t)
         column, offset = np.divmod(positions, page)
@@ -373,8 +398,8 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         decode_first = True
     else:
         rows_per_region, tokens_per_region, decode_first = _split(batch, threshold, query_start_loc)
-    for value in (query_start_loc, seq_lens, exact, num_computed, prefilling, block_table,
-                  slot_mapping, token_to_req, query_lens):
+    made.append(slot_mapping)
+    for value in made:
         value.setflags(write=False)
     return construct(CommonMetadata, dict(
         query_start_loc=query_start_loc,

@@ -350,10 +350,6 @@ def test_torch_lowering_stages_nothing_after_a_refusal():
             self.calls += 1
             return super().stage(layout, arrays)
 
-        def _fill(self, *args):  # reused lowerings
-            self.calls += 1
-            return super()._fill(*args)
-
     stager = SpyStager()
     inexact = attnsync.build(batch(seq_lens_exact=[False, True]))
     with pytest.raises(SpecError, match="seq_lens"):
@@ -364,9 +360,11 @@ def test_torch_lowering_stages_nothing_after_a_refusal():
         ast.lower(inexact, "cpu", stager=stager, seq_lens=np.zeros(2, np.int32))
     with pytest.raises(TypeError, match="lower: expected metadata"):
         ast.lower(batch(), "cpu", stager=stager)
-    assert stager.calls == 0
+    assert stager.calls == 0 and not stager._reusable  # no fresh and no reused lowering made
     assert stager.stats.copies == 0
     ast.lower(attnsync.build(batch()), "cpu", stager=stager)  # the spy does see a good lowering
+    assert len(stager._reusable) == 1
+    ast.lower(attnsync.build(batch()), "cpu", stager=stager, seq_lens=torch.tensor([3, 17], dtype=torch.int32))
     assert stager.calls == 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import sys
 import threading
 from typing import Any
@@ -68,7 +69,6 @@ class Stager:
         # Reusable lowerings (see `_Reusable`): per (metadata class, layout, stream), two
         # entries used in turn.
         self._reusable: dict[tuple, list] = {}
-        self._reuse_turn: dict[tuple, int] = {}
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -138,18 +138,6 @@ class Stager:
             self._copy_to(device_buffer, layout, arrays)
             return device_buffer
 
-    def _fill(self, device_buffer: torch.Tensor, layout: PackedLayout, arrays: dict[str, Any],
-              host_targets: tuple[tuple[str, np.ndarray], ...]) -> None:
-        """Write `arrays` into a reused lowering's `device_buffer` (lock held): one pinned copy on
-        CUDA; on the CPU straight into `host_targets`, the buffer's numpy views."""
-        if self.device.type == "cuda":
-            self._copy_to(device_buffer, layout, arrays)
-            return
-        for name, target in host_targets:
-            np.copyto(target, arrays[name], casting="unsafe")
-        if self.persistent:
-            self._ring.stats.copies += 1
-
     def _copy_to(self, device_buffer: torch.Tensor, layout: PackedLayout, arrays: dict[str, np.ndarray]) -> None:
         """Pack `arrays` into the next free pinned slot and copy it into `device_buffer`
         (CUDA; one non_blocking copy on the current stream). Call with the lock held."""
@@ -165,16 +153,19 @@ class Stager:
         event.record(self._current_stream())  # 1.0 us given the stream (run5-host-primitives.json)
         self._ring.release(index, event)
 
+    def _stream_object(self, key: tuple[int, int, int]) -> torch.cuda.Stream:
+        """The Stream object of a `_cuda_getCurrentStream` triple, made once per stream."""
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        return stream
+
     def _current_stream(self) -> torch.cuda.Stream:
         """The current stream of this stager's device, without `torch.cuda.current_stream`'s
         Python overhead (3.4 us a call on the H100 host against 0.1 us for the raw lookup:
         results/2026-11-27-h100/run5-host-primitives.json): the (id, device, type) triple is one
         C call, and its Stream object is made once per stream."""
-        key = torch._C._cuda_getCurrentStream(self._device_index)
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
-        return stream
+        return self._stream_object(torch._C._cuda_getCurrentStream(self._device_index))
 
     def _pack_targets(
         self, index: int, host: torch.Tensor, view: np.ndarray, layout: PackedLayout
@@ -409,10 +400,17 @@ def with_fields(lowered: Any, **updates: Any) -> Any:
 
 
 class _Reusable:
-    """One lowering whose memory a later lowering of the same shapes may rewrite."""
+    """One lowering whose memory a later lowering of the same shapes may rewrite.
 
-    __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "device_targets",
-                 "mirror_targets")
+    On CUDA it also owns the pinned host buffer its values are packed into and the event
+    recorded after that buffer's copy: the buffer is rewritten only once the event has
+    completed (the slot-ring guard of `attnsync._staging`, per entry, so a step needs no ring
+    lookups: on the H100 host `acquire`, `release` and the pack-target lookup cost more than
+    the copy itself, results/2026-11-27-h100/session3-lineprof.txt).
+    """
+
+    __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "targets",
+                 "mirror_targets", "pinned", "event")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any]) -> None:
         if stager.persistent:
@@ -420,12 +418,14 @@ class _Reusable:
         else:
             self.device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=stager.device)
         self.layout = layout
-        # On the CPU the device buffer is host memory: the values are packed straight into it.
-        self.device_targets = (
-            tuple((e.name, t) for e, t in zip(layout.entries, unpack(layout, self.device_buffer.numpy()).values())
-                  if e.nbytes)
-            if stager.device.type == "cpu" else ()
-        )
+        if stager.device.type == "cuda":
+            self.pinned = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+            self.event = torch.cuda.Event()
+            host = self.pinned.numpy()
+        else:  # the device buffer is host memory: values are packed straight into it
+            self.pinned = self.event = None
+            host = self.device_buffer.numpy()
+        self.targets = _targets(layout, host)
         mirror_layout = _layout(tuple(
             (field_name, values[field_name].shape, np.int32 if values[field_name].dtype.kind in "iu"
              else values[field_name].dtype)
@@ -433,10 +433,7 @@ class _Reusable:
         ))
         mirror_buffer = torch.empty(mirror_layout.nbytes, dtype=torch.uint8)
         mirrors = views_of(mirror_buffer, mirror_layout)
-        self.mirror_targets = tuple(
-            (e.name, t) for e, t in zip(mirror_layout.entries, unpack(mirror_layout, mirror_buffer.numpy()).values())
-            if e.nbytes
-        )
+        self.mirror_targets = _targets(mirror_layout, mirror_buffer.numpy())
         views = views_of(self.device_buffer, layout)
         out = {name: views[field_name] for field_name, name in plan.device_names}
         out.update({name: mirrors[field_name] for field_name, name in plan.host_names})
@@ -446,47 +443,70 @@ class _Reusable:
         # A persistent stager's buffer is shared by every lowering it made (that is its point),
         # so only the mirrors' memory is watched there.
         watched = (mirror_buffer,) if stager.persistent else (self.device_buffer, mirror_buffer)
-        self.storages = tuple(t.untyped_storage() for t in watched)
-        self.baseline = None  # set by the caller once this constructor's locals are gone
+        self.storages = tuple(t.untyped_storage()._cdata for t in watched)
+        self.baseline = -1  # set by the caller once this constructor's locals are gone
 
-    def counts(self) -> tuple[int, ...]:
-        """References to the lowering and its tensors, and users of its memory (see above)."""
-        refs = [sys.getrefcount(self.lowered)]
-        refs.extend(sys.getrefcount(t) for t in self.held)
-        refs.extend(torch._C._storage_Use_Count(s._cdata) for s in self.storages)
-        return tuple(refs)
+    def users(self) -> int:
+        """References to the lowering and its tensors plus users of its memory (see above).
+
+        Each term is at least its value when the entry was made (attnsync's own references),
+        so the sum equals that baseline exactly when every term does: one comparison.
+        """
+        return (sys.getrefcount(self.lowered) + sum(map(sys.getrefcount, self.held))
+                + sum(map(_storage_use_count, self.storages)))
 
 
-_REUSABLE_KEYS = 64  # shapes kept per stager; eager batches of drifting size make new keys
+_storage_use_count = torch._C._storage_Use_Count
+# The C methods under torch.cuda.Event's Python wrappers (absent from CPU builds of torch,
+# where no CUDA stager exists to call them).
+_event_query = getattr(getattr(torch._C, "_CudaEventBase", None), "query", None)
+_event_record = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None)
+
+
+def _targets(layout: PackedLayout, host: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
+    """(field, numpy view) of every non-empty field of `layout` in the uint8 array `host`."""
+    return tuple((e.name, view) for e, view in zip(layout.entries, unpack(layout, host).values()) if e.nbytes)
+
+
+_REUSABLE_KEYS = 32  # shapes kept per stager; eager batches of drifting size make new keys
 
 
 def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering."""
     arrays = [values[f] for f in plan.array_fields]
-    key = (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]),
-           torch._C._cuda_getCurrentStream(stager._device_index) if stager.device.type == "cuda" else None)
+    cuda = stager.device.type == "cuda"
+    stream = torch._C._cuda_getCurrentStream(stager._device_index) if cuda else None
+    key = (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]), stream)
     with stager._lock:
         pool = stager._reusable.get(key)
         if pool is None:
             if len(stager._reusable) >= _REUSABLE_KEYS:  # forget the oldest shapes
-                oldest = next(iter(stager._reusable))
-                del stager._reusable[oldest], stager._reuse_turn[oldest]
-            pool = stager._reusable[key] = [None, None]
-            stager._reuse_turn[key] = 0
-        turn = stager._reuse_turn[key]
-        stager._reuse_turn[key] = turn ^ 1
+                del stager._reusable[next(iter(stager._reusable))]
+            pool = stager._reusable[key] = [0, None, None]  # [next turn, entry, entry]
+        turn = pool[0] = 2 if pool[0] == 1 else 1
         entry = pool[turn]
-        if entry is None or entry.counts() != entry.baseline:
+        if entry is None or entry.users() != entry.baseline:
             staged = {field_name: values[field_name] for field_name in plan.device_fields}
             entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values)
-            entry.baseline = entry.counts()
-        stager._fill(entry.device_buffer, entry.layout, values, entry.device_targets)
+            entry.baseline = entry.users()
+        stats = stager._ring.stats
+        if cuda:
+            event = entry.event
+            if not _event_query(event):  # its last copy has not read the pinned buffer yet
+                stats.event_waits += 1
+                event.synchronize()
+        for name, target in entry.targets:
+            np.copyto(target, values[name], casting="unsafe")
+        if cuda:
+            entry.device_buffer.copy_(entry.pinned, non_blocking=True)
+            _event_record(event, stager._stream_object(stream))
+            stats.copies += 1
+        elif stager.persistent:
+            stats.copies += 1
         for name, target in entry.mirror_targets:
             np.copyto(target, values[name], casting="unsafe")
         lowered = entry.lowered
-        fields = lowered.__dict__
-        for name in plan.scalar_names:
-            fields[name] = values[name]
+        lowered.__dict__.update(zip(plan.scalar_names, plan.scalars_of(values)))
         return lowered
 
 
@@ -498,6 +518,9 @@ class _Plan:
         self.device_names = tuple((f, name) for f, name, role in plan if role == "device")
         self.host_names = tuple((f, name) for f, name, role in plan if role == "host")
         self.scalar_names = tuple(name for _, name, role in plan if role == "scalar")
+        # the scalars' values in `scalar_names` order, in one call (always a tuple)
+        self.scalars_of = (operator.itemgetter(*self.scalar_names) if len(self.scalar_names) > 1
+                           else (lambda values, names=self.scalar_names: tuple(values[n] for n in names)))
         self.device_fields = tuple(f for f, _ in self.device_names)
         # every array a lowering reads: the key of reusable lowerings
         self.array_fields = self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields)
