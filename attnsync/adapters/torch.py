@@ -38,9 +38,13 @@ _TORCH_DEVICE_DTYPE = {"slot_mapping": np.int64}
 class Stager:
     """Stages packed metadata onto one device: pinned ring on CUDA, fresh buffers on CPU.
 
+    `lower` through a stager reuses lowerings nothing holds any more (see `lower`): each of
+    those owns its pinned buffer and device buffer, guarded by its own event, so the ring below
+    serves `stage` (the JAX adapter, and lowerings with device `seq_lens`).
+
     Args:
         device: the target device (`"cuda"`, `"cuda:1"`, `"cpu"`, a `torch.device`).
-        num_slots: pinned host slots in rotation (>= 2).
+        num_slots: pinned host slots in rotation for `stage` (>= 2).
         persistent: write every step into the same device addresses (one device buffer kept
             for the life of the stager; the basis for CUDA graphs). Every lowering must then
             have the same layout (pad batches to a bucket); a different layout is refused
@@ -292,8 +296,16 @@ def lower(
     """Lower host metadata `md` (from `attnsync.build`) to torch tensors on `device`.
 
     Device fields are views into one staged buffer filled by one pinned `non_blocking` copy on
-    the current stream (on CPU: zero-copy views of a fresh host buffer). Host mirrors are CPU
-    int32 tensors, host scalars stay ints. No device value is read.
+    the current stream (on CPU the values are written straight into host memory). Host mirrors
+    are CPU int32 tensors, host scalars stay ints. No device value is read.
+
+    Memory: a lowering's tensors are never rewritten while anything can still see them. Once
+    nothing outside attnsync holds the lowered object, its tensors or any view or export of
+    their memory, a later lowering of the same shapes on the same stream may reuse it: the
+    same object comes back with the new step's values (two lowerings are used in turn, so the
+    usual `tmd = lower(...)` loop reuses memory from two steps back). Writes are ordered on the
+    stream after every kernel queued on the old values, as torch's caching allocator orders a
+    freed block's reuse. Keep a reference (or a `.clone()`) to keep a step's values.
 
     Args:
         md: a metadata dataclass from `attnsync.build`.
@@ -565,6 +577,8 @@ def _layout_of(plan: _Plan, staged: dict[str, np.ndarray]) -> PackedLayout:
 
 
 _RESOLVED: dict[Any, tuple[Stager, torch.device]] = {}
+_current_cuda_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU builds
+_CUDA_UP = False
 
 
 def _stager_for(device: Any, stager: Stager | None) -> tuple[Stager, torch.device]:
@@ -574,14 +588,17 @@ def _stager_for(device: Any, stager: Stager | None) -> tuple[Stager, torch.devic
     checking a device name costs several microseconds per step otherwise. "cuda" without an
     index means the current device, so its key includes the current device index.
     """
+    global _CUDA_UP
     if stager is None:
         key = device
         if (isinstance(device, str) and device == "cuda") or (
             isinstance(device, torch.device) and device.type == "cuda" and device.index is None
         ):
             try:
-                key = ("cuda", torch.cuda.current_device())
-            except (AssertionError, RuntimeError):  # no CUDA here: _as_device explains
+                # the raw C lookup once CUDA is up (torch.cuda.current_device() re-checks lazy
+                # initialisation in Python every call); the first call goes the long way
+                key = ("cuda", _current_cuda_device() if _CUDA_UP else torch.cuda.current_device())
+            except (AssertionError, RuntimeError, AttributeError):  # no CUDA here: _as_device explains
                 key = None
         try:
             resolved = _RESOLVED.get(key) if key is not None else None
@@ -592,6 +609,8 @@ def _stager_for(device: Any, stager: Stager | None) -> tuple[Stager, torch.devic
             resolved = (stager, stager.device)
             if key is not None:
                 _RESOLVED[key] = resolved
+            if stager.device.type == "cuda":
+                _CUDA_UP = _current_cuda_device is not None  # torch.cuda initialised it by now
         return resolved
     asked = _as_device(device)
     target = stager.device
