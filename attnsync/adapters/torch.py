@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._spec import array_fields, check_lowerable, scalar_fields
+from .._spec import BUILT_MARK, array_fields, check_lowerable, scalar_fields
 from .._staging import PackedLayout, SlotRing, pack, plan_layout, unpack
 from .._validate import SpecError
 
@@ -422,9 +422,10 @@ class _Reusable:
     """
 
     __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "targets",
-                 "mirror_targets", "pinned", "event")
+                 "mirror_targets", "pinned", "event", "stream")
 
-    def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any]) -> None:
+    def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
+                 stream: tuple[int, int, int] | None) -> None:
         if stager.persistent:
             self.device_buffer = stager._persistent_buffer(layout)  # refuses another layout, unwritten
         else:
@@ -433,9 +434,10 @@ class _Reusable:
         if stager.device.type == "cuda":
             self.pinned = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
             self.event = torch.cuda.Event()
+            self.stream = stager._stream_object(stream)  # the stream is part of the entry's key
             host = self.pinned.numpy()
         else:  # the device buffer is host memory: values are packed straight into it
-            self.pinned = self.event = None
+            self.pinned = self.event = self.stream = None
             host = self.device_buffer.numpy()
         self.targets = _targets(layout, host)
         mirror_layout = _layout(tuple(
@@ -469,6 +471,7 @@ class _Reusable:
 
 
 _storage_use_count = torch._C._storage_Use_Count
+_current_stream_key = getattr(torch._C, "_cuda_getCurrentStream", None)  # absent from CPU builds
 # The C methods under torch.cuda.Event's Python wrappers (absent from CPU builds of torch,
 # where no CUDA stager exists to call them).
 _event_query = getattr(getattr(torch._C, "_CudaEventBase", None), "query", None)
@@ -484,37 +487,45 @@ _REUSABLE_KEYS = 32  # shapes kept per stager; eager batches of drifting size ma
 
 
 def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
-    """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering."""
-    arrays = [values[f] for f in plan.array_fields]
+    """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering.
+
+    Written for few Python steps: on the H100 host each line costs about a microsecond
+    (results/2026-11-27-h100/session3-prof4.json: the lowering's own calls add up to two
+    thirds of its time, the rest is interpreter overhead).
+    """
+    arrays = plan.arrays_of(values)
     cuda = stager.device.type == "cuda"
-    stream = torch._C._cuda_getCurrentStream(stager._device_index) if cuda else None
-    key = (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]), stream)
+    stream = _current_stream_key(stager._device_index) if cuda else None
+    # Built metadata's dtypes follow from its class (int32, bool, float32 per field); edited
+    # metadata may hold others, which change the layout.
+    key = ((plan, tuple([a.shape for a in arrays]), stream) if values.get(BUILT_MARK)
+           else (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]), stream))
     with stager._lock:
         pool = stager._reusable.get(key)
         if pool is None:
             if len(stager._reusable) >= _REUSABLE_KEYS:  # forget the oldest shapes
                 del stager._reusable[next(iter(stager._reusable))]
-            pool = stager._reusable[key] = [0, None, None]  # [next turn, entry, entry]
-        turn = pool[0] = 2 if pool[0] == 1 else 1
+            pool = stager._reusable[key] = [2, None, None]  # [last turn, entry, entry]
+        turn = pool[0] = 3 - pool[0]
         entry = pool[turn]
         if entry is None or entry.users() != entry.baseline:
             staged = {field_name: values[field_name] for field_name in plan.device_fields}
-            entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values)
+            entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values, stream)
             entry.baseline = entry.users()
-        stats = stager._ring.stats
         if cuda:
-            event = entry.event
-            if not _event_query(event):  # its last copy has not read the pinned buffer yet
-                stats.event_waits += 1
-                event.synchronize()
-        for name, target in entry.targets:
-            np.copyto(target, values[name], casting="unsafe")
-        if cuda:
+            if not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
+                stager._ring.stats.event_waits += 1
+                entry.event.synchronize()
+            for name, target in entry.targets:
+                np.copyto(target, values[name], casting="unsafe")
             entry.device_buffer.copy_(entry.pinned, non_blocking=True)
-            _event_record(event, stager._stream_object(stream))
-            stats.copies += 1
-        elif stager.persistent:
-            stats.copies += 1
+            _event_record(entry.event, entry.stream)
+            stager._ring.stats.copies += 1
+        else:
+            for name, target in entry.targets:
+                np.copyto(target, values[name], casting="unsafe")
+            if stager.persistent:
+                stager._ring.stats.copies += 1
         for name, target in entry.mirror_targets:
             np.copyto(target, values[name], casting="unsafe")
         lowered = entry.lowered
@@ -534,8 +545,10 @@ class _Plan:
         self.scalars_of = (operator.itemgetter(*self.scalar_names) if len(self.scalar_names) > 1
                            else (lambda values, names=self.scalar_names: tuple(values[n] for n in names)))
         self.device_fields = tuple(f for f, _ in self.device_names)
-        # every array a lowering reads: the key of reusable lowerings
-        self.array_fields = self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields)
+        # every array a lowering reads, fetched in one call: the key of reusable lowerings
+        read_fields = self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields)
+        self.arrays_of = (operator.itemgetter(*read_fields) if len(read_fields) > 1
+                          else (lambda values, names=read_fields: tuple(values[n] for n in names)))
         names = {f.name for f in dataclasses.fields(md_class)}
         self.has_slot_flag = "slot_mapping_exact" in names
         self.has_slot_mapping = "slot_mapping" in names
