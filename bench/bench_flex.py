@@ -16,7 +16,8 @@ one process:
   the host builds only the per-row and per-token fields and a width bound; ``flex_torch.lower``
   builds the page lists (``kv_blocks_device``) and the inverse table on the device;
 - ``attnsync (lists captured)``: the same, with the device half replayed from one CUDA graph
-  (``flex_torch.CapturedBlockLists``: a persistent lowering, then one replay per step);
+  (``flex_torch.CapturedBlockLists``: a persistent lowering, then one replay per step) and the
+  ``BlockMask`` built once at capture over the fixed tensors (``captured.block_mask``);
 - ``create_block_mask (compiled)``: ``torch.compile(create_block_mask)`` on the same paged
   mask_mod over [T, num_cache_pages * page] (dense mask evaluation on the device). Its device
   inputs (doc ids, inverse table, ...) are prepared once and not timed, which favours it.
@@ -92,6 +93,16 @@ def measure(fn, device: torch.device, iters: int, warmup: int = 5) -> dict[str, 
     return {"host_ms": statistics.median(host) * 1e3, "step_ms": statistics.median(step) * 1e3}
 
 
+def _check_lists(lists, host_md, device: torch.device) -> None:
+    """Device lists (a lowering or a BlockMask) equal the host build's, -1 beyond its width."""
+    _sync(device)
+    counts = lists.kv_num_blocks.reshape(-1).cpu().numpy()
+    indices = lists.kv_indices.reshape(host_md.num_q_blocks, -1).cpu().numpy()
+    width = host_md.kv_indices.shape[1]
+    assert (counts == host_md.kv_num_blocks).all()
+    assert (indices[:, :width] == host_md.kv_indices).all() and (indices[:, width:] == -1).all()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reqs", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -134,27 +145,40 @@ def main(argv: list[str] | None = None) -> int:
             # the same, with the device half captured once (CUDA graph) and replayed per step
             graph_options = dict(q_block_size=Q_BLOCK, inverse_table="device", block_sparse="device")
             first = attnsync.build(batch, backend="flex", **graph_options)
-            graph_options["max_kv_blocks"] = first.max_kv_blocks
+            # another batch of the same shape (other contexts and pages), for the check below
+            other = decode_batch(num_reqs, num_pages, shared_prefix_pages=args.shared_prefix_pages,
+                                 seed=num_reqs + 1)
+            graph_options["max_kv_blocks"] = max(
+                first.max_kv_blocks, attnsync.build(other, backend="flex", **graph_options).max_kv_blocks)
+            first = attnsync.build(batch, backend="flex", **graph_options)
             captured = ft.CapturedBlockLists(first, device)
 
             def lists_captured():
                 md = attnsync.build(batch, backend="flex", **graph_options)
-                return ft.block_mask(captured.step(md))
+                captured.step(md)
+                return captured.block_mask  # built once at capture, rewritten by each replay
 
             result["attnsync_lists_captured"] = measure(lists_captured, device, args.iters)
+            # The cached mask follows the replays: after a step of the other batch it holds that
+            # batch's lists, then this one's again.
+            for check in (other, batch):
+                captured.step(attnsync.build(check, backend="flex", **graph_options))
+                _check_lists(captured.block_mask, attnsync.build(check, backend="flex", q_block_size=Q_BLOCK), device)
         # same lists as the host build, the device ones padded with -1 to their (bound) width
         host_md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK)
         dev_tmd = ft.lower(attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, block_sparse="device"), device)
-        _sync(device)
-        width = host_md.kv_indices.shape[1]
-        assert (dev_tmd.kv_num_blocks.cpu().numpy() == host_md.kv_num_blocks).all()
-        assert (dev_tmd.kv_indices.cpu().numpy()[:, :width] == host_md.kv_indices).all()
+        _check_lists(dev_tmd, host_md, device)
         md = attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK)
         result["kv_indices_shape"] = list(md.kv_indices.shape)
         # the build alone (numpy), for the linear-growth check
         result["build_only"] = measure(
             lambda: attnsync.build(batch, backend="flex", q_block_size=Q_BLOCK, inverse_table="device"),
             torch.device("cpu"), args.iters)
+        # the build of the captured path alone (device lists: no page lists on the host)
+        device_lists = dict(q_block_size=Q_BLOCK, inverse_table="device", block_sparse="device")
+        device_lists["max_kv_blocks"] = attnsync.build(batch, backend="flex", **device_lists).max_kv_blocks
+        result["build_device_lists"] = measure(lambda: attnsync.build(batch, backend="flex", **device_lists),
+                                               torch.device("cpu"), args.iters)
         if run_baseline:
             tmd = ft.lower(md, device)
             mask_mod = ft.paged_mask_mod(tmd)
@@ -179,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                     "attnsync_lists_captured", "create_block_mask_compiled"):
             if key in result:
                 line.append(f"{key}: host {result[key]['host_ms']:.3f} ms, step {result[key]['step_ms']:.3f} ms")
-        line.append(f"build {result['build_only']['host_ms']:.3f} ms")
+        line.append(f"build {result['build_only']['host_ms']:.3f} ms, "
+                    f"device lists {result['build_device_lists']['host_ms']:.3f} ms")
         print(" | ".join(line), flush=True)
     summary: dict[str, object] = {}
     first, last = rows[0], rows[-1]
     growth = last["num_reqs"] / first["num_reqs"]
     for key in ("attnsync_inverse_device", "attnsync_inverse_host", "attnsync_lists_on_device",
-                "attnsync_lists_captured", "build_only"):
+                "attnsync_lists_captured", "build_only", "build_device_lists"):
         if key in first and key in last:
             summary[f"{key}_growth"] = last[key]["host_ms"] / first[key]["host_ms"]
     summary["request_growth"] = growth

@@ -10,6 +10,7 @@ and device-side forms of the metadata for engines whose exact lengths live only 
 - `CapturedBlockLists`: for metadata built with ``block_sparse="device"``, the device half of
   the step (page lists and inverse table) captured once as a CUDA graph over a persistent
   lowering and replayed every step: a few microseconds of host time instead of ~50 launches.
+  Its ``block_mask`` is built once over those fixed tensors and follows every replay.
 - `block_mask(tmd)`: ``BlockMask.from_kv_blocks`` on the staged ``kv_num_blocks`` /
   ``kv_indices`` (no dense mask is ever built), with `paged_mask_mod(tmd)`.
 - `flex_paged_attention(q, k_cache, v_cache, tmd, scale=...)`: flex attention of the batch's
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +125,20 @@ class CapturedBlockLists:
     addresses serves every step of the same shapes: this class lowers each step into a
     persistent staging buffer (one pinned copy, fixed addresses) and replays that graph.
 
+    The ``BlockMask`` needs no per-step construction either: everything it and its mask
+    function read lives at a fixed address (the graph's outputs, and the staged fields at the
+    persistent buffer's offsets), so `block_mask` is built once, here, and each `step` rewrites
+    what it reads. A step is then: build, ``step(md)``, use ``captured.block_mask``.
+
+    Example (one bucket; ``batches`` padded to the same sizes)::
+
+        options = dict(block_sparse="device", inverse_table="device", max_kv_blocks=2048)
+        captured = CapturedBlockLists(attnsync.build(first, backend="flex", **options), "cuda")
+        for batch in batches:
+            tmd = captured.step(attnsync.build(batch, backend="flex", **options))
+            out = flex_paged_attention(q, k_cache, v_cache, tmd, scale=s, compile=True,
+                                       block_mask=captured.block_mask)
+
     Args:
         md: the first step's metadata, built with ``block_sparse="device"``,
             ``inverse_table="device"``, exact lengths and a fixed ``max_kv_blocks``. Every later
@@ -133,6 +149,14 @@ class CapturedBlockLists:
     Attributes:
         stager: the persistent `attnsync.adapters.torch.Stager`.
         graph: the captured `torch.cuda.CUDAGraph`.
+        block_mask: the ``BlockMask`` of the latest `step` (forward only: no q-side indices,
+            as `block_mask` with ``compute_q_blocks=False``), built once over the graph's
+            ``kv_num_blocks`` / ``kv_indices`` and `paged_mask_mod` over fixed tensors. It is
+            the same object every step and describes whichever step was staged and replayed
+            last: the next `step` rewrites it (its copy and replay are queued on the current
+            stream, after the kernels already queued there that read it). After construction
+            it describes ``md`` (the graph is replayed once). For a custom mask function, or
+            the backward pass, build one per step with `block_mask` on what `step` returns.
     """
 
     def __init__(self, md: FlexMetadata, device: Any = "cuda") -> None:
@@ -151,14 +175,19 @@ class CapturedBlockLists:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._sizes = self._sizes_of(md)
         self.stager = torch_adapter.Stager(self.device, persistent=True)
-        self._tmd = torch_adapter.lower(md, self.device, stager=self.stager)
-        t, sizes = self._tmd, dict(block_size=md.block_size, q_block_size=md.q_block_size,
-                                   max_pages=md.block_table.shape[1], num_pages=md.num_cache_pages,
-                                   width=md.max_kv_blocks)
+        first = torch_adapter.lower(md, self.device, stager=self.stager)
+        # Our own views of the persistent buffer (same addresses: the stager writes every step
+        # there). Holding the first lowering's tensors instead would keep that reusable
+        # lowering "in use" for the torch adapter, which would then make a fresh one.
+        t = {name: getattr(first, name).view(getattr(first, name).shape)
+             for name in ("doc_ids", "query_start_loc", "decode_offset", "block_table", "seq_lens")}
+        sizes = dict(block_size=md.block_size, q_block_size=md.q_block_size, max_pages=md.block_table.shape[1],
+                     num_pages=md.num_cache_pages, width=md.max_kv_blocks)
 
         def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            counts, indices = kv_blocks_device(t.doc_ids, t.query_start_loc, t.decode_offset, t.block_table, **sizes)
-            inverse = physical_to_logical_device(t.block_table, t.seq_lens, md.block_size, md.num_cache_pages)
+            counts, indices = kv_blocks_device(t["doc_ids"], t["query_start_loc"], t["decode_offset"],
+                                               t["block_table"], **sizes)
+            inverse = physical_to_logical_device(t["block_table"], t["seq_lens"], md.block_size, md.num_cache_pages)
             return counts, indices, inverse
 
         side = torch.cuda.Stream(self.device)
@@ -168,7 +197,29 @@ class CapturedBlockLists:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=side):
-            self._outputs = run()
+            counts, indices, inverse = run()
+        self._outputs = {"kv_num_blocks": counts, "kv_indices": indices, "physical_to_logical": inverse}
+        torch_adapter.with_fields(first, **self._outputs)  # `step` sets these names without a check
+        del first
+        self.block_mask = self._fixed_block_mask(md, t, self._outputs)
+        self.graph.replay()  # capturing ran nothing: the outputs (and block_mask) now hold md's lists
+
+    @staticmethod
+    def _fixed_block_mask(md: FlexMetadata, staged: dict[str, torch.Tensor],
+                          outputs: dict[str, torch.Tensor]) -> BlockMask:
+        """The mask over fixed tensors: `block_mask` of a lowering made of them. Its scalars
+        (tokens, cache slots, block sizes) are the bucket's, the same every step."""
+        fixed = types.SimpleNamespace(
+            **staged, **outputs, q_block_size=md.q_block_size, block_size=md.block_size,
+            num_actual_tokens=md.num_actual_tokens, total_cache_tokens=md.total_cache_tokens,
+            num_cache_pages=md.num_cache_pages, all_exact=True,
+        )
+        mask = block_mask(fixed, compute_q_blocks=False)
+        if not _HAS_COMPUTE_Q_BLOCKS:
+            # An older torch always derives the q-side indices: a copy made now, which no replay
+            # would update. Only the backward pass reads them; drop them rather than go stale.
+            mask.q_num_blocks = mask.q_indices = None
+        return mask
 
     @staticmethod
     def _check(md: Any) -> None:
@@ -183,30 +234,42 @@ class CapturedBlockLists:
     @staticmethod
     def _sizes_of(md: FlexMetadata) -> tuple:
         return (md.num_reqs, md.num_actual_tokens, md.block_table.shape[1], md.block_size, md.q_block_size,
-                md.max_kv_blocks, md.num_cache_pages)
+                md.max_kv_blocks, md.num_cache_pages, md.block_sparse_on_device, md.inverse_table_on_device)
 
     def step(self, md: FlexMetadata) -> Any:
         """Lower `md` into the fixed buffers (one pinned copy), replay the captured lists.
 
         Returns the lowered metadata with ``kv_num_blocks``, ``kv_indices`` and
         ``physical_to_logical`` filled (the graph's output tensors: fixed addresses, rewritten
-        by the next replay). Metadata of other sizes raises `SpecError` before anything is
+        by the next replay); `flex_paged_attention` takes it with ``block_mask=self.block_mask``,
+        which now describes `md`. Metadata of other sizes raises `SpecError` before anything is
         written.
         """
+        # One condition on the hot path; the slow path below says what is wrong.
+        if not isinstance(md, FlexMetadata) or not md.all_exact or self._sizes_of(md) != self._sizes:
+            self._refuse(md)
+        tmd = torch_adapter.lower(md, self.stager.device, stager=self.stager)  # the stager's own device
+        # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
+        # capture stream's device itself and launches on that device's current stream.
+        self.graph.replay()
+        # `torch_adapter.with_fields` without its per-call name check (done once, in __init__):
+        # a copy, so the reusable lowering `tmd` keeps its own fields.
+        out = object.__new__(type(tmd))
+        fields = out.__dict__
+        fields.update(tmd.__dict__)
+        fields.update(self._outputs)
+        return out
+
+    def _refuse(self, md: Any) -> None:
         self._check(md)
         sizes = self._sizes_of(md)
-        if sizes != self._sizes or not (md.block_sparse_on_device and md.inverse_table_on_device):
-            raise SpecError(
-                f"md: (rows, tokens, table width, block size, q block size, max_kv_blocks, cache pages) "
-                f"= {sizes} and device lists {md.block_sparse_on_device}/{md.inverse_table_on_device}, "
-                f"but the graph was captured for {self._sizes} and True/True. Fix: pad every batch to the "
-                f"captured bucket and pass the same max_kv_blocks, or capture one graph per bucket."
-            )
-        tmd = torch_adapter.lower(md, self.device, stager=self.stager)
-        with torch.cuda.device(self.device):
-            self.graph.replay()
-        counts, indices, inverse = self._outputs
-        return torch_adapter.with_fields(tmd, kv_num_blocks=counts, kv_indices=indices, physical_to_logical=inverse)
+        raise SpecError(
+            f"md: (rows, tokens, table width, block size, q block size, max_kv_blocks, cache pages, "
+            f"device lists, device inverse table) = {sizes}, but the graph was captured for "
+            f"{self._sizes}. Fix: pad every batch to the captured bucket, build it with "
+            f"block_sparse='device', inverse_table='device' and the same max_kv_blocks, or capture "
+            f"one graph per bucket."
+        )
 
 
 def _require_exact(tmd: Any, what: str) -> None:

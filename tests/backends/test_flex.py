@@ -868,3 +868,161 @@ def test_captured_block_lists_refuse_what_they_cannot_capture():
         ft.CapturedBlockLists(device_lists, "cpu")
     with pytest.raises(TypeError, match="expected FlexMetadata"):
         ft.CapturedBlockLists(attnsync.build(batch), "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode fast path of the builder, and the BlockMask built once over fixed tensors
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def decode_batches(draw):
+    """One token per row (decode steps), padded or not, exact or not, shared and stale pages."""
+    bs = draw(st.sampled_from([1, 2, 4, 16]))
+    num_pages = draw(st.sampled_from([2, 9, 40, 2000]))
+    rows = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(1, draw(st.sampled_from([2, 8, 60])) + 1, size=rows)
+    width = int(-(-seq.max() // bs)) + draw(st.integers(0, 2))
+    if rows * width < num_pages and draw(st.booleans()):  # no page shared (no dedupe needed)
+        table = rng.permutation(np.arange(1, num_pages))[: rows * width].reshape(rows, width)
+    else:
+        table = rng.integers(0, num_pages, size=(rows, width))  # nulls, duplicates, stale entries
+    exact = True
+    if draw(st.booleans()):
+        exact = (rng.random(rows) < 0.7) | (seq < 2)  # an inexact row needs context
+    return attnsync.Batch(
+        query_lens=np.ones(rows, dtype=np.int64), seq_lens=seq, block_table=table, block_size=bs,
+        seq_lens_exact=exact, num_cache_pages=num_pages,
+        padded_num_reqs=rows + draw(st.sampled_from([0, 0, 3])),
+        padded_num_tokens=rows + draw(st.sampled_from([0, 0, 5])),
+    ), draw(st.sampled_from([1, 2, 4, 16]))
+
+
+def _general_fields(batch: attnsync.Batch, qb: int) -> tuple[dict, int]:
+    """The per-token and per-row fields and the device-list bound by the general derivation (no
+    decode shortcut): what the builder computed for every batch before its decode fast path."""
+    common = attnsync.build(batch)
+    t, r_pad = common.num_scheduled_tokens, common.num_reqs
+    doc_ids = np.full(common.num_actual_tokens, max(r_pad - 1, 0), dtype=np.int32)
+    doc_ids[:t] = common.token_to_req[:t]
+    pages = -(-common.seq_lens.astype(np.int64) // common.block_size)
+    owned_before = np.concatenate([[0], np.cumsum(pages[: common.num_scheduled_reqs])])
+    first = np.arange(0, t, qb)
+    last = np.minimum(first + qb, t) - 1
+    most = (owned_before[common.token_to_req[last] + 1] - owned_before[common.token_to_req[first]]).max(initial=0)
+    bound = max(0, min(int(most), batch.num_cache_pages - 1))
+    return dict(doc_ids=doc_ids, num_blocks_per_seq=pages.astype(np.int32),
+                decode_offset=np.asarray(common.num_computed_tokens, dtype=np.int32)), bound
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decode_batches())
+def test_decode_fast_path_equals_the_general_path(case):
+    batch, qb = case
+    fields, bound = _general_fields(batch, qb)
+    options = dict(q_block_size=qb, block_sparse="device", inverse_table="device")
+    md = attnsync.build(batch, backend="flex", **options)
+    assert md.max_kv_blocks == _next_pow2(max(bound, 1))
+    host = attnsync.build(batch, backend="flex", q_block_size=qb)  # host lists: the bound holds them
+    assert int(host.kv_num_blocks.max(initial=0)) <= bound
+    for name, expected in fields.items():
+        got = getattr(md, name)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and not got.flags.writeable, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    for name, shape in (("physical_to_logical", (md.num_reqs, 0)), ("kv_num_blocks", (md.num_q_blocks,)),
+                        ("kv_indices", (md.num_q_blocks, 0))):
+        got = getattr(md, name)
+        assert got.shape == shape and got.dtype == np.int32 and not got.flags.writeable and not got.any(), name
+    # a fixed width: the same metadata at any width >= the bound (some of them above the cheap
+    # q_block_size * max_pages_per_seq bound that skips computing it), refused below it
+    for width in {max(bound, 1), bound + 1, 2 * md.max_kv_blocks, qb * md.max_pages_per_seq + 1}:
+        fixed = attnsync.build(batch, backend="flex", max_kv_blocks=width, **options)
+        assert fixed.max_kv_blocks == width
+        for name in fields:
+            np.testing.assert_array_equal(getattr(fixed, name), getattr(md, name), err_msg=name)
+    if bound > 1:
+        with pytest.raises(SpecError, match=rf"max_kv_blocks: {bound - 1} columns, .* up to {bound} pages"):
+            attnsync.build(batch, backend="flex", max_kv_blocks=bound - 1, **options)
+    # host lists (one mask of the block table for decode steps) and the host inverse table
+    _check_against_brute(host, brute_flex(batch, num_pages=batch.num_cache_pages, q_block_size=qb))
+    for name in ("kv_num_blocks", "kv_indices", "physical_to_logical"):
+        assert not getattr(host, name).flags.writeable, name
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flex_batches())
+def test_device_list_bound_of_any_batch_equals_the_general_derivation(case):
+    batch, num_pages, qb = case
+    batch = dataclasses.replace(batch, num_cache_pages=num_pages)
+    _, bound = _general_fields(batch, qb)
+    md = attnsync.build(batch, backend="flex", q_block_size=qb, block_sparse="device")
+    assert md.max_kv_blocks == _next_pow2(max(bound, 1))
+
+
+def test_cache_pages_of_the_option_are_checked_against_the_table():
+    # the batch's own num_cache_pages was checked by Batch; an option the batch did not see is
+    # checked here
+    plain = dict(query_lens=[1], seq_lens=[5], block_table=[[1, 7]], block_size=4)
+    with pytest.raises(SpecError, match="page id 7 at \\(0, 1\\) is outside the cache of num_cache_pages=5"):
+        attnsync.build(attnsync.Batch(**plain), backend="flex", num_cache_pages=5)
+    with pytest.raises(SpecError, match="page id 7"):
+        attnsync.Batch(**plain, num_cache_pages=5)
+    assert attnsync.build(attnsync.Batch(**plain, num_cache_pages=8), backend="flex").num_cache_pages == 8
+
+
+def _same_shape_batch_b(**padding) -> attnsync.Batch:
+    """Another step of `mixed_batch`'s shapes (rows, table width, cache): other lengths and pages."""
+    return attnsync.Batch(query_lens=[2, 1, 4, 3, 1], seq_lens=[6, 9, 8, 12, 3],
+                          block_table=[[3, 1, 0, 0], [6, 10, 11, 0], [3, 1, 2, 5], [7, 8, 7, 0], [4, 0, 0, 0]],
+                          block_size=4, num_cache_pages=12, **padding)
+
+
+def test_a_block_mask_built_once_over_fixed_tensors_follows_every_step():
+    """What `CapturedBlockLists.block_mask` rests on, checked on the CPU: a persistent stager
+    writes every lowering into the same memory (each lowering hands out new tensor objects over
+    it), so one BlockMask built over views of it and over fixed output tensors, refilled in
+    place per step as the graph replay does, is every step's mask; here it gives the same
+    attention as a BlockMask built fresh for the step, and the dense reference."""
+    padding = dict(padded_num_reqs=6, padded_num_tokens=14)
+    batches = [mixed_batch(**padding), _same_shape_batch_b(**padding)]
+    options = dict(q_block_size=4, block_sparse="device", inverse_table="device")
+    options["max_kv_blocks"] = max(attnsync.build(b, backend="flex", **options).max_kv_blocks for b in batches)
+    stager = ast.Stager("cpu", persistent=True)
+    md = attnsync.build(batches[0], backend="flex", **options)
+    first = ast.lower(md, "cpu", stager=stager)
+    staged = {name: getattr(first, name).view(getattr(first, name).shape)
+              for name in ("doc_ids", "query_start_loc", "decode_offset", "block_table", "seq_lens")}
+    del first
+    outputs = dict(kv_num_blocks=torch.empty(md.num_q_blocks, dtype=torch.int32),
+                   kv_indices=torch.empty(md.num_q_blocks, md.max_kv_blocks, dtype=torch.int32),
+                   physical_to_logical=torch.empty(md.num_reqs, md.num_cache_pages, dtype=torch.int32))
+
+    def replay():  # the captured graph's work, reading only the fixed views
+        counts, indices = ft.kv_blocks_device(
+            staged["doc_ids"], staged["query_start_loc"], staged["decode_offset"], staged["block_table"],
+            block_size=md.block_size, q_block_size=md.q_block_size, max_pages=md.block_table.shape[1],
+            num_pages=md.num_cache_pages, width=md.max_kv_blocks)
+        outputs["kv_num_blocks"].copy_(counts)
+        outputs["kv_indices"].copy_(indices)
+        outputs["physical_to_logical"].copy_(ft.physical_to_logical_device(
+            staged["block_table"], staged["seq_lens"], md.block_size, md.num_cache_pages))
+
+    mask = ft.CapturedBlockLists._fixed_block_mask(md, staged, outputs)
+    assert mask.q_indices is None and mask.kv_indices.data_ptr() == outputs["kv_indices"].data_ptr()
+    for i, batch in enumerate([batches[1], batches[0], batches[1]]):
+        step = attnsync.build(batch, backend="flex", **options)
+        tmd = ast.lower(step, "cpu", stager=stager)
+        assert tmd.doc_ids.data_ptr() == staged["doc_ids"].data_ptr()  # new objects, same memory
+        replay()
+        host = attnsync.build(batch, backend="flex", q_block_size=4, max_kv_blocks=options["max_kv_blocks"])
+        np.testing.assert_array_equal(mask.kv_num_blocks[0, 0].numpy(), host.kv_num_blocks)
+        np.testing.assert_array_equal(mask.kv_indices[0, 0].numpy(), host.kv_indices)
+        np.testing.assert_array_equal(_dense_mask_of(mask.mask_mod, 14, 48), brute_mask(batch, num_pages=12))
+        q, k, v = _random_qkv(step, seed=i)
+        cached = _eager_flex(q, k, v, tmd, scale=0.37, block_mask=mask)
+        fresh = _eager_flex(q, k, v, tmd, scale=0.37, block_mask=ft.block_mask(ft.lower(step, "cpu")))
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+        expected = dense_attention(q.numpy(), k.numpy(), v.numpy(), brute_mask(batch, num_pages=12), 0.37)
+        np.testing.assert_allclose(cached.numpy(), expected, rtol=0, atol=1e-12)

@@ -397,3 +397,52 @@ def test_captured_block_lists_replay_each_step_without_sync(cuda):
         captured.step(other)
     assert captured.stager.stats.copies == copies, "nothing staged"
     stall_free(lambda: captured.step(md), budget_ms=2.0)
+
+
+def test_captured_block_mask_follows_each_step_without_sync(cuda):
+    """`CapturedBlockLists.block_mask`: one BlockMask, built at capture, over the graph's outputs
+    and the persistent lowering. After each step of a different batch of the bucket it holds that
+    batch's lists, and compiled flex with it gives the output of a BlockMask built fresh for the
+    step (and the float64 reference), without recompiling."""
+    device_options = dict(q_block_size=QB, max_kv_blocks=MAX_KV, block_sparse="device", inverse_table="device")
+    captured = ft.CapturedBlockLists(attnsync.build(batch_a(), backend="flex", **device_options), cuda)
+    mask = captured.block_mask
+    torch.cuda.synchronize()
+    host_a = attnsync.build(batch_a(), backend="flex", **OPTIONS)
+    np.testing.assert_array_equal(mask.kv_indices[0, 0].cpu().numpy(), host_a.kv_indices)  # valid at once
+    scale = DIM**-0.5
+    graphs = None
+    for i, batch in enumerate([batch_b(), batch_a(), batch_b()]):
+        md = attnsync.build(batch, backend="flex", **device_options)
+        with no_sync():
+            tmd = captured.step(md)
+        assert captured.block_mask is mask, "one mask object for every step"
+        assert mask.kv_indices.data_ptr() == tmd.kv_indices.data_ptr()
+        assert mask.kv_num_blocks.data_ptr() == tmd.kv_num_blocks.data_ptr()
+        q, k, v = _qkv(cuda, seed=10 + i)
+        cached = ft.flex_paged_attention(q, k, v, tmd, scale=scale, compile=True, block_mask=mask)
+        torch.cuda.synchronize()
+        if graphs is None:
+            graphs = _unique_graphs()
+        host = attnsync.build(batch, backend="flex", **OPTIONS)  # host lists, host inverse table
+        np.testing.assert_array_equal(mask.kv_num_blocks[0, 0].cpu().numpy(), host.kv_num_blocks)
+        np.testing.assert_array_equal(mask.kv_indices[0, 0].cpu().numpy(), host.kv_indices)
+        fresh_tmd = ft.lower(host, cuda)
+        fresh = ft.flex_paged_attention(q, k, v, fresh_tmd, scale=scale, compile=True,
+                                        block_mask=ft.block_mask(fresh_tmd))
+        torch.cuda.synchronize()
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-2)
+        expected = dense_reference(q, k, v, brute_mask(batch), scale)
+        got = cached.double().cpu().numpy()
+        real = batch.num_tokens
+        np.testing.assert_allclose(got[:real], expected[:real], rtol=0, atol=3e-2, err_msg=f"step {i}")
+        assert (got[real:] == 0).all(), "padding tokens should see nothing"
+    # the cached mask's closure is one function over fixed tensors: no new graph per step
+    q, k, v = _qkv(cuda, seed=20)
+    before = _unique_graphs()
+    for batch in (batch_a(), batch_b()):
+        tmd = captured.step(attnsync.build(batch, backend="flex", **device_options))
+        ft.flex_paged_attention(q, k, v, tmd, scale=scale, compile=True, block_mask=captured.block_mask)
+    torch.cuda.synchronize()
+    assert _unique_graphs() == before >= graphs
+    stall_free(lambda: captured.step(md), budget_ms=2.0)
