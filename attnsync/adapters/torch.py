@@ -625,8 +625,10 @@ def _stager_for(device: Any, stager: Stager | None) -> tuple[Stager, torch.devic
             if stager.device.type == "cuda":
                 _CUDA_UP = _current_cuda_device is not None  # torch.cuda initialised it by now
         return resolved
-    asked = _as_device(device)
     target = stager.device
+    if device is target:  # the stager's own device object (what graph helpers pass): nothing to check
+        return stager, target
+    asked = _as_device(device)
     if asked.type != target.type or (asked.index is not None and asked.index != target.index):
         raise SpecError(
             f"stager: it stages to {target}, but device={device!r} was asked for. Fix: pass a "
