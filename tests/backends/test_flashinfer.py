@@ -286,6 +286,99 @@ def test_random_ordered_batches_match_reference(batch, threshold, gather):
 
 
 # ---------------------------------------------------------------------------------------------
+# The decode fast path (`seq_lens - 1` read from the common metadata, the cached prefix-mask
+# table) against the general path (subtract and clamp, broadcast-compare mask).
+
+
+def _build_general(batch: attnsync.Batch, *, decode_threshold: int = 1) -> FlashInferMetadata:
+    """`attnsync.build(batch, backend="flashinfer")` with both shortcuts switched off."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fi_backend, "_seq_lens_minus_one", lambda common: None)
+        mp.setattr(fi_backend, "_PREFIX_MASK_MAX_WIDTH", -1)
+        return attnsync.build(batch, backend="flashinfer", decode_threshold=decode_threshold)
+
+
+def assert_same_metadata(got: FlashInferMetadata, want: FlashInferMetadata) -> None:
+    """Every field equal: array values, dtypes, shapes, read-only and contiguity flags; ints as ints."""
+    import dataclasses
+
+    for f in dataclasses.fields(FlashInferMetadata):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if isinstance(b, np.ndarray):
+            assert isinstance(a, np.ndarray), f.name
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), f.name
+            np.testing.assert_array_equal(a, b, err_msg=f.name)
+            assert not a.flags.writeable and not b.flags.writeable, f.name
+            assert a.flags.c_contiguous == b.flags.c_contiguous, f.name
+        else:
+            assert type(a) is type(b) and a == b, (f.name, a, b)
+
+
+def _decode_batch(num_reqs=32, width=128, block_size=16, seed=0, **kw) -> attnsync.Batch:
+    """The issue-3 benchmark batch: one-token rows, seq_lens in [200, 2000), random page ids."""
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(200, 2000, num_reqs).astype(np.int32)
+    table = np.zeros((num_reqs, width), np.int32)
+    for r, s in enumerate(seq):
+        used = -(-int(s) // block_size)
+        table[r, :used] = rng.integers(1, 2**20, used)
+    return attnsync.Batch(query_lens=np.ones(num_reqs, np.int32), seq_lens=seq, block_table=table,
+                          block_size=block_size, **kw)
+
+
+@pytest.mark.parametrize(
+    "batch, fast",
+    [
+        pytest.param(_decode_batch(), True, id="benchmark-decode"),
+        pytest.param(_batch([1, 1, 1, 1], [1, 15, 16, 200]), True, id="short-decodes"),
+        pytest.param(_batch([1], [1], block_size=1), True, id="one-token-one-page"),
+        pytest.param(_decode_batch(padded_num_reqs=40, padded_num_tokens=48), False, id="padded-decode"),
+        pytest.param(_decode_batch(padded_num_tokens=48), True, id="padded-tokens-only"),
+        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37]), False, id="decode+prefill"),
+        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37], padded_num_reqs=6, padded_num_tokens=64), False,
+                     id="decode+prefill-padded"),
+        pytest.param(_batch([1, 1, 1], [17, 64, 9], is_prefilling=[False, False, True]), True,
+                     id="decodes+short-extend"),
+        pytest.param(_batch([1, 0, 1], [17, 5, 9]), False, id="empty-row"),
+    ],
+)
+def test_decode_fast_path_equals_general_path(batch, fast):
+    common = fi_backend_build_common(batch)
+    assert (fi_backend._seq_lens_minus_one(common) is not None) == fast
+    md = assert_matches_reference(batch)
+    assert_same_metadata(md, _build_general(batch))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch=st.one_of(
+        exact_batches(max_reqs=10, kinds=("decode",), max_decode_query=1),  # mostly the fast path
+        exact_batches(max_reqs=10, max_extra_width=40),
+    ),
+    threshold=st.sampled_from([1, 1, 2]),
+)
+def test_random_batches_fast_path_equals_general_path(batch, threshold):
+    _, ordered = attnsync.reorder(batch, decode_threshold=threshold)
+    assert_same_metadata(attnsync.build(ordered, backend="flashinfer", decode_threshold=threshold),
+                         _build_general(ordered, decode_threshold=threshold))
+
+
+def test_prefix_mask_table_matches_the_compare():
+    for width in (0, 1, 7, 128):
+        table = fi_backend._prefix_masks(width)
+        assert table.shape == (width + 1, width) and table.dtype == np.bool_ and not table.flags.writeable
+        pages = np.arange(width + 1, dtype=np.int32)
+        np.testing.assert_array_equal(table.take(pages, axis=0), np.arange(width) < pages[:, None])
+
+
+def test_paged_kv_arrays_returns_writeable_arrays():
+    """The public helper's contract: fresh int32 arrays the caller may write (build freezes its own)."""
+    for width_extra in (0, 5000):  # both gathers
+        out = paged_kv_arrays(np.array([3, 40, 0], np.int32), np.ones((3, 3 + width_extra), np.int32), 16)
+        assert all(a.flags.writeable and a.dtype == np.int32 for a in out)
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals.
 
 
