@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,16 +251,18 @@ def inherit(common: CommonMetadata, cls: type, /, **own: Any) -> Any:
     read-only arrays, no copies), so its derivation stays in one place: `build_common`. `own`
     gives the backend's other fields and may override a shared one.
     """
-    shared = common.__dict__
-    values = {name: shared[name] for name in _shared_names(cls)}
+    names, fetch = _shared_names(cls)
+    values = dict(zip(names, fetch(common.__dict__)))  # one C call for every shared field
     values.update(own)
     return construct(cls, values)
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_names(cls: type) -> tuple[str, ...]:
+def _shared_names(cls: type) -> tuple[tuple[str, ...], Any]:
     mine = {f.name for f in dataclasses.fields(cls)}
-    return tuple(f.name for f in dataclasses.fields(CommonMetadata) if f.name in mine)
+    names = tuple(f.name for f in dataclasses.fields(CommonMetadata) if f.name in mine)
+    fetch = operator.itemgetter(*names) if len(names) > 1 else (lambda d: tuple(d[n] for n in names))
+    return names, fetch
 
 
 # Read-only [0, 1, 2, ...] shared by every build: a one-token-per-row batch's query_start_loc
