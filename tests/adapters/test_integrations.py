@@ -384,6 +384,7 @@ def steps_of(rng, n, query_lens=None, max_context=50):
         yield attnsync.Batch(query_lens=q, seq_lens=seq, block_table=table, block_size=PAGE)
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("kind", ["split-kv decode", "2d mixed"])
 def test_triton_step_replays_new_metadata_in_fixed_buffers(kind):
     from attnsync.adapters.graphs import TritonGraph
@@ -415,6 +416,7 @@ def test_triton_step_replays_new_metadata_in_fixed_buffers(kind):
     assert graph.lowering.stats.copies == 4  # the capture batch, then one per step
 
 
+@pytest.mark.triton_cpu
 def test_triton_step_refuses_a_batch_beyond_its_bucket_before_writing():
     from attnsync.adapters.graphs import TritonGraph
 
