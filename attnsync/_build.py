@@ -8,7 +8,7 @@ from typing import Any
 
 from ._batch import Batch
 from ._validate import SpecError
-from .backends import backend_module
+from .backends import BACKENDS, backend_module
 
 
 def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
@@ -36,14 +36,24 @@ def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
             f"build: expected an attnsync.Batch as the first argument, received "
             f"{type(batch).__name__}. Fix: attnsync.build(attnsync.Batch(...), backend=...)."
         )
-    module = backend_module(backend)
-    accepted = _options_of(module.build)
-    if not accepted.issuperset(options):
+    try:
+        path, builder, accepted = _DISPATCH[backend]
+        if BACKENDS.get(backend) != path:  # the registry changed since (tests register backends)
+            raise KeyError(backend)
+    except (KeyError, TypeError):  # first use (imports the module), or not a backend name
+        module = backend_module(backend)
+        path, builder, accepted = _DISPATCH[backend] = (BACKENDS[backend], module.build, _options_of(module.build))
+    if options and not accepted.issuperset(options):
         unknown = sorted(set(options) - accepted)
         raise SpecError(
             f"build: backend {backend!r} has no option(s) {unknown}; its options are {sorted(accepted)}."
         )
-    return module.build(batch, **options)
+    return builder(batch, **options)
+
+
+# backend name -> (its build function, its option names): `importlib.import_module` costs
+# microseconds a step even for a module already imported.
+_DISPATCH: dict[str, tuple[str, Any, frozenset[str]]] = {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -344,7 +344,8 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     num_computed = seq_lens - query_lens
     slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
     # Arrays made here are frozen below; the batch's own and the cached ones already are
-    # (setflags is 1.3 us a call on the H100 host, results/2026-11-27-h100/session3-lineprof.txt).
+    # (setflags took 1.3 us a call on the H100 host under the line profiler:
+    # results/2026-11-27-h100/run13-lineprof.txt).
     made = [num_computed]
     if r_pad != n:
         made += [query_lens, seq_lens, exact, block_table]

@@ -199,7 +199,12 @@ class CapturedBlockLists:
         with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=side):
             counts, indices, inverse = run()
         self._outputs = {"kv_num_blocks": counts, "kv_indices": indices, "physical_to_logical": inverse}
-        torch_adapter.with_fields(first, **self._outputs)  # `step` sets these names without a check
+        torch_adapter.with_fields(first, **self._outputs)  # refuses names the lowering does not have
+        # From now on the stager's lowerings carry the graph's outputs in place of the staged
+        # placeholders, so `step` returns the lowering itself (no per-step copy); lowerings
+        # made before (`first`) are forgotten.
+        self.stager._fixed_fields = dict(self._outputs)
+        self.stager._reusable.clear()
         del first
         self.block_mask = self._fixed_block_mask(md, t, self._outputs)
         self.graph.replay()  # capturing ran nothing: the outputs (and block_mask) now hold md's lists
@@ -252,13 +257,7 @@ class CapturedBlockLists:
         # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
         # capture stream's device itself and launches on that device's current stream.
         self.graph.replay()
-        # `torch_adapter.with_fields` without its per-call name check (done once, in __init__):
-        # a copy, so the reusable lowering `tmd` keeps its own fields.
-        out = object.__new__(type(tmd))
-        fields = out.__dict__
-        fields.update(tmd.__dict__)
-        fields.update(self._outputs)
-        return out
+        return tmd  # its kv_num_blocks, kv_indices, physical_to_logical are the graph's outputs
 
     def _refuse(self, md: Any) -> None:
         self._check(md)

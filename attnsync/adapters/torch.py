@@ -73,6 +73,10 @@ class Stager:
         # Reusable lowerings (see `_Reusable`): per (metadata class, layout, stream), two
         # entries used in turn.
         self._reusable: dict[tuple, list] = {}
+        # Lowered name -> tensor that every reusable lowering of this stager carries instead of
+        # the staged field (fixed-address outputs of a captured graph: flex_torch.CapturedBlockLists).
+        self._fixed_fields: dict[str, torch.Tensor] = {}
+        self._reuses = self.device.type in ("cuda", "cpu")  # device kinds `_lower_reusing` serves
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -338,7 +342,7 @@ def lower(
         )
 
     values = md.__dict__
-    if seq_lens is None and stager.device.type in ("cuda", "cpu"):
+    if seq_lens is None and stager._reuses:
         return _lower_reusing(plan, stager, values)
     recompute = seq_lens is not None and plan.has_slot_mapping
     if seq_lens is None:
@@ -417,8 +421,8 @@ class _Reusable:
     On CUDA it also owns the pinned host buffer its values are packed into and the event
     recorded after that buffer's copy: the buffer is rewritten only once the event has
     completed (the slot-ring guard of `attnsync._staging`, per entry, so a step needs no ring
-    lookups: on the H100 host `acquire`, `release` and the pack-target lookup cost more than
-    the copy itself, results/2026-11-27-h100/session3-lineprof.txt).
+    lookups: under the line profiler on the H100 host, `acquire`, `release` and the pack-target
+    lookup took longer than the copy itself, results/2026-11-27-h100/run13-lineprof.txt).
     """
 
     __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "targets",
@@ -451,6 +455,7 @@ class _Reusable:
         views = views_of(self.device_buffer, layout)
         out = {name: views[field_name] for field_name, name in plan.device_names}
         out.update({name: mirrors[field_name] for field_name, name in plan.host_names})
+        out.update(stager._fixed_fields)
         self.lowered = object.__new__(plan.cls)  # see `lower` on skipping the frozen __init__
         self.lowered.__dict__.update(out)
         self.held = tuple(out.values())
@@ -490,7 +495,7 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering.
 
     Written for few Python steps: on the H100 host each line costs about a microsecond
-    (results/2026-11-27-h100/session3-prof4.json: the lowering's own calls add up to two
+    (results/2026-11-27-h100/run15-prof4.json: the lowering's own calls add up to two
     thirds of its time, the rest is interpreter overhead).
     """
     arrays = plan.arrays_of(values)
