@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import types
 from collections.abc import Callable
 from typing import Any
@@ -174,6 +175,7 @@ class CapturedBlockLists:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._sizes = self._sizes_of(md)
+        self._sizes_exact = (*self._sizes, True)  # what `step` compares, in one tuple
         self.stager = torch_adapter.Stager(self.device, persistent=True)
         first = torch_adapter.lower(md, self.device, stager=self.stager)
         # Our own views of the persistent buffer (same addresses: the stager writes every step
@@ -238,8 +240,7 @@ class CapturedBlockLists:
 
     @staticmethod
     def _sizes_of(md: FlexMetadata) -> tuple:
-        return (md.num_reqs, md.num_actual_tokens, md.block_table.shape[1], md.block_size, md.q_block_size,
-                md.max_kv_blocks, md.num_cache_pages, md.block_sparse_on_device, md.inverse_table_on_device)
+        return _CAPTURED_SIZES(md)[:-1]  # (all_exact is checked on its own, with its own message)
 
     def step(self, md: FlexMetadata) -> Any:
         """Lower `md` into the fixed buffers (one pinned copy), replay the captured lists.
@@ -251,7 +252,7 @@ class CapturedBlockLists:
         written.
         """
         # One condition on the hot path; the slow path below says what is wrong.
-        if not isinstance(md, FlexMetadata) or not md.all_exact or self._sizes_of(md) != self._sizes:
+        if type(md) is not FlexMetadata or _CAPTURED_SIZES(md) != self._sizes_exact:
             self._refuse(md)
         tmd = torch_adapter.lower(md, self.stager.device, stager=self.stager)  # the stager's own device
         # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
@@ -260,15 +261,27 @@ class CapturedBlockLists:
         return tmd  # its kv_num_blocks, kv_indices, physical_to_logical are the graph's outputs
 
     def _refuse(self, md: Any) -> None:
+        """Raise what is wrong with `md` (returns for a FlexMetadata subclass that fits)."""
         self._check(md)
         sizes = self._sizes_of(md)
+        if sizes == self._sizes:
+            return
         raise SpecError(
-            f"md: (rows, tokens, table width, block size, q block size, max_kv_blocks, cache pages, "
+            f"md: (rows, tokens, table shape, block size, q block size, max_kv_blocks, cache pages, "
             f"device lists, device inverse table) = {sizes}, but the graph was captured for "
             f"{self._sizes}. Fix: pad every batch to the captured bucket, build it with "
             f"block_sparse='device', inverse_table='device' and the same max_kv_blocks, or capture "
             f"one graph per bucket."
         )
+
+
+# What a captured graph fixes (and, last, exact lengths), read in one call per step: rows,
+# tokens, table shape, block size, q block size, list width, cache pages, device lists, device
+# inverse table, all_exact.
+_CAPTURED_SIZES = operator.attrgetter(
+    "num_reqs", "num_actual_tokens", "block_table.shape", "block_size", "q_block_size", "max_kv_blocks",
+    "num_cache_pages", "block_sparse_on_device", "inverse_table_on_device", "all_exact",
+)
 
 
 def _require_exact(tmd: Any, what: str) -> None:

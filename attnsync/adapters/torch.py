@@ -443,7 +443,9 @@ class _Reusable:
         else:  # the device buffer is host memory: values are packed straight into it
             self.pinned = self.event = self.stream = None
             host = self.device_buffer.numpy()
-        self.targets = _targets(layout, host)
+        # fields a fixed tensor replaces (see Stager._fixed_fields) are not worth packing
+        replaced = {field_name for field_name, name in plan.device_names if name in stager._fixed_fields}
+        self.targets = tuple(item for item in _targets(layout, host) if item[0] not in replaced)
         mirror_layout = _layout(tuple(
             (field_name, values[field_name].shape, np.int32 if values[field_name].dtype.kind in "iu"
              else values[field_name].dtype)
