@@ -60,6 +60,7 @@ class Batch:
         num_tokens: sum of `query_lens`, the real token count.
         all_exact: True when every row's `seq_lens` is exact.
         max_query_len, max_seq_len: the largest `query_lens` and `seq_lens` (0 for no rows).
+        any_prefilling: True when `is_prefilling` marks at least one row.
 
     Example:
         >>> import attnsync
@@ -83,6 +84,7 @@ class Batch:
     all_exact: bool = field(init=False)
     max_query_len: int = field(init=False)
     max_seq_len: int = field(init=False)
+    any_prefilling: bool = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -201,6 +203,7 @@ class Batch:
         set_(self, "all_exact", all_exact)
         set_(self, "max_query_len", int(query_lens.max()) if num_reqs else 0)
         set_(self, "max_seq_len", max_seq_len)
+        set_(self, "any_prefilling", prefilling is not None and bool(prefilling.any()))
 
     @property
     def num_computed_tokens(self) -> np.ndarray:

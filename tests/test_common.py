@@ -315,3 +315,30 @@ def test_invariants(kwargs):
     pages = md.slot_mapping[real] // bs
     np.testing.assert_array_equal((md.block_table[rows] == pages[:, None]).any(axis=1), True)
     assert (md.num_computed_tokens == md.seq_lens - md.query_lens).all()
+
+
+@pytest.mark.parametrize("page", [1, 3, 7, 16, 64])
+@pytest.mark.parametrize("layout", ["contiguous", "fortran", "padded"])
+def test_one_token_per_row_slots_equal_brute_force(page, layout):
+    """The decode fast path (flat take, shifts for power-of-two pages) against the general path."""
+    rng = np.random.default_rng(page)
+    n, width = 9, 5
+    seq = rng.integers(1, width * page + 1, n)
+    table = rng.integers(0, 1000, (n, width))
+    if layout == "fortran":
+        table = np.asfortranarray(table)  # a caller's table need not be C-contiguous
+    extra = dict(padded_num_reqs=12, padded_num_tokens=15) if layout == "padded" else {}
+    batch = attnsync.Batch(query_lens=np.ones(n, np.int64), seq_lens=seq, block_table=table, block_size=page, **extra)
+    md = attnsync.build(batch)
+    want = brute_force_common(batch)["slot_mapping"]
+    np.testing.assert_array_equal(md.slot_mapping, want)
+    positions = seq - 1
+    np.testing.assert_array_equal(md.slot_mapping[:n], table[np.arange(n), positions // page] * page + positions % page)
+    assert md.slot_mapping.dtype == np.int32 and not md.slot_mapping.flags.writeable
+
+
+def test_batch_any_prefilling():
+    base = dict(query_lens=[1, 4], seq_lens=[9, 4], block_table=[[3, 5], [7, 0]], block_size=8)
+    assert attnsync.Batch(**base).any_prefilling is False
+    assert attnsync.Batch(**base, is_prefilling=[False, False]).any_prefilling is False
+    assert attnsync.Batch(**base, is_prefilling=[False, True]).any_prefilling is True
