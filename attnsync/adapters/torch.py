@@ -77,6 +77,7 @@ class Stager:
         # the staged field (fixed-address outputs of a captured graph: flex_torch.CapturedBlockLists).
         self._fixed_fields: dict[str, torch.Tensor] = {}
         self._reuses = self.device.type in ("cuda", "cpu")  # device kinds `_lower_reusing` serves
+        self._cuda = self.device.type == "cuda"
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -501,7 +502,7 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     thirds of its time, the rest is interpreter overhead).
     """
     arrays = plan.arrays_of(values)
-    cuda = stager.device.type == "cuda"
+    cuda = stager._cuda
     stream = _current_stream_key(stager._device_index) if cuda else None
     # Built metadata's dtypes follow from its class (int32, bool, float32 per field); edited
     # metadata may hold others, which change the layout.
@@ -575,7 +576,8 @@ def _plan_of(md: Any) -> _Plan:
                 f"Fix: md = attnsync.build(batch, backend=...); lower(md, device=...)."
             )
         plan = _PLANS[type(md)] = _Plan(type(md))
-    check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
+    if not md.__dict__.get(BUILT_MARK):  # what check_lowerable trusts, without the call
+        check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
     return plan
 
 

@@ -154,6 +154,23 @@ def _next_pow2(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=64, typed=True)  # typed: True is not 1, np.int64(16) is not 16
+def _checked_options(q_block_size: Any, max_kv_blocks: Any, inverse_table: Any,
+                     block_sparse: Any) -> tuple[int, int | None, str, bool]:
+    """The build options, validated: (q block size, list width or None, inverse-table choice,
+    lists on the device). Errors are raised, never cached."""
+    qb = as_int(q_block_size, "q_block_size", minimum=1, maximum=1 << 20)
+    if qb & (qb - 1):
+        raise SpecError(
+            f"q_block_size: expected a power of two (the kernel tiles queries by it), received "
+            f"{qb}. Fix: pass 16, 32, 64 or 128."
+        )
+    width = None if max_kv_blocks is None else as_int(max_kv_blocks, "max_kv_blocks", minimum=1)
+    choice = as_choice(inverse_table, "inverse_table", ("auto", "host", "device"))
+    sparse_on_device = as_choice(block_sparse, "block_sparse", ("host", "device")) == "device"
+    return qb, width, choice, sparse_on_device
+
+
 def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
     known = batch.num_cache_pages
     if num_cache_pages is None and known is None:
@@ -419,15 +436,11 @@ def build(
     """
     if not isinstance(batch, Batch):
         raise TypeError(f"batch: expected an attnsync.Batch, received {type(batch).__name__}.")
-    qb = as_int(q_block_size, "q_block_size", minimum=1, maximum=1 << 20)
-    if qb & (qb - 1):
-        raise SpecError(
-            f"q_block_size: expected a power of two (the kernel tiles queries by it), received "
-            f"{qb}. Fix: pass 16, 32, 64 or 128."
-        )
-    width = None if max_kv_blocks is None else as_int(max_kv_blocks, "max_kv_blocks", minimum=1)
-    choice = as_choice(inverse_table, "inverse_table", ("auto", "host", "device"))
-    sparse_on_device = as_choice(block_sparse, "block_sparse", ("host", "device")) == "device"
+    try:  # a serving loop passes the same options every step: validated once
+        qb, width, choice, sparse_on_device = _checked_options(q_block_size, max_kv_blocks, inverse_table, block_sparse)
+    except TypeError:  # an unhashable option (or a refused type): check it uncached, for its message
+        qb, width, choice, sparse_on_device = _checked_options.__wrapped__(
+            q_block_size, max_kv_blocks, inverse_table, block_sparse)
     pages = _cache_pages(batch, num_cache_pages)
     # "auto": stage the host-built table while it is small; past the limit one device scatter
     # is cheaper than packing and copying 4 * R * num_cache_pages bytes every step.
