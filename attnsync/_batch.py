@@ -144,6 +144,7 @@ class Batch:
             )
         if self.num_cache_pages is not None:
             num_pages = as_int(self.num_cache_pages, "num_cache_pages", minimum=1)
+            set_(self, "num_cache_pages", num_pages)  # a Python int from here on
             if block_table.size and max_page >= num_pages:
                 bad = np.unravel_index(int(np.argmax(block_table)), block_table.shape)
                 raise SpecError(

@@ -181,7 +181,7 @@ def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
             "attnsync.Batch(..., num_cache_pages=...)."
         )
     if num_cache_pages is None:
-        pages = as_int(known, "num_cache_pages", minimum=1)
+        pages = known  # validated by Batch: an int >= 1
     else:
         pages = as_int(num_cache_pages, "num_cache_pages", minimum=1)
         if known is not None and int(known) != pages:
