@@ -310,7 +310,9 @@ def lower(
     same object comes back with the new step's values (two lowerings are used in turn, so the
     usual `tmd = lower(...)` loop reuses memory from two steps back). Writes are ordered on the
     stream after every kernel queued on the old values, as torch's caching allocator orders a
-    freed block's reuse. Keep a reference (or a `.clone()`) to keep a step's values.
+    freed block's reuse. Keep a reference (or a `.clone()`) to keep a step's values. A stager
+    keeps such lowerings for up to 32 sets of field shapes, two per set, each with a pinned and a
+    device buffer of the step's packed size; a 33rd set makes it forget the one it met first.
 
     Args:
         md: a metadata dataclass from `attnsync.build`.

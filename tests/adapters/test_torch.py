@@ -325,3 +325,19 @@ def test_device_seq_lens_with_no_rows_and_padding_tokens():
     out = ast.lower(md, "cpu", seq_lens=torch.zeros(0, dtype=torch.int32))
     assert out.slot_mapping.tolist() == [-1, -1, -1]
     assert out.slot_mapping.dtype == torch.int64
+
+
+def test_fixed_fields_replace_staged_ones_in_reused_lowerings():
+    """A stager's fixed tensors (graph outputs, for flex_torch.CapturedBlockLists) stand in for
+    the staged field in every lowering it reuses, and that field is not packed."""
+    stager = ast.Stager("cpu", persistent=True)
+    mds = [attnsync.build(b) for b in _same_shape_batches(3)]
+    fixed = torch.full((len(MIXED["query_lens"]),), 7, dtype=torch.int32)
+    stager._fixed_fields = {"seq_lens": fixed}
+    for md in mds:
+        out = ast.lower(md, "cpu", stager=stager)
+        assert out.seq_lens is fixed
+        assert torch.equal(fixed, torch.full_like(fixed, 7)), "never written by a lowering"
+        np.testing.assert_array_equal(out.seq_lens_cpu_upper_bound.numpy(), md.seq_lens)  # the mirror is staged
+        np.testing.assert_array_equal(out.slot_mapping.numpy(), md.slot_mapping)
+        del out
