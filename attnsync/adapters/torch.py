@@ -428,7 +428,7 @@ class _Reusable:
     lookup took longer than the copy itself, results/2026-11-27-h100/run13-lineprof.txt).
     """
 
-    __slots__ = ("lowered", "held", "storages", "baseline", "device_buffer", "layout", "targets",
+    __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "layout", "targets",
                  "mirror_targets", "pinned", "event", "stream")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
@@ -466,8 +466,10 @@ class _Reusable:
         self.held = tuple(out.values())
         # A persistent stager's buffer is shared by every lowering it made (that is its point),
         # so only the mirrors' memory is watched there.
-        watched = (mirror_buffer,) if stager.persistent else (self.device_buffer, mirror_buffer)
-        self.storages = tuple(t.untyped_storage()._cdata for t in watched)
+        # The watched tensors are kept: the storage pointers below must outlive every check even
+        # if no view of a buffer survives (it adds no storage use: the tensors exist already).
+        self.watched = (mirror_buffer,) if stager.persistent else (self.device_buffer, mirror_buffer)
+        self.storages = tuple(t.untyped_storage()._cdata for t in self.watched)
         self.baseline = -1  # set by the caller once this constructor's locals are gone
 
     def users(self) -> int:
