@@ -218,8 +218,7 @@ class Batch:
         prefilling), 2 long extend (> threshold, has context), 3 prefill (> threshold, no
         context). Without `is_prefilling`, short rows count as decodes.
         """
-        threshold = decode_threshold if type(decode_threshold) is int and decode_threshold >= 1 else as_int(
-            decode_threshold, "decode_threshold", minimum=1)
+        threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
         short = self.query_lens <= threshold
         # long rows: 2 (long extend) or 3 (prefill: no context yet); int8 throughout (bools
         # viewed as int8 are 0/1), so no int64 temporaries

@@ -174,8 +174,7 @@ class CapturedBlockLists:
             raise SpecError(f"device: CUDA graphs need a CUDA device, received {self.device}.")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._sizes = self._sizes_of(md)
-        self._sizes_exact = (*self._sizes, True)  # what `step` compares, in one tuple
+        self._sizes = _CAPTURED_SIZES(md)  # all_exact is True here (_check above)
         self.stager = torch_adapter.Stager(self.device, persistent=True)
         first = torch_adapter.lower(md, self.device, stager=self.stager)
         # Our own views of the persistent buffer (same addresses: the stager writes every step
@@ -238,10 +237,6 @@ class CapturedBlockLists:
                 "only upper bounds. Fix: exact lengths, or flex_torch.lower(md, device, seq_lens=...)."
             )
 
-    @staticmethod
-    def _sizes_of(md: FlexMetadata) -> tuple:
-        return _CAPTURED_SIZES(md)[:-1]  # (all_exact is checked on its own, with its own message)
-
     def step(self, md: FlexMetadata) -> Any:
         """Lower `md` into the fixed buffers (one pinned copy), replay the captured lists.
 
@@ -252,7 +247,7 @@ class CapturedBlockLists:
         written.
         """
         # One condition on the hot path; the slow path below says what is wrong.
-        if type(md) is not FlexMetadata or _CAPTURED_SIZES(md) != self._sizes_exact:
+        if not isinstance(md, FlexMetadata) or _CAPTURED_SIZES(md) != self._sizes:
             self._refuse(md)
         tmd = torch_adapter.lower(md, self.stager.device, stager=self.stager)  # the stager's own device
         # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
@@ -261,15 +256,12 @@ class CapturedBlockLists:
         return tmd  # its kv_num_blocks, kv_indices, physical_to_logical are the graph's outputs
 
     def _refuse(self, md: Any) -> None:
-        """Raise what is wrong with `md` (returns for a FlexMetadata subclass that fits)."""
-        self._check(md)
-        sizes = self._sizes_of(md)
-        if sizes == self._sizes:
-            return
+        """Raise what is wrong with `md`: not exact flex metadata, or other sizes."""
+        self._check(md)  # the type, and exact lengths (the last of _CAPTURED_SIZES)
         raise SpecError(
             f"md: (rows, tokens, table shape, block size, q block size, max_kv_blocks, cache pages, "
-            f"device lists, device inverse table) = {sizes}, but the graph was captured for "
-            f"{self._sizes}. Fix: pad every batch to the captured bucket, build it with "
+            f"device lists, device inverse table) = {_CAPTURED_SIZES(md)[:-1]}, but the graph was "
+            f"captured for {self._sizes[:-1]}. Fix: pad every batch to the captured bucket, build it with "
             f"block_sparse='device', inverse_table='device' and the same max_kv_blocks, or capture "
             f"one graph per bucket."
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import sys
 import threading
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._spec import BUILT_MARK, array_fields, check_lowerable, scalar_fields
+from .._spec import BUILT_MARK, array_fields, check_lowerable, fields_getter, scalar_fields
 from .._staging import PackedLayout, SlotRing, pack, plan_layout, unpack
 from .._validate import SpecError
 
@@ -144,23 +143,18 @@ class Stager:
                 device_buffer = self._persistent_buffer(layout)
             else:
                 device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-            self._copy_to(device_buffer, layout, arrays)
+            index, host, view = self._ring.acquire(layout.nbytes)
+            source, targets = self._pack_targets(index, host, view, layout)
+            for name, target in targets:
+                np.copyto(target, arrays[name], casting="unsafe")
+            # An H2D copy runs on the current stream of the destination's device, so the
+            # event is recorded there too. One event per slot, reused: it is re-recorded only
+            # after acquire() saw its previous copy complete.
+            device_buffer.copy_(source, non_blocking=True)
+            event = self._events[index]
+            event.record(self._current_stream())  # 1.0 us given the stream (run5-host-primitives.json)
+            self._ring.release(index, event)
             return device_buffer
-
-    def _copy_to(self, device_buffer: torch.Tensor, layout: PackedLayout, arrays: dict[str, np.ndarray]) -> None:
-        """Pack `arrays` into the next free pinned slot and copy it into `device_buffer`
-        (CUDA; one non_blocking copy on the current stream). Call with the lock held."""
-        index, host, view = self._ring.acquire(layout.nbytes)
-        source, targets = self._pack_targets(index, host, view, layout)
-        for name, target in targets:
-            np.copyto(target, arrays[name], casting="unsafe")
-        # An H2D copy runs on the current stream of the destination's device, so the
-        # event is recorded there too. One event per slot, reused: it is re-recorded only
-        # after acquire() saw its previous copy complete.
-        device_buffer.copy_(source, non_blocking=True)
-        event = self._events[index]
-        event.record(self._current_stream())  # 1.0 us given the stream (run5-host-primitives.json)
-        self._ring.release(index, event)
 
     def _stream_object(self, key: tuple[int, int, int]) -> torch.cuda.Stream:
         """The Stream object of a `_cuda_getCurrentStream` triple, made once per stream."""
@@ -524,20 +518,16 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             staged = {field_name: values[field_name] for field_name in plan.device_fields}
             entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values, stream)
             entry.baseline = entry.users()
+        if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
+            stager._ring.stats.event_waits += 1
+            entry.event.synchronize()
+        for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
+            np.copyto(target, values[name], casting="unsafe")
         if cuda:
-            if not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
-                stager._ring.stats.event_waits += 1
-                entry.event.synchronize()
-            for name, target in entry.targets:
-                np.copyto(target, values[name], casting="unsafe")
             entry.device_buffer.copy_(entry.pinned, non_blocking=True)
             _event_record(entry.event, entry.stream)
+        if cuda or stager.persistent:  # (a CPU stager counts only its persistent writes, as `stage`)
             stager._ring.stats.copies += 1
-        else:
-            for name, target in entry.targets:
-                np.copyto(target, values[name], casting="unsafe")
-            if stager.persistent:
-                stager._ring.stats.copies += 1
         for name, target in entry.mirror_targets:
             np.copyto(target, values[name], casting="unsafe")
         lowered = entry.lowered
@@ -553,14 +543,11 @@ class _Plan:
         self.device_names = tuple((f, name) for f, name, role in plan if role == "device")
         self.host_names = tuple((f, name) for f, name, role in plan if role == "host")
         self.scalar_names = tuple(name for _, name, role in plan if role == "scalar")
-        # the scalars' values in `scalar_names` order, in one call (always a tuple)
-        self.scalars_of = (operator.itemgetter(*self.scalar_names) if len(self.scalar_names) > 1
-                           else (lambda values, names=self.scalar_names: tuple(values[n] for n in names)))
+        self.scalars_of = fields_getter(self.scalar_names)
         self.device_fields = tuple(f for f, _ in self.device_names)
-        # every array a lowering reads, fetched in one call: the key of reusable lowerings
-        read_fields = self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields)
-        self.arrays_of = (operator.itemgetter(*read_fields) if len(read_fields) > 1
-                          else (lambda values, names=read_fields: tuple(values[n] for n in names)))
+        # every array a lowering reads: the key of reusable lowerings
+        self.arrays_of = fields_getter(
+            self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields))
         names = {f.name for f in dataclasses.fields(md_class)}
         self.has_slot_flag = "slot_mapping_exact" in names
         self.has_slot_mapping = "slot_mapping" in names

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from .._batch import Batch
-from .._spec import array_field, build_common, inherit
+from .._spec import array_field, build_common, frozen_zeros, inherit
 from .._validate import INT32_MAX, SpecError, as_choice, as_int, freeze
 
 DEFAULT_Q_BLOCK_SIZE = 16  # vLLM's direct-build default on torch >= 2.9; one 16-row MMA tile
@@ -209,18 +209,6 @@ def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
             f"num_cache_pages (unused entries 0, the null page)."
         )
     return pages
-
-
-@functools.lru_cache(maxsize=64)
-def _frozen_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only int32 zeros array of `shape`, shared by every build that asks for it.
-
-    The placeholders of fields left to the device (``physical_to_logical`` [R, 0],
-    ``kv_num_blocks`` [NQ], ``kv_indices`` [NQ, 0]) depend only on the bucket's sizes, and a
-    read-only array cannot be changed by any holder, so one per shape serves every step
-    (as `attnsync._spec`'s shared arange does for ``query_start_loc``).
-    """
-    return freeze(np.zeros(shape, dtype=np.int32))
 
 
 def _blocks_per_seq(seq_lens: np.ndarray, block_size: int) -> np.ndarray:
@@ -469,7 +457,7 @@ def build(
     max_pages = -(-common.max_seq_len // bs)
     decode = tokens == common.num_scheduled_reqs and common.max_query_len == 1  # token i is row i
     if on_device:
-        inverse = _frozen_zeros((r_pad, 0))
+        inverse = frozen_zeros((r_pad, 0))
     else:
         inverse = freeze(inverse_block_table(common.block_table, common.seq_lens, bs, pages))
     if sparse_on_device:
@@ -489,8 +477,8 @@ def build(
                     f"{bound} pages (the pages its requests own), and the device-built list must not be "
                     f"cut. Fix: max_kv_blocks >= {bound}, or block_sparse='host' (exact lists)."
                 )
-        kv_num_blocks = _frozen_zeros((num_q_blocks,))
-        kv_indices = _frozen_zeros((num_q_blocks, 0))
+        kv_num_blocks = frozen_zeros((num_q_blocks,))
+        kv_indices = frozen_zeros((num_q_blocks, 0))
         listed_width = width
     else:
         kv_num_blocks, kv_indices = block_sparse_pages(
