@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import sys
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from .._spec import BUILT_MARK, array_fields, check_lowerable, fields_getter, scalar_fields
 from .._staging import PackedLayout, SlotRing, pack, plan_layout, unpack
 from .._validate import SpecError
+from . import _cudart
 
 # The torch dtype each numpy dtype becomes; the core speaks numpy only (style lesson 13).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -29,6 +31,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
     "float32": torch.float32,
 }
+# Whether new CUDA stagers call the runtime directly for a reused lowering's copy and event
+# (see _cudart); False sends them through torch (the benchmark compares both).
+_USE_DIRECT_CALLS = True
+
 # Fields whose device copy is wider in torch than in the host metadata: vLLM's cache-write
 # kernels take int64 slot ids. The host value is int32 (validated to fit), so JAX stays int32.
 _TORCH_DEVICE_DTYPE = {"slot_mapping": np.int64}
@@ -77,6 +83,10 @@ class Stager:
         self._fixed_fields: dict[str, torch.Tensor] = {}
         self._reuses = self.device.type in ("cuda", "cpu")  # device kinds `_lower_reusing` serves
         self._cuda = self.device.type == "cuda"
+        # The CUDA runtime's own copy and event calls (None: through torch; see _cudart).
+        self._direct = _cudart.runtime() if self._cuda and _USE_DIRECT_CALLS else None
+        if self._cuda:  # a dropped stager's pinned buffers wait for their copies (see _retire)
+            weakref.finalize(self, _retire_pools, self._reusable).atexit = False
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -423,7 +433,7 @@ class _Reusable:
     """
 
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "layout", "targets",
-                 "mirror_targets", "pinned", "event", "stream")
+                 "mirror_targets", "pinned", "event", "stream", "copy_args", "record_args")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
                  stream: tuple[int, int, int] | None) -> None:
@@ -437,8 +447,15 @@ class _Reusable:
             self.event = torch.cuda.Event()
             self.stream = stager._stream_object(stream)  # the stream is part of the entry's key
             host = self.pinned.numpy()
+            # The direct runtime calls' arguments (see _cudart): raw pointers of this entry's
+            # fixed memory, stream and event. torch creates an event's handle at its first
+            # record, so it is recorded once here (nothing queued yet: it completes at once).
+            self.event.record(self.stream)
+            self.copy_args = (self.device_buffer.data_ptr(), self.pinned.data_ptr(), layout.nbytes,
+                              self.stream.cuda_stream)
+            self.record_args = (self.event.cuda_event, self.stream.cuda_stream)
         else:  # the device buffer is host memory: values are packed straight into it
-            self.pinned = self.event = self.stream = None
+            self.pinned = self.event = self.stream = self.copy_args = self.record_args = None
             host = self.device_buffer.numpy()
         # fields a fixed tensor replaces (see Stager._fixed_fields) are not worth packing
         replaced = {field_name for field_name, name in plan.device_names if name in stager._fixed_fields}
@@ -491,6 +508,29 @@ def _targets(layout: PackedLayout, host: np.ndarray) -> tuple[tuple[str, np.ndar
 
 _REUSABLE_KEYS = 32  # shapes kept per stager; eager batches of drifting size make new keys
 
+# Pinned buffers of dropped CUDA entries whose last copy may not have read them yet, with the
+# event recorded after that copy. torch's pinned allocator hands a freed buffer out again at
+# once unless a copy it issued itself is pending; the direct runtime copies (see _cudart) are
+# not its own, so a dropped entry's buffer is kept here until its event completes. Pruned
+# whenever an entry is dropped (a rare step: new shapes, or a lowering still held).
+_RETIRED: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+_RETIRED_LOCK = threading.Lock()
+
+
+def _retire(entries: Any) -> None:
+    """Keep the pinned buffers of `entries` (being dropped) until their last copies are done."""
+    with _RETIRED_LOCK:
+        _RETIRED[:] = [item for item in _RETIRED if not item[0].query()]
+        _RETIRED.extend((entry.event, entry.pinned) for entry in entries
+                        if entry is not None and entry.event is not None and not entry.event.query())
+
+
+def _retire_pools(pools: dict[tuple, list]) -> None:
+    """Retire every entry of a stager's reusable pools and forget them."""
+    for pool in pools.values():
+        _retire(pool[1:])
+    pools.clear()
+
 
 def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     """`lower` without device `seq_lens` on a CUDA or CPU stager, reusing a free lowering.
@@ -510,20 +550,26 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
         pool = stager._reusable.get(key)
         if pool is None:
             if len(stager._reusable) >= _REUSABLE_KEYS:  # forget the oldest shapes
-                del stager._reusable[next(iter(stager._reusable))]
+                _retire(stager._reusable.pop(next(iter(stager._reusable)))[1:])
             pool = stager._reusable[key] = [2, None, None]  # [last turn, entry, entry]
         turn = pool[0] = 3 - pool[0]
         entry = pool[turn]
         if entry is None or entry.users() != entry.baseline:
+            if entry is not None:
+                _retire((entry,))  # held by the caller: its pinned buffer may still be in a copy
             staged = {field_name: values[field_name] for field_name in plan.device_fields}
             entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values, stream)
             entry.baseline = entry.users()
-        if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
-            stager._ring.stats.event_waits += 1
+        direct = stager._direct
+        if cuda and not (direct.is_done(entry.record_args[0]) if direct else _event_query(entry.event)):
+            stager._ring.stats.event_waits += 1  # its last copy has not read the pinned buffer yet
             entry.event.synchronize()
         for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
             np.copyto(target, values[name], casting="unsafe")
-        if cuda:
+        if direct:  # the runtime calls under torch's copy_ and Event.record (see _cudart)
+            direct.copy_to_device(*entry.copy_args)
+            direct.record(*entry.record_args)
+        elif cuda:
             entry.device_buffer.copy_(entry.pinned, non_blocking=True)
             _event_record(entry.event, entry.stream)
         if cuda or stager.persistent:  # (a CPU stager counts only its persistent writes, as `stage`)

@@ -11,6 +11,7 @@ cannot fail the suite while a real stall fails every attempt.
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import numpy as np
 import pytest
@@ -309,11 +310,26 @@ def ring_steps(cuda):
     return mds, expected_np, expected
 
 
+@pytest.fixture(params=[True, False], ids=["direct-runtime-calls", "torch-calls"])
+def direct(request, monkeypatch):
+    """Stagers made in the test call the CUDA runtime directly (the default) or go through torch."""
+    monkeypatch.setattr(ast, "_USE_DIRECT_CALLS", request.param)
+    return request.param
+
+
+def new_stager(cuda, direct, **options):
+    stager = ast.Stager(cuda, **options)
+    # the direct calls must be in use where asked: a runtime that cannot be found would
+    # silently leave these tests exercising the torch path twice
+    assert (stager._direct is not None) == direct
+    return stager
+
+
 @pytest.mark.gpu
-def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps):
+def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps, direct):
     mds, _, expected = ring_steps
     cycles = int(cycles_per_ms() * 1.0)  # each step's copy waits behind ~1 ms of GPU work
-    stager = ast.Stager(cuda, num_slots=2)
+    stager = new_stager(cuda, direct, num_slots=2)
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
     addresses = set()
     torch.cuda.synchronize()
@@ -332,12 +348,12 @@ def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps):
 
 
 @pytest.mark.gpu
-def test_held_lowerings_keep_their_values_under_a_delayed_stream(cuda, ring_steps):
+def test_held_lowerings_keep_their_values_under_a_delayed_stream(cuda, ring_steps, direct):
     """Lowerings (or slices of them) still held are never reused: each keeps its own memory."""
     mds, _, expected = ring_steps
     steps = 64
     cycles = int(cycles_per_ms() * 0.5)
-    stager = ast.Stager(cuda, num_slots=2)
+    stager = new_stager(cuda, direct, num_slots=2)
     kept = []
     torch.cuda.synchronize()
     for step, md in enumerate(mds[:steps]):
@@ -353,6 +369,48 @@ def test_held_lowerings_keep_their_values_under_a_delayed_stream(cuda, ring_step
             want = torch.from_numpy(mds[step].block_table[1:].astype(np.int32)).to(cuda)
             assert torch.equal(value, want), step
     assert len({(v.block_table_tensor if i % 2 else v).data_ptr() for i, v in enumerate(kept)}) == steps
+
+
+def retired_pinned() -> list[int]:
+    return [pinned.data_ptr() for _, pinned in ast._RETIRED]
+
+
+@pytest.mark.gpu
+def test_a_dropped_entry_keeps_its_pinned_buffer_until_its_copy_is_done(cuda, ring_steps):
+    """The direct copies are not torch's, so torch's pinned allocator cannot see them pending:
+    an entry dropped while its copy waits must keep its pinned buffer out of the allocator
+    until the copy's event completes (else a new pin_memory tensor could be written into it
+    before the copy reads it, and the held lowering would get those bytes)."""
+    mds, _, expected = ring_steps
+    stager = new_stager(cuda, True, num_slots=2)
+    ast.lower(mds[0], cuda, stager=stager)  # both entries exist, neither held
+    ast.lower(mds[1], cuda, stager=stager)
+    # a second stager whose entries exist too: making an entry allocates pinned and device
+    # memory, which may wait for the GPU, so nothing is made between the sleep and the checks
+    # except the replacement of the held entry (made after its predecessor was retired)
+    other = new_stager(cuda, True, num_slots=2)
+    ast.lower(mds[5], cuda, stager=other)
+    ast.lower(mds[6], cuda, stager=other)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(cycles_per_ms() * 100))  # the next copies wait ~100 ms
+    held = ast.lower(mds[2], cuda, stager=stager)  # entry 1, copy pending, held below
+    pool = next(iter(stager._reusable.values()))
+    pending = pool[1 if pool[1].lowered is held else 2].pinned.data_ptr()
+    ast.lower(mds[3], cuda, stager=stager)  # entry 2
+    # a dropped stager retires its entries
+    ast.lower(mds[7], cuda, stager=other)  # reuses its first entry: copy pending behind the sleep
+    other_pinned = next(iter(other._reusable.values()))[1].pinned.data_ptr()
+    del other
+    gc.collect()
+    # entry 1 is held: retired with its copy pending, then replaced (the replacement's
+    # allocations come after both retirements)
+    ast.lower(mds[4], cuda, stager=stager)
+    assert pending in retired_pinned()
+    assert other_pinned in retired_pinned()
+    torch.cuda.synchronize()
+    assert torch.equal(ring_got(held), expected[2])
+    ast._retire(())  # any later retirement prunes what has completed
+    assert pending not in retired_pinned() and other_pinned not in retired_pinned()
 
 
 @pytest.mark.gpu
