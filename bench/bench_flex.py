@@ -1,6 +1,6 @@
 """Flex: host time per step of the block-sparse metadata + BlockMask vs compiled create_block_mask.
 
-    python bench/bench_flex.py --out DIR [--quick] [--reqs 32 64 128 256] [--iters 50]
+    python bench/bench_flex.py --out DIR [--quick] [--reqs 32 64 128 256] [--iters 100]
 
 Workload: a decode step of R requests (one new token each, contexts uniform in [200, 2000),
 page 16, q block 16), pages drawn without replacement from a cache of fixed size (big enough
@@ -23,7 +23,7 @@ one process:
   inputs (doc ids, inverse table, ...) are prepared once and not timed, which favours it.
 
 Host time = wall time of the call on the host, the GPU drained before each sample (median of
-``--iters``). "Step" = the same plus ``torch.cuda.synchronize()``: the whole cost when the step
+``--iters`` calls after a quarter as many warm-up calls, garbage collector paused). "Step" = the same plus ``torch.cuda.synchronize()``: the whole cost when the step
 waits for the result. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
 linear growth in R. Absolute numbers only count on the GPU host.
 """
@@ -31,6 +31,7 @@ linear growth in R. Absolute numbers only count on the GPU host.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -78,18 +79,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device, iters: int, warmup: int = 5) -> dict[str, float]:
-    for _ in range(warmup):
+def measure(fn, device: torch.device, iters: int, warmup: int | None = None) -> dict[str, float]:
+    """Median host and step milliseconds of `fn` over `iters` calls, after `warmup` calls
+    (default a quarter of `iters`, at least 5: every variant, baseline included, is timed
+    warm) with the garbage collector paused while timing (a collection landing in one
+    variant's samples and not another's is noise, not cost)."""
+    for _ in range(max(5, iters // 4) if warmup is None else warmup):
         fn()
     _sync(device)
     host, step = [], []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - start)
-        _sync(device)
-        step.append(time.perf_counter() - start)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(iters):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - start)
+            _sync(device)
+            step.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     return {"host_ms": statistics.median(host) * 1e3, "step_ms": statistics.median(step) * 1e3}
 
 
@@ -106,7 +116,7 @@ def _check_lists(lists, host_md, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reqs", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--shared-prefix-pages", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 return compiled_create(mask_mod, None, None, md.num_actual_tokens, kv_len, device=device,
                                        BLOCK_SIZE=(Q_BLOCK, PAGE))
 
-            result["create_block_mask_compiled"] = measure(baseline, device, args.iters, warmup=3)
+            result["create_block_mask_compiled"] = measure(baseline, device, args.iters)
             # same sparsity: the dense route must find every page the host listed
             dense = baseline()
             _sync(device)
