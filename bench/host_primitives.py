@@ -49,18 +49,14 @@ def per_call_us(fn: Callable[[], object], *, calls: int, rounds: int, drain: Cal
 
 
 def _libcudart() -> ctypes.CDLL | None:
-    """The CUDA runtime torch loaded into this process (read from /proc/self/maps)."""
+    """The CUDA runtime torch loaded into this process (the library attnsync's lowering calls)."""
+    from attnsync.adapters import _cudart
+
+    path = _cudart._loaded_library_path("libcudart.so")
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        return ctypes.CDLL(path) if path else None
     except OSError:
         return None
-    for path in sorted(paths):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
 
 
 def run(*, quick: bool) -> dict[str, object]:
