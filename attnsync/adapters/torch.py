@@ -31,8 +31,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
     "float32": torch.float32,
 }
-# Whether new CUDA stagers call the runtime directly for a reused lowering's copy and event
-# (see _cudart); False sends them through torch (the benchmark compares both).
+# Whether new CUDA stagers call the runtime directly for a reused lowering's copy (see
+# _cudart); False sends them through torch (the benchmark compares both).
 _USE_DIRECT_CALLS = True
 
 # Fields whose device copy is wider in torch than in the host metadata: vLLM's cache-write
@@ -317,10 +317,10 @@ def lower(
     freed block's reuse. Keep a reference (or a `.clone()`) to keep a step's values. A stager
     keeps such lowerings for up to 32 sets of field shapes, two per set, each with a pinned and a
     device buffer of the step's packed size; a 33rd set makes it forget the one it met first.
-    On CUDA a reused lowering's copy, event record and event query call the CUDA runtime torch
-    loaded directly (`attnsync.adapters._cudart`; 2-3.5 us less host time a step on an H100
-    host), on the same stream and in the same order as torch's calls would; where that runtime
-    cannot be found, torch's calls are used.
+    On CUDA a reused lowering's copy calls the CUDA runtime torch loaded directly
+    (`attnsync.adapters._cudart`; 2-3.5 us less host time a step on an H100 host), on the same
+    stream and in the same order as torch's `copy_` would; where that runtime cannot be found,
+    torch's `copy_` is used.
 
     Args:
         md: a metadata dataclass from `attnsync.build`.
@@ -437,7 +437,7 @@ class _Reusable:
     """
 
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "layout", "targets",
-                 "mirror_targets", "pinned", "event", "stream", "copy_args", "record_args")
+                 "mirror_targets", "pinned", "event", "stream", "copy_args")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
                  stream: tuple[int, int, int] | None) -> None:
@@ -451,15 +451,11 @@ class _Reusable:
             self.event = torch.cuda.Event()
             self.stream = stager._stream_object(stream)  # the stream is part of the entry's key
             host = self.pinned.numpy()
-            # The direct runtime calls' arguments (see _cudart): raw pointers of this entry's
-            # fixed memory, stream and event. torch creates an event's handle at its first
-            # record, so it is recorded once here (nothing queued yet: it completes at once).
-            self.event.record(self.stream)
+            # the direct copy's arguments (see _cudart): this entry's fixed memory and stream
             self.copy_args = (self.device_buffer.data_ptr(), self.pinned.data_ptr(), layout.nbytes,
                               self.stream.cuda_stream)
-            self.record_args = (self.event.cuda_event, self.stream.cuda_stream)
         else:  # the device buffer is host memory: values are packed straight into it
-            self.pinned = self.event = self.stream = self.copy_args = self.record_args = None
+            self.pinned = self.event = self.stream = self.copy_args = None
             host = self.device_buffer.numpy()
         # fields a fixed tensor replaces (see Stager._fixed_fields) are not worth packing
         replaced = {field_name for field_name, name in plan.device_names if name in stager._fixed_fields}
@@ -564,17 +560,18 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             staged = {field_name: values[field_name] for field_name in plan.device_fields}
             entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values, stream)
             entry.baseline = entry.users()
-        direct = stager._direct
-        if cuda and not (direct.is_done(entry.record_args[0]) if direct else _event_query(entry.event)):
-            stager._ring.stats.event_waits += 1  # its last copy has not read the pinned buffer yet
+        if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
+            stager._ring.stats.event_waits += 1
             entry.event.synchronize()
         for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
             np.copyto(target, values[name], casting="unsafe")
-        if direct:  # the runtime calls under torch's copy_ and Event.record (see _cudart)
-            direct.copy_to_device(*entry.copy_args)
-            direct.record(*entry.record_args)
-        elif cuda:
-            entry.device_buffer.copy_(entry.pinned, non_blocking=True)
+        if cuda:
+            direct = stager._direct
+            if direct:  # the runtime call under torch's copy_ (see _cudart)
+                direct.copy_to_device(*entry.copy_args)
+            else:
+                entry.device_buffer.copy_(entry.pinned, non_blocking=True)
+            # torch's own C methods for the event: as cheap as ctypes calls (run26-prof8.json)
             _event_record(entry.event, entry.stream)
         if cuda or stager.persistent:  # (a CPU stager counts only its persistent writes, as `stage`)
             stager._ring.stats.copies += 1
