@@ -371,16 +371,19 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     page = batch.block_size
     all_exact = batch.all_exact
     max_query_len = batch.max_query_len
-    # Unpadded batches reuse the batch's read-only arrays: no copy is needed.
-    query_lens = _pad(q, r_pad, 0)
-    seq_lens = _pad(batch.seq_lens, r_pad, 0)
-    exact = _pad(batch.seq_lens_exact, r_pad, True)
-    prefilling = (
-        _pad(batch.is_prefilling, r_pad, False)
-        if batch.is_prefilling is not None
-        else frozen_zeros((r_pad,), bool)
-    )
-    block_table = _pad(batch.block_table, r_pad, 0)
+    # Unpadded batches reuse the batch's read-only arrays: no copy is needed (and no _pad
+    # calls: five of them cost 2 us a step on the CPU host, a tenth of the decode build).
+    prefilling = batch.is_prefilling
+    if r_pad == n:
+        query_lens, seq_lens, exact, block_table = q, batch.seq_lens, batch.seq_lens_exact, batch.block_table
+        if prefilling is None:
+            prefilling = frozen_zeros((r_pad,), bool)
+    else:
+        query_lens = _pad(q, r_pad, 0)
+        seq_lens = _pad(batch.seq_lens, r_pad, 0)
+        exact = _pad(batch.seq_lens_exact, r_pad, True)
+        prefilling = _pad(prefilling, r_pad, False) if prefilling is not None else frozen_zeros((r_pad,), bool)
+        block_table = _pad(batch.block_table, r_pad, 0)
     num_computed = seq_lens - query_lens
     slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
     # Arrays made here are frozen below; the batch's own and the cached ones already are

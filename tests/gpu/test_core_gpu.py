@@ -392,7 +392,12 @@ def test_a_dropped_entry_keeps_its_pinned_buffer_until_its_copy_is_done(cuda, ri
     ast.lower(mds[5], cuda, stager=other)
     ast.lower(mds[6], cuda, stager=other)
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(cycles_per_ms() * 100))  # the next copies wait ~100 ms
+    # The next copies wait behind ~3 s of GPU sleep: far longer than the host steps below
+    # (gc.collect in a big test process, made slower by parallel workers, took long enough
+    # to outlast a 100 ms sleep; the sleep's calibration under such contention runs short).
+    cycles = int(cycles_per_ms() * 500)
+    for _ in range(6):
+        torch.cuda._sleep(cycles)
     held = ast.lower(mds[2], cuda, stager=stager)  # entry 1, copy pending, held below
     pool = next(iter(stager._reusable.values()))
     pending = pool[1 if pool[1].lowered is held else 2].pinned.data_ptr()
