@@ -122,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
                         help="run compiled create_block_mask (auto: on CUDA only; its CPU compile is slow)")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_flex.json")
-    parser.add_argument("--quick", action="store_true", help="two sizes (32 and 256), 15 iterations")
+    parser.add_argument("--quick", action="store_true", help="two sizes (32 and 256), 40 iterations")
     args = parser.parse_args(argv)
     if args.quick:
-        args.reqs, args.iters = [32, 256], min(args.iters, 15)
+        # 40 samples, not fewer: at 15 the captured step's median moved 2x between hosts (runs 27, 28)
+        args.reqs, args.iters = [32, 256], min(args.iters, 40)
     device = torch.device(args.device)
     run_baseline = args.baseline == "on" or (args.baseline == "auto" and device.type == "cuda")
     max_reqs = max(args.reqs)
