@@ -567,7 +567,12 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             np.copyto(target, values[name], casting="unsafe")
         if cuda:
             direct = stager._direct
-            if direct:  # the runtime call under torch's copy_ (see _cudart)
+            # The runtime call under torch's copy_ (see _cudart), only with the stager's device
+            # current: the default stream's handle is 0, which the runtime reads as the
+            # *current* device's default stream, so lowering to cuda:1 from cuda:0 (what
+            # lower_replicated does) would queue the copy on cuda:0's stream, unordered with
+            # cuda:1's kernels. torch's copy_ sets a device guard itself.
+            if direct and _current_cuda_device() == stager._device_index:
                 direct.copy_to_device(*entry.copy_args)
             else:
                 entry.device_buffer.copy_(entry.pinned, non_blocking=True)

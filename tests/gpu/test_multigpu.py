@@ -199,3 +199,45 @@ def test_jax_metadata_replicated_over_two_gpus(devices):
     with jax.transfer_guard("disallow"):
         host_ms = host_ms_while_busy(lambda: lower(steps[1]), devices, sleep_ms=100.0)
     assert host_ms < 20.0, f"host stalled: {host_ms:.2f} ms while both GPUs were busy for 100 ms"
+
+
+def _device_values(out) -> torch.Tensor:
+    return torch.cat([getattr(out, name).reshape(-1).long() for name in DEVICE_FIELDS])
+
+
+def _host_values(md) -> np.ndarray:
+    return np.concatenate([md.query_start_loc, md.seq_lens, md.block_table.ravel(), md.slot_mapping]).astype(np.int64)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-runtime-copy", "torch-copy"])
+def test_lowering_to_another_device_is_ordered_on_that_devices_stream(devices, monkeypatch, direct):
+    """Lowered to cuda:1 while cuda:0 is current and busy: the staged copy must be queued on
+    cuda:1's stream. On cuda:0's default stream it would wait behind cuda:0's work while
+    cuda:1's reader ran first (stale values), and the event guarding the pinned buffer would
+    not cover it (a later step could overwrite the buffer before the copy read it)."""
+    monkeypatch.setattr(ast, "_USE_DIRECT_CALLS", direct)
+    first, other = devices
+    steps = 64
+    mds = [attnsync.build(batch(seed=step)) for step in range(steps)]
+    expected = torch.from_numpy(np.stack([_host_values(md) for md in mds])).to(other)
+    with torch.cuda.device(other):
+        torch.cuda.synchronize()
+    stager = ast.Stager(other)
+    assert (stager._direct is not None) == direct
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(2_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(2_000_000 / max(start.elapsed_time(end), 1e-3))  # ~1 ms on cuda:0
+    mismatches = torch.zeros((), dtype=torch.int64, device=other)
+    with torch.cuda.device(first):
+        for step, md in enumerate(mds):
+            torch.cuda._sleep(cycles)  # the current device's default stream is busy
+            out = ast.lower(md, other, stager=stager)
+            with torch.cuda.device(other):  # cuda:1's reader, queued right after the lowering
+                mismatches += (_device_values(out) != expected[step]).sum()
+            del out
+    for device in devices:
+        torch.cuda.synchronize(device)
+    assert int(mismatches.item()) == 0
