@@ -83,7 +83,7 @@ class Stager:
         self._fixed_fields: dict[str, torch.Tensor] = {}
         self._reuses = self.device.type in ("cuda", "cpu")  # device kinds `_lower_reusing` serves
         self._cuda = self.device.type == "cuda"
-        # The CUDA runtime's own copy and event calls (None: through torch; see _cudart).
+        # The CUDA runtime's own copy call (None: torch's copy_; see _cudart).
         self._direct = _cudart.runtime() if self._cuda and _USE_DIRECT_CALLS else None
         if self._cuda:  # a dropped stager's pinned buffers wait for their copies (see _retire)
             weakref.finalize(self, _retire_pools, self._reusable).atexit = False

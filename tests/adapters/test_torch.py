@@ -187,6 +187,20 @@ def test_reuse_is_per_shape_and_scalars_follow_the_step():
     assert_lowered_equals(md3, again)
 
 
+def test_a_stager_keeps_reusable_lowerings_for_32_shapes_and_forgets_the_oldest():
+    stager = ast.Stager("cpu")
+    mds = [attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=4 + k)) for k in range(ast._REUSABLE_KEYS + 1)]
+    firsts = [ast.lower(md, "cpu", stager=stager) for md in mds[: ast._REUSABLE_KEYS]]
+    oldest = next(iter(stager._reusable))
+    assert len(stager._reusable) == ast._REUSABLE_KEYS
+    del firsts
+    out = ast.lower(mds[-1], "cpu", stager=stager)  # a 33rd shape: the first one is forgotten
+    assert len(stager._reusable) == ast._REUSABLE_KEYS and oldest not in stager._reusable
+    assert_lowered_equals(mds[-1], out)
+    again = ast.lower(mds[0], "cpu", stager=stager)  # made afresh, and right
+    assert_lowered_equals(mds[0], again)
+
+
 def test_persistent_stager_reuses_lowerings_at_its_fixed_addresses():
     stager = ast.Stager("cpu", persistent=True)
     mds = [attnsync.build(b) for b in _same_shape_batches(3)]
