@@ -120,6 +120,24 @@ def _warm_process(fns: dict[str, Callable[[], Any] | None], drain: Callable[[], 
                 drain()
 
 
+def host_calibration(drain: Callable[[], None], *, reps: int, warmup: int) -> dict[str, float]:
+    """Median host microseconds of three probes that say how fast this machine's CPU is.
+
+    The GPU hosts' CPUs differ by up to 4x between machines (results/2026-11-27-h100), and
+    build + lower is a few dozen such calls: numbers from two runs compare only next to these.
+    """
+    small = np.arange(256, dtype=np.int32)
+    table = np.arange(TARGET_REQS * WIDTH, dtype=np.int32).reshape(TARGET_REQS, WIDTH)  # the target's table
+    target = np.empty_like(table)
+    probes = {
+        "empty python call": lambda: None,
+        "numpy add, 256 int32": lambda: small + 1,
+        "numpy copyto, 512 KB": lambda: np.copyto(target, table),
+    }
+    return {name: measure(fn, drain, reps=reps, warmup=warmup, budget_s=0.25)["median"]
+            for name, fn in probes.items()}
+
+
 def _frameworks() -> dict[str, Any]:
     """What this host can run: torch (and its device), JAX (and its device), versions."""
     env: dict[str, Any] = {"torch": None, "jax": None, "device": "cpu", "card": None}
@@ -172,6 +190,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     torch_adapter = torch_pair[1] if torch_pair is not None else None
     jax_adapter, jax_device = (jax_triple[1], jax_triple[2]) if jax_triple is not None else (None, None)
     rng = np.random.default_rng(0)
+    calibration = host_calibration(drain, reps=reps, warmup=warmup)
     rows = []
     for num_reqs in SIZES:
         inputs = batch_inputs(num_reqs, rng)
@@ -238,6 +257,7 @@ def run(*, quick: bool) -> dict[str, Any]:
         "config": {"sizes": list(SIZES), "block_size": BLOCK_SIZE, "block_table_width": WIDTH,
                    "prefill_every": PREFILL_EVERY, "chunk": CHUNK, "reps": reps, "warmup": warmup,
                    "budget_s_per_measurement": budget_s, "quick": quick},
+        "host_calibration_us": calibration,
         "results": rows,
         "growth_1024_over_256": growth,
         "target": {
@@ -267,10 +287,12 @@ def _cell(value: float | None, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables."""
     label = " (CPU-only: absolute times only count on the GPU)" if report["cpu_only"] else ""
+    probes = ", ".join(f"{name} {value:.2f}" for name, value in report["host_calibration_us"].items())
     lines = [
         f"### bench_common on {report['device']} ({report['card']}){label}",
         "",
-        "Median host microseconds per call.",
+        "Median host microseconds per call. This host's speed (compare runs only next to it): "
+        f"{probes} us.",
         "",
         "| reqs | tokens | " + " | ".join(VARIANTS) + " | naive / build+torch | naive / build+jax |",
         "|---:|---:|" + "---:|" * (len(VARIANTS) + 2),
