@@ -24,7 +24,9 @@ one process:
 
 Host time = wall time of the call on the host, the GPU drained before each sample (median of
 ``--iters`` calls after a quarter as many warm-up calls, garbage collector paused). "Step" = the same plus ``torch.cuda.synchronize()``: the whole cost when the step
-waits for the result. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
+waits for the result. On CUDA the captured step's ratio to the compiled baseline is also
+measured in alternating blocks (``paired_ratio``), which a host drifting in speed during the run
+cannot bias. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
 linear growth in R. Absolute numbers only count on the GPU host.
 """
 
@@ -101,6 +103,30 @@ def measure(fn, device: torch.device, iters: int, warmup: int | None = None) -> 
     finally:
         gc.enable()
     return {"host_ms": statistics.median(host) * 1e3, "step_ms": statistics.median(step) * 1e3}
+
+
+def paired_ratio(numerator, denominator, device: torch.device, *, rounds: int = 8, calls: int = 10) -> dict[str, float]:
+    """Host time of `numerator` over `denominator`, measured in alternating blocks.
+
+    Each round times `calls` calls of one then the other (the order alternates) and takes the
+    ratio of the two blocks' medians; the result is the median over rounds. A host whose speed
+    drifts during the run (other tenants, clocks) then shifts both sides of a ratio alike,
+    where two measurements taken one after the other can catch it in only one.
+    """
+    def block(fn) -> float:
+        return measure(fn, device, calls, warmup=1)["host_ms"]
+
+    ratios, tops, bottoms = [], [], []
+    for index in range(rounds):
+        if index % 2:
+            bottom, top = block(denominator), block(numerator)
+        else:
+            top, bottom = block(numerator), block(denominator)
+        ratios.append(top / bottom)
+        tops.append(top)
+        bottoms.append(bottom)
+    return {"ratio": statistics.median(ratios), "numerator_host_ms": statistics.median(tops),
+            "denominator_host_ms": statistics.median(bottoms), "rounds": rounds, "calls": calls}
 
 
 def _check_lists(lists, host_md, device: torch.device) -> None:
@@ -200,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                                        BLOCK_SIZE=(Q_BLOCK, PAGE))
 
             result["create_block_mask_compiled"] = measure(baseline, device, args.iters)
+            if "attnsync_lists_captured" in result:  # the target's ratio, also from alternating blocks
+                result["compiled_over_captured_paired"] = paired_ratio(
+                    baseline, lists_captured, device, rounds=8 if args.quick else 16)
             # same sparsity: the dense route must find every page the host listed
             dense = baseline()
             _sync(device)
@@ -232,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 last["create_block_mask_compiled"]["host_ms"] / last[key]["host_ms"])
             summary[f"step_speedup_{key}_at_{last['num_reqs']}"] = (
                 last["create_block_mask_compiled"]["step_ms"] / last[key]["step_ms"])
+        if "compiled_over_captured_paired" in last:
+            summary[f"paired_speedup_attnsync_lists_captured_at_{last['num_reqs']}"] = (
+                last["compiled_over_captured_paired"]["ratio"])
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
