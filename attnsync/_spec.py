@@ -323,6 +323,34 @@ def frozen_zeros(shape: tuple[int, ...], dtype: Any = np.int32) -> np.ndarray:
     return freeze(np.zeros(shape, dtype=dtype))
 
 
+# Row-prefix masks (row i True in its first counts[i] columns) come from a cached [W+1, W]
+# table whose row p is True in its first p columns: `table.take(counts, axis=0)` copies R rows
+# where the broadcast compare `arange(W) < counts[:, None]` computes them, 0.48 us against
+# 1.70 us at 32 x 128 on the CPU host (1.4 against 13 us at 32 x 2048). The table costs
+# (W+1)*W bytes, kept once per width (`_prefix_masks` keeps the last 4: a server meets one
+# block-table width and one flex list width): tables up to this width, 4 MiB, use it; wider
+# ones compare.
+_PREFIX_MASK_MAX_WIDTH = 2048
+
+
+def prefix_mask(counts: np.ndarray, width: int) -> np.ndarray:
+    """[len(counts), width] bool, row i True in its first `counts[i]` columns (0 <= counts <= width).
+
+    Read row-major as a mask over a [R, width] table, it selects every row's first counts[i]
+    entries in order: FlashInfer's page indices, flex's decode candidates and left-packed lists.
+    """
+    if width <= _PREFIX_MASK_MAX_WIDTH:
+        return _prefix_masks(width).take(counts, axis=0)
+    return _arange(width) < counts[:, None]
+
+
+@functools.lru_cache(maxsize=4)
+def _prefix_masks(width: int) -> np.ndarray:
+    """Read-only [width+1, width] bool: row p is True in columns [0, p), False after."""
+    columns = np.arange(width, dtype=np.int32)
+    return freeze(columns[None, :] < np.arange(width + 1, dtype=np.int32)[:, None])
+
+
 def _arange(length: int) -> np.ndarray:
     """A read-only view of `[0, length)` as int32."""
     global _ARANGE
@@ -373,27 +401,27 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
     max_query_len = batch.max_query_len
     # Unpadded batches reuse the batch's read-only arrays: no copy is needed (and no _pad
     # calls: five of them cost 2 us a step on the CPU host, a tenth of the decode build).
+    # Arrays made here are frozen at the end (`made`); the batch's own and the cached ones
+    # already are (setflags took 1.3 us a call on the H100 host under the line profiler:
+    # results/2026-11-27-h100/run13-lineprof.txt).
     prefilling = batch.is_prefilling
     if r_pad == n:
         query_lens, seq_lens, exact, block_table = q, batch.seq_lens, batch.seq_lens_exact, batch.block_table
-        if prefilling is None:
-            prefilling = frozen_zeros((r_pad,), bool)
+        made = []
     else:
         query_lens = _pad(q, r_pad, 0)
         seq_lens = _pad(batch.seq_lens, r_pad, 0)
         exact = _pad(batch.seq_lens_exact, r_pad, True)
-        prefilling = _pad(prefilling, r_pad, False) if prefilling is not None else frozen_zeros((r_pad,), bool)
         block_table = _pad(batch.block_table, r_pad, 0)
-    num_computed = seq_lens - query_lens
-    slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
-    # Arrays made here are frozen below; the batch's own and the cached ones already are
-    # (setflags took 1.3 us a call on the H100 host under the line profiler:
-    # results/2026-11-27-h100/run13-lineprof.txt).
-    made = [num_computed]
-    if r_pad != n:
-        made += [query_lens, seq_lens, exact, block_table]
-        if batch.is_prefilling is not None:
+        made = [query_lens, seq_lens, exact, block_table]
+        if prefilling is not None:
+            prefilling = _pad(prefilling, r_pad, False)
             made.append(prefilling)
+    if prefilling is None:
+        prefilling = frozen_zeros((r_pad,), bool)
+    num_computed = seq_lens - query_lens
+    made.append(num_computed)
+    slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
 
     if n and t == n and max_query_len == 1:
         # One token per row (decode steps, the hot path): token i belongs to row i, its

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from strategies import batch_kwargs
 
 import attnsync
+from attnsync import _spec
 from attnsync.testing import brute_force_common
 
 ARRAY_DTYPES = {
@@ -342,3 +343,12 @@ def test_batch_any_prefilling():
     assert attnsync.Batch(**base).any_prefilling is False
     assert attnsync.Batch(**base, is_prefilling=[False, False]).any_prefilling is False
     assert attnsync.Batch(**base, is_prefilling=[False, True]).any_prefilling is True
+
+
+def test_prefix_mask_table_matches_the_compare():
+    for width in (0, 1, 7, 128):
+        table = _spec._prefix_masks(width)
+        assert table.shape == (width + 1, width) and table.dtype == np.bool_ and not table.flags.writeable
+        pages = np.arange(width + 1, dtype=np.int32)
+        np.testing.assert_array_equal(table.take(pages, axis=0), np.arange(width) < pages[:, None])
+        np.testing.assert_array_equal(_spec.prefix_mask(pages, width), np.arange(width) < pages[:, None])

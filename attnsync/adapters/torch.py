@@ -191,11 +191,7 @@ class Stager:
         if cached is None or cached[0] is not host:
             if len(self._targets) > 256:
                 self._targets.clear()
-            targets = tuple(
-                (e.name, view[e.offset : e.offset + e.nbytes].view(e.dtype).reshape(e.shape))
-                for e in layout.entries if e.nbytes
-            )
-            cached = self._targets[key] = (host, host[: layout.nbytes], targets)
+            cached = self._targets[key] = (host, host[: layout.nbytes], _targets(layout, view))
         return cached[1], cached[2]
 
 
@@ -436,7 +432,7 @@ class _Reusable:
     lookup took longer than the copy itself, results/2026-11-27-h100/run13-lineprof.txt).
     """
 
-    __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "layout", "targets",
+    __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
                  "mirror_targets", "pinned", "event", "stream", "copy_args")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
@@ -445,7 +441,6 @@ class _Reusable:
             self.device_buffer = stager._persistent_buffer(layout)  # refuses another layout, unwritten
         else:
             self.device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=stager.device)
-        self.layout = layout
         if stager.device.type == "cuda":
             self.pinned = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
             self.event = torch.cuda.Event()

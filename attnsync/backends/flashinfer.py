@@ -42,35 +42,28 @@ differences. We rebase because
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._batch import Batch, require_decode_first
-from .._spec import CommonMetadata, _arange, array_field, build_common, frozen_zeros, inherit, require_exact
+from .._spec import CommonMetadata, array_field, build_common, frozen_zeros, inherit, prefix_mask, require_exact
 from .._validate import INT32_MAX, SpecError, as_int, freeze
 
 _BACKEND = "flashinfer"
 
 # Gather strategy for paged_kv_indices: the boolean mask costs a copy of R rows of a cached
-# table plus one masked read of the [R, W] table, the repeat/take gather about 3 passes over
-# the used pages plus a fixed overhead of six numpy calls. Measured with numpy 2 on the CPU
+# table (`attnsync._spec.prefix_mask`) plus one masked read of the [R, W] table, the
+# repeat/take gather about 3 passes over the used pages plus a fixed overhead of six numpy
+# calls. Measured with numpy 2 on the CPU
 # host (`_paged_kv` with each gather forced): the mask wins at every size up to R*W = 16384
 # (32 x 512 with 1% of it used: 6.8 us against 7.3) and, above that, while the table is at
 # most about 8 times the used pages (256 x 128: 10.0 against 11.6 us at 9.4 times; 256 x 512:
 # 26 against 21 us at 10.7 times). These were 4 and 4096 while the mask was a broadcast compare
-# (3.5x the cost of the table below).
+# (3.5x the cost of the cached table).
 _MASK_GATHER_FACTOR = 8
 _MASK_GATHER_SLACK = 16384
 
-# The mask comes from a cached [W+1, W] table whose row p is True in its first p columns:
-# `table.take(pages, axis=0)` copies R rows where the broadcast compare
-# `arange(W) < pages[:, None]` computes them, 0.48 us against 1.70 us at 32 x 128 on the CPU
-# host (1.4 against 13 us at 32 x 2048). The table costs (W+1)*W bytes, kept once per width
-# (a server uses one; `_prefix_masks` keeps the last 4): tables up to this width, 4 MiB, use
-# it; wider ones compare.
-_PREFIX_MASK_MAX_WIDTH = 2048
 
 
 
@@ -233,11 +226,7 @@ def _paged_kv(
         # A narrow table: one boolean mask over it, read in row-major order, is exactly the
         # concatenation of every row's first pages_r entries (the cheapest form when most of
         # the table is in use, as in decode batches).
-        if width <= _PREFIX_MASK_MAX_WIDTH:
-            used = _prefix_masks(width).take(pages, axis=0)
-        else:
-            used = _arange(width) < pages[:, None]
-        indices = block_table[used]
+        indices = block_table[prefix_mask(pages, width)]
     else:
         # A wide table (long max_model_len, short rows): touch only the used pages. Row r's
         # pages sit at flat positions r*W + [0, pages_r); one repeat of the per-row shift
@@ -247,13 +236,6 @@ def _paged_kv(
         flat += np.arange(total, dtype=np.int64)
         indices = block_table.reshape(-1).take(flat)
     return indptr, indices, last, total
-
-
-@functools.lru_cache(maxsize=4)
-def _prefix_masks(width: int) -> np.ndarray:
-    """Read-only [width+1, width] bool: row p is True in columns [0, p), False after."""
-    columns = np.arange(width, dtype=np.int32)
-    return freeze(columns[None, :] < np.arange(width + 1, dtype=np.int32)[:, None])
 
 
 def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:

@@ -22,6 +22,7 @@ from strategies import exact_batches
 
 import attnsync
 import attnsync.backends.flashinfer as fi_backend
+from attnsync import _spec
 from attnsync._spec import build_common as fi_backend_build_common
 from attnsync.backends.flashinfer import FlashInferMetadata, paged_kv_arrays
 from attnsync.kernels.reference import paged_attention_reference, relative_error
@@ -294,7 +295,7 @@ def _build_general(batch: attnsync.Batch, *, decode_threshold: int = 1) -> Flash
     """`attnsync.build(batch, backend="flashinfer")` with both shortcuts switched off."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fi_backend, "_seq_lens_minus_one", lambda common: None)
-        mp.setattr(fi_backend, "_PREFIX_MASK_MAX_WIDTH", -1)
+        mp.setattr(_spec, "_PREFIX_MASK_MAX_WIDTH", -1)
         return attnsync.build(batch, backend="flashinfer", decode_threshold=decode_threshold)
 
 
@@ -361,14 +362,6 @@ def test_random_batches_fast_path_equals_general_path(batch, threshold):
     _, ordered = attnsync.reorder(batch, decode_threshold=threshold)
     assert_same_metadata(attnsync.build(ordered, backend="flashinfer", decode_threshold=threshold),
                          _build_general(ordered, decode_threshold=threshold))
-
-
-def test_prefix_mask_table_matches_the_compare():
-    for width in (0, 1, 7, 128):
-        table = fi_backend._prefix_masks(width)
-        assert table.shape == (width + 1, width) and table.dtype == np.bool_ and not table.flags.writeable
-        pages = np.arange(width + 1, dtype=np.int32)
-        np.testing.assert_array_equal(table.take(pages, axis=0), np.arange(width) < pages[:, None])
 
 
 def test_paged_kv_arrays_returns_writeable_arrays():
