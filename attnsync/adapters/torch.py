@@ -9,7 +9,6 @@ mirrors are CPU tensors, host scalars stay Python ints. Nothing here reads a dev
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import sys
@@ -35,15 +34,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 # Whether new CUDA stagers call the runtime directly for a reused lowering's copy (see
 # _cudart); False sends them through torch (the benchmark compares both).
 _USE_DIRECT_CALLS = True
-# Fields of at least this many bytes are written into a reused lowering's buffer by libc's
-# memmove (through ctypes) instead of `np.copyto`, when the value is a C-contiguous array of
-# the target's dtype; None sends every field through `np.copyto` (the benchmark compares both).
-# Why: the 512 KB block table of 256 rows x 512 pages is the largest write of a lowering, and
-# on the H100 hosts numpy's copy loop took 32 us for it where a memcpy-based copy took 16
-# (results/2026-11-27-h100/run24-prof6.json: torch's single-threaded copy_ against np.copyto).
-# Below the threshold the pointer lookup (about a microsecond) costs more than it saves.
-_BULK_COPY_BYTES: int | None = 32 * 1024
-_memmove = ctypes.memmove
 
 # Fields whose device copy is wider in torch than in the host metadata: vLLM's cache-write
 # kernels take int64 slot ids. The host value is int32 (validated to fit), so JAX stays int32.
@@ -443,7 +433,7 @@ class _Reusable:
     """
 
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
-                 "bulk_targets", "mirror_targets", "pinned", "event", "stream", "copy_args")
+                 "mirror_targets", "pinned", "event", "stream", "copy_args")
 
     def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
                  stream: tuple[int, int, int] | None) -> None:
@@ -464,12 +454,7 @@ class _Reusable:
             host = self.device_buffer.numpy()
         # fields a fixed tensor replaces (see Stager._fixed_fields) are not worth packing
         replaced = {field_name for field_name, name in plan.device_names if name in stager._fixed_fields}
-        targets = [item for item in _targets(layout, host) if item[0] not in replaced]
-        # large fields go by memmove when their value allows it (see _BULK_COPY_BYTES)
-        bulk = _BULK_COPY_BYTES is not None
-        self.bulk_targets = tuple((name, view, view.ctypes.data, view.nbytes, view.dtype)
-                                  for name, view in targets if bulk and view.nbytes >= _BULK_COPY_BYTES)
-        self.targets = tuple(item for item in targets if not (bulk and item[1].nbytes >= _BULK_COPY_BYTES))
+        self.targets = tuple(item for item in _targets(layout, host) if item[0] not in replaced)
         mirror_layout = _layout(tuple(
             (field_name, values[field_name].shape, np.int32 if values[field_name].dtype.kind in "iu"
              else values[field_name].dtype)
@@ -575,12 +560,6 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             entry.event.synchronize()
         for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
             np.copyto(target, values[name], casting="unsafe")
-        for name, target, address, nbytes, dtype in entry.bulk_targets:
-            value = values[name]  # its shape is the target's (part of the key)
-            if value.dtype is dtype and value.flags.c_contiguous:
-                _memmove(address, value.__array_interface__["data"][0], nbytes)
-            else:  # another dtype (edited metadata), byte order or memory order: numpy casts
-                np.copyto(target, value, casting="unsafe")
         if cuda:
             direct = stager._direct
             # The runtime call under torch's copy_ (see _cudart), only with the stager's device

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -200,37 +199,6 @@ def test_a_stager_keeps_reusable_lowerings_for_32_shapes_and_forgets_the_oldest(
     assert_lowered_equals(mds[-1], out)
     again = ast.lower(mds[0], "cpu", stager=stager)  # made afresh, and right
     assert_lowered_equals(mds[0], again)
-
-
-@pytest.mark.parametrize("value", ["built", "int64", "fortran order", "byte-swapped"])
-def test_large_fields_go_by_memmove_only_when_the_bytes_are_the_same(monkeypatch, value):
-    """Fields past _BULK_COPY_BYTES are memmoved when the value's bytes are the target's bytes
-    (C-contiguous, same dtype object); any other value goes through numpy's casting copy."""
-    import dataclasses
-
-    monkeypatch.setattr(ast, "_BULK_COPY_BYTES", 48)  # MIXED's 48-byte table and 80-byte int64 slots
-    moves = []
-    monkeypatch.setattr(ast, "_memmove", lambda dst, src, n: (moves.append(n), ctypes.memmove(dst, src, n)))
-    stager = ast.Stager("cpu")
-    mds = [attnsync.build(b) for b in _same_shape_batches(4)]
-    if value != "built":
-        convert = {"int64": lambda t: t.astype(np.int64), "fortran order": np.asfortranarray,
-                   "byte-swapped": lambda t: t.astype(">i4")}[value]
-        mds = [dataclasses.replace(md, block_table=convert(md.block_table)) for md in mds]
-    for md in mds:  # both reusable entries, each rewritten once
-        out = ast.lower(md, "cpu", stager=stager)
-        np.testing.assert_array_equal(out.block_table_tensor.numpy(), md.block_table)
-        assert out.block_table_tensor.dtype == torch.int32
-        del out
-    entries = [e for pool in stager._reusable.values() for e in pool[1:]]
-    assert {name for e in entries for name, *_ in e.bulk_targets} == {"block_table", "slot_mapping"}
-    assert {name for e in entries for name, _ in e.targets} == {"query_start_loc", "seq_lens"}  # 20 and 16 bytes
-    np.testing.assert_array_equal(ast.lower(mds[0], "cpu", stager=stager).slot_mapping.numpy(), mds[0].slot_mapping)
-    # built slot ids are int32 on the host and int64 on the device: never memmoved
-    if value == "built":
-        assert moves == [mds[0].block_table.nbytes] * (len(mds) + 1)  # every lowering above
-    else:
-        assert moves == []
 
 
 def test_persistent_stager_reuses_lowerings_at_its_fixed_addresses():
