@@ -19,10 +19,11 @@ def test_paired_ratio_alternates_blocks_and_takes_the_median_of_per_round_ratios
     def fake_measure(fn, device, iters, warmup=None):
         side = fn()
         calls.append(side)
+        assert (iters, warmup) == (3, 2)  # every block warm, then timed
         return {"host_ms": next(host_ms[side]), "step_ms": 0.0}
 
     monkeypatch.setattr(bench_flex, "measure", fake_measure)
-    result = bench_flex.paired_ratio(lambda: "top", lambda: "bottom", "cpu", rounds=4, calls=3)
+    result = bench_flex.paired_ratio(lambda: "top", lambda: "bottom", "cpu", rounds=4, calls=3, warmup=2)
     # round 0: top first; round 1: bottom first; and so on
     assert calls == ["top", "bottom", "bottom", "top", "top", "bottom", "bottom", "top"]
     # per-round ratios 2, 3, 5, 3 -> median 3; medians of each side over the rounds
