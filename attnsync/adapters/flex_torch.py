@@ -124,7 +124,10 @@ class CapturedBlockLists:
     `kv_blocks_device` and `physical_to_logical_device`, each a few microseconds of host
     launch time. Their shapes depend only on host sizes, so one CUDA graph over fixed input
     addresses serves every step of the same shapes: this class lowers each step into a
-    persistent staging buffer (one pinned copy, fixed addresses) and replays that graph.
+    persistent staging buffer (one pinned copy, fixed addresses) and replays that graph. The
+    graph also derives ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq`` from the staged
+    lengths, so a step packs only ``query_start_loc``, ``seq_lens``, ``block_table`` and
+    ``slot_mapping`` (and the host mirrors).
 
     The ``BlockMask`` needs no per-step construction either: everything it and its mask
     function read lives at a fixed address (the graph's outputs, and the staged fields at the
@@ -180,26 +183,15 @@ class CapturedBlockLists:
         # Our own views of the persistent buffer (same addresses: the stager writes every step
         # there). Holding the first lowering's tensors instead would keep that reusable
         # lowering "in use" for the torch adapter, which would then make a fresh one.
-        t = {name: getattr(first, name).view(getattr(first, name).shape)
-             for name in ("doc_ids", "query_start_loc", "decode_offset", "block_table", "seq_lens")}
-        sizes = dict(block_size=md.block_size, q_block_size=md.q_block_size, max_pages=md.block_table.shape[1],
-                     num_pages=md.num_cache_pages, width=md.max_kv_blocks)
-
-        def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            counts, indices = kv_blocks_device(t["doc_ids"], t["query_start_loc"], t["decode_offset"],
-                                               t["block_table"], **sizes)
-            inverse = physical_to_logical_device(t["block_table"], t["seq_lens"], md.block_size, md.num_cache_pages)
-            return counts, indices, inverse
-
+        t = {name: getattr(first, name).view(getattr(first, name).shape) for name in _CAPTURED_INPUTS}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.device(self.device), torch.cuda.stream(side):
-            run()  # warm-up: kernels loaded, allocator pools made
+            _captured_work(t, md)  # warm-up: kernels loaded, allocator pools made
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=side):
-            counts, indices, inverse = run()
-        self._outputs = {"kv_num_blocks": counts, "kv_indices": indices, "physical_to_logical": inverse}
+            self._outputs = _captured_work(t, md)
         torch_adapter.with_fields(first, **self._outputs)  # refuses names the lowering does not have
         # From now on the stager's lowerings carry the graph's outputs in place of the staged
         # placeholders, so `step` returns the lowering itself (no per-step copy); lowerings
@@ -216,7 +208,7 @@ class CapturedBlockLists:
         """The mask over fixed tensors: `block_mask` of a lowering made of them. Its scalars
         (tokens, cache slots, block sizes) are the bucket's, the same every step."""
         fixed = types.SimpleNamespace(
-            **staged, **outputs, q_block_size=md.q_block_size, block_size=md.block_size,
+            **{name: staged[name] for name in _CAPTURED_INPUTS}, **outputs, q_block_size=md.q_block_size, block_size=md.block_size,
             num_actual_tokens=md.num_actual_tokens, total_cache_tokens=md.total_cache_tokens,
             num_cache_pages=md.num_cache_pages, all_exact=True,
         )
@@ -240,9 +232,9 @@ class CapturedBlockLists:
     def step(self, md: FlexMetadata) -> Any:
         """Lower `md` into the fixed buffers (one pinned copy), replay the captured lists.
 
-        Returns the lowered metadata with ``kv_num_blocks``, ``kv_indices`` and
-        ``physical_to_logical`` filled (the graph's output tensors: fixed addresses, rewritten
-        by the next replay); `flex_paged_attention` takes it with ``block_mask=self.block_mask``,
+        Returns the lowered metadata with ``kv_num_blocks``, ``kv_indices``,
+        ``physical_to_logical``, ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq``
+        filled (the graph's output tensors: fixed addresses, rewritten by the next replay); `flex_paged_attention` takes it with ``block_mask=self.block_mask``,
         which now describes `md`. Metadata of other sizes raises `SpecError` before anything is
         written.
         """
@@ -253,7 +245,7 @@ class CapturedBlockLists:
         # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
         # capture stream's device itself and launches on that device's current stream.
         self.graph.replay()
-        return tmd  # its kv_num_blocks, kv_indices, physical_to_logical are the graph's outputs
+        return tmd  # its graph-made fields (see `_captured_work`) are the graph's outputs
 
     def _refuse(self, md: Any) -> None:
         """Raise what is wrong with `md`: not exact flex metadata, or other sizes."""
@@ -265,6 +257,36 @@ class CapturedBlockLists:
             f"block_sparse='device', inverse_table='device' and the same max_kv_blocks, or capture "
             f"one graph per bucket."
         )
+
+
+# The staged fields a captured step's graph reads; everything else it needs it derives.
+_CAPTURED_INPUTS = ("query_start_loc", "seq_lens", "block_table")
+
+
+def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[str, torch.Tensor]:
+    """What `CapturedBlockLists`' graph computes from the staged `_CAPTURED_INPUTS`: the page
+    lists, the inverse table, and the per-token and per-row fields derived from the lengths.
+
+    Deriving ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq`` here rather than staging
+    them leaves three fewer fields for each step to pack on the host (a numpy call each, 1-2.5 us
+    on the H100 hosts, results/2026-11-27-h100/run24-prof6.json), for a few more small kernels in
+    a graph that is replayed anyway. Each equals the host builder's field bit for bit for exact
+    lengths (the only ones a captured step takes): ``doc_ids`` is `doc_ids_static_device`
+    (padding tokens on the last row), ``decode_offset`` is ``seq_lens - query_lens`` (0 on
+    padding rows, whose length and query are 0), ``num_blocks_per_seq`` is ``ceil(seq_lens /
+    block_size)``.
+    """
+    qsl, seq_lens, table = staged["query_start_loc"], staged["seq_lens"], staged["block_table"]
+    page = md.block_size
+    doc_ids = doc_ids_static_device(qsl, md.num_actual_tokens)
+    decode_offset = seq_lens - (qsl[1:] - qsl[:-1])
+    num_blocks_per_seq = torch.div(seq_lens + (page - 1), page, rounding_mode="floor")
+    counts, indices = kv_blocks_device(doc_ids, qsl, decode_offset, table, block_size=page,
+                                       q_block_size=md.q_block_size, max_pages=table.shape[1],
+                                       num_pages=md.num_cache_pages, width=md.max_kv_blocks)
+    inverse = physical_to_logical_device(table, seq_lens, page, md.num_cache_pages)
+    return {"kv_num_blocks": counts, "kv_indices": indices, "physical_to_logical": inverse,
+            "doc_ids": doc_ids, "decode_offset": decode_offset, "num_blocks_per_seq": num_blocks_per_seq}
 
 
 # What a captured graph fixes (and, last, exact lengths), read in one call per step: rows,

@@ -374,6 +374,27 @@ def test_builder_matches_brute_force(case):
         assert len(set(row[:k].tolist())) == k and (row[:k] > 0).all() and (row[k:] == -1).all()
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flex_batches())
+def test_a_captured_steps_work_equals_the_host_build(case):
+    """`CapturedBlockLists`' graph work (`_captured_work`) run eagerly on the CPU: from the
+    staged lengths and table alone, every field it makes equals the host builder's (the device
+    lists padded with -1 to their width)."""
+    batch, num_pages, qb = case
+    if batch.padded_num_tokens and not batch.padded_num_reqs:
+        return  # refused by the flex builder (tested elsewhere)
+    options = dict(num_cache_pages=num_pages, q_block_size=qb, block_sparse="device", inverse_table="device")
+    md = attnsync.build(batch, backend="flex", **options)
+    host = attnsync.build(batch, backend="flex", num_cache_pages=num_pages, q_block_size=qb,
+                          inverse_table="host", max_kv_blocks=md.max_kv_blocks)
+    tmd = ast.lower(md, "cpu")
+    out = ft._captured_work({name: getattr(tmd, name) for name in ft._CAPTURED_INPUTS}, md)
+    for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "kv_num_blocks", "kv_indices",
+                 "physical_to_logical"):
+        assert out[name].dtype == torch.int32, name
+        np.testing.assert_array_equal(out[name].numpy(), getattr(host, name), err_msg=name)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(flex_batches(max_reqs=4, max_pages=10))
 def test_block_lists_cover_the_mask_exactly(case):
@@ -992,30 +1013,25 @@ def test_a_block_mask_built_once_over_fixed_tensors_follows_every_step():
     stager = ast.Stager("cpu", persistent=True)
     md = attnsync.build(batches[0], backend="flex", **options)
     first = ast.lower(md, "cpu", stager=stager)
-    staged = {name: getattr(first, name).view(getattr(first, name).shape)
-              for name in ("doc_ids", "query_start_loc", "decode_offset", "block_table", "seq_lens")}
+    staged = {name: getattr(first, name).view(getattr(first, name).shape) for name in ft._CAPTURED_INPUTS}
     del first
-    outputs = dict(kv_num_blocks=torch.empty(md.num_q_blocks, dtype=torch.int32),
-                   kv_indices=torch.empty(md.num_q_blocks, md.max_kv_blocks, dtype=torch.int32),
-                   physical_to_logical=torch.empty(md.num_reqs, md.num_cache_pages, dtype=torch.int32))
+    outputs = {name: torch.empty_like(value) for name, value in ft._captured_work(staged, md).items()}
 
     def replay():  # the captured graph's work, reading only the fixed views
-        counts, indices = ft.kv_blocks_device(
-            staged["doc_ids"], staged["query_start_loc"], staged["decode_offset"], staged["block_table"],
-            block_size=md.block_size, q_block_size=md.q_block_size, max_pages=md.block_table.shape[1],
-            num_pages=md.num_cache_pages, width=md.max_kv_blocks)
-        outputs["kv_num_blocks"].copy_(counts)
-        outputs["kv_indices"].copy_(indices)
-        outputs["physical_to_logical"].copy_(ft.physical_to_logical_device(
-            staged["block_table"], staged["seq_lens"], md.block_size, md.num_cache_pages))
+        for name, value in ft._captured_work(staged, md).items():
+            outputs[name].copy_(value)
 
     mask = ft.CapturedBlockLists._fixed_block_mask(md, staged, outputs)
     assert mask.q_indices is None and mask.kv_indices.data_ptr() == outputs["kv_indices"].data_ptr()
     for i, batch in enumerate([batches[1], batches[0], batches[1]]):
         step = attnsync.build(batch, backend="flex", **options)
         tmd = ast.lower(step, "cpu", stager=stager)
-        assert tmd.doc_ids.data_ptr() == staged["doc_ids"].data_ptr()  # new objects, same memory
+        assert tmd.seq_lens.data_ptr() == staged["seq_lens"].data_ptr()  # new objects, same memory
         replay()
+        # the fields the graph derives from the staged lengths equal the host builder's
+        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq"):
+            assert outputs[name].dtype == torch.int32, name
+            np.testing.assert_array_equal(outputs[name].numpy(), getattr(step, name), err_msg=name)
         host = attnsync.build(batch, backend="flex", q_block_size=4, max_kv_blocks=options["max_kv_blocks"])
         np.testing.assert_array_equal(mask.kv_num_blocks[0, 0].numpy(), host.kv_num_blocks)
         np.testing.assert_array_equal(mask.kv_indices[0, 0].numpy(), host.kv_indices)
