@@ -125,9 +125,9 @@ class CapturedBlockLists:
     launch time. Their shapes depend only on host sizes, so one CUDA graph over fixed input
     addresses serves every step of the same shapes: this class lowers each step into a
     persistent staging buffer (one pinned copy, fixed addresses) and replays that graph. The
-    graph also derives ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq`` from the staged
-    lengths, so a step packs only ``query_start_loc``, ``seq_lens``, ``block_table`` and
-    ``slot_mapping`` (and the host mirrors).
+    graph also derives ``doc_ids``, ``decode_offset``, ``num_blocks_per_seq`` and
+    ``slot_mapping`` from the staged lengths and table, so a step packs only
+    ``query_start_loc``, ``seq_lens`` and ``block_table`` (and the host mirrors).
 
     The ``BlockMask`` needs no per-step construction either: everything it and its mask
     function read lives at a fixed address (the graph's outputs, and the staged fields at the
@@ -233,9 +233,10 @@ class CapturedBlockLists:
         """Lower `md` into the fixed buffers (one pinned copy), replay the captured lists.
 
         Returns the lowered metadata with ``kv_num_blocks``, ``kv_indices``,
-        ``physical_to_logical``, ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq``
-        filled (the graph's output tensors: fixed addresses, rewritten by the next replay); `flex_paged_attention` takes it with ``block_mask=self.block_mask``,
-        which now describes `md`. Metadata of other sizes raises `SpecError` before anything is
+        ``physical_to_logical``, ``doc_ids``, ``decode_offset``, ``num_blocks_per_seq`` and
+        ``slot_mapping`` filled (the graph's output tensors: fixed addresses, rewritten by the
+        next replay); `flex_paged_attention` takes it with ``block_mask=self.block_mask``, which
+        now describes `md`. Metadata of other sizes raises `SpecError` before anything is
         written.
         """
         # One condition on the hot path; the slow path below says what is wrong.
@@ -267,14 +268,16 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
     """What `CapturedBlockLists`' graph computes from the staged `_CAPTURED_INPUTS`: the page
     lists, the inverse table, and the per-token and per-row fields derived from the lengths.
 
-    Deriving ``doc_ids``, ``decode_offset`` and ``num_blocks_per_seq`` here rather than staging
-    them leaves three fewer fields for each step to pack on the host (a numpy call each, 1-2.5 us
-    on the H100 hosts, results/2026-11-27-h100/run24-prof6.json), for a few more small kernels in
-    a graph that is replayed anyway. Each equals the host builder's field bit for bit for exact
-    lengths (the only ones a captured step takes): ``doc_ids`` is `doc_ids_static_device`
-    (padding tokens on the last row), ``decode_offset`` is ``seq_lens - query_lens`` (0 on
-    padding rows, whose length and query are 0), ``num_blocks_per_seq`` is ``ceil(seq_lens /
-    block_size)``.
+    Deriving ``doc_ids``, ``decode_offset``, ``num_blocks_per_seq`` and ``slot_mapping`` here
+    rather than staging them leaves four fewer fields for each step to pack on the host (a numpy
+    call each, 1-2.5 us on the H100 hosts, results/2026-11-27-h100/run24-prof6.json; the slot
+    mapping's also widens int32 to int64), for a few more small kernels in a graph that is
+    replayed anyway. Each equals the host builder's field bit for bit for exact lengths (the
+    only ones a captured step takes): ``doc_ids`` is `doc_ids_static_device` (padding tokens on
+    the last row), ``decode_offset`` is ``seq_lens - query_lens`` (0 on padding rows, whose
+    length and query are 0), ``num_blocks_per_seq`` is ``ceil(seq_lens / block_size)``, and
+    ``slot_mapping`` (int64, as the torch lowering stages it) is ``page * block_size + position
+    % block_size`` of each real token's page in its row, -1 for padding tokens.
     """
     qsl, seq_lens, table = staged["query_start_loc"], staged["seq_lens"], staged["block_table"]
     page = md.block_size
@@ -286,7 +289,24 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
                                        num_pages=md.num_cache_pages, width=md.max_kv_blocks)
     inverse = physical_to_logical_device(table, seq_lens, page, md.num_cache_pages)
     return {"kv_num_blocks": counts, "kv_indices": indices, "physical_to_logical": inverse,
-            "doc_ids": doc_ids, "decode_offset": decode_offset, "num_blocks_per_seq": num_blocks_per_seq}
+            "doc_ids": doc_ids, "decode_offset": decode_offset, "num_blocks_per_seq": num_blocks_per_seq,
+            "slot_mapping": _token_slots(doc_ids, qsl, decode_offset, table, page)}
+
+
+def _token_slots(doc_ids: torch.Tensor, query_start_loc: torch.Tensor, decode_offset: torch.Tensor,
+                 block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """KV-cache slot of every token, int64 [T], -1 for padding tokens (at or beyond
+    ``query_start_loc[-1]``): fixed shapes, gathers only. A padding token's column is set to 0
+    before the gather, so it never indexes past its row."""
+    row = doc_ids.long()
+    token = torch.arange(doc_ids.shape[0], device=doc_ids.device)
+    position = decode_offset.long()[row] + token - query_start_loc.long()[row]
+    real = token < query_start_loc[-1]
+    if block_table.shape[1] == 0:  # no pages at all: only padding tokens can exist
+        return torch.full_like(position, -1)
+    column = torch.where(real, torch.div(position, block_size, rounding_mode="floor"), 0)
+    pages = block_table.index_select(0, row).gather(1, column.unsqueeze(1)).squeeze(1).long()
+    return torch.where(real, pages * block_size + position % block_size, -1)
 
 
 # What a captured graph fixes (and, last, exact lengths), read in one call per step: rows,

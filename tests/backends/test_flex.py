@@ -390,9 +390,11 @@ def test_a_captured_steps_work_equals_the_host_build(case):
     tmd = ast.lower(md, "cpu")
     out = ft._captured_work({name: getattr(tmd, name) for name in ft._CAPTURED_INPUTS}, md)
     for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "kv_num_blocks", "kv_indices",
-                 "physical_to_logical"):
-        assert out[name].dtype == torch.int32, name
+                 "physical_to_logical", "slot_mapping"):
+        # each with the dtype the staged field has (vLLM's int64 slot ids)
+        assert out[name].dtype == getattr(tmd, name).dtype, name
         np.testing.assert_array_equal(out[name].numpy(), getattr(host, name), err_msg=name)
+    assert out["slot_mapping"].dtype == torch.int64
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1029,8 +1031,8 @@ def test_a_block_mask_built_once_over_fixed_tensors_follows_every_step():
         assert tmd.seq_lens.data_ptr() == staged["seq_lens"].data_ptr()  # new objects, same memory
         replay()
         # the fields the graph derives from the staged lengths equal the host builder's
-        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq"):
-            assert outputs[name].dtype == torch.int32, name
+        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "slot_mapping"):
+            assert outputs[name].dtype == tmd.__dict__[name].dtype, name
             np.testing.assert_array_equal(outputs[name].numpy(), getattr(step, name), err_msg=name)
         host = attnsync.build(batch, backend="flex", q_block_size=4, max_kv_blocks=options["max_kv_blocks"])
         np.testing.assert_array_equal(mask.kv_num_blocks[0, 0].numpy(), host.kv_num_blocks)

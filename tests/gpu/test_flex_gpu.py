@@ -389,13 +389,14 @@ def test_captured_block_lists_replay_each_step_without_sync(cuda):
         np.testing.assert_array_equal(tmd.kv_num_blocks.cpu().numpy(), host.kv_num_blocks)
         np.testing.assert_array_equal(tmd.kv_indices.cpu().numpy(), host.kv_indices)
         np.testing.assert_array_equal(tmd.physical_to_logical.cpu().numpy(), host.physical_to_logical)
-        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq"):  # derived in the graph
+        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "slot_mapping"):  # derived in the graph
             np.testing.assert_array_equal(getattr(tmd, name).cpu().numpy(), getattr(md, name), err_msg=name)
         assert mask.kv_indices.data_ptr() == tmd.kv_indices.data_ptr()
-    # a step packs only what the graph reads and the slot mapping, plus the host mirrors
+    # a step packs only what the graph reads, plus the host mirrors
     entries = [e for pool in captured.stager._reusable.values() for e in pool[1:] if e is not None]
-    assert entries and all({name for name, _ in e.targets} == {"query_start_loc", "seq_lens", "block_table",
-                                                                "slot_mapping"} for e in entries)
+    assert entries and all({name for name, _ in e.targets} == {"query_start_loc", "seq_lens", "block_table"}
+                           for e in entries)
+    assert tmd.slot_mapping.dtype == torch.int64
     other = attnsync.build(batch_a(), backend="flex", q_block_size=QB, max_kv_blocks=2 * MAX_KV,
                            block_sparse="device", inverse_table="device")
     copies = captured.stager.stats.copies
