@@ -23,8 +23,8 @@ one process:
   inputs (doc ids, inverse table, ...) are prepared once and not timed, which favours it.
 
 Host time = wall time of the call on the host, the GPU drained before each sample (median of
-``--iters`` calls after a quarter as many warm-up calls, garbage collector paused). "Step" = the same plus ``torch.cuda.synchronize()``: the whole cost when the step
-waits for the result. On CUDA the captured step's ratio to the compiled baseline is also
+``--iters`` calls after a quarter as many warm-up calls, garbage collector paused). "Step" =
+the same plus ``torch.cuda.synchronize()``: the whole cost when the step waits for the result. On CUDA the captured step's ratio to the compiled baseline is also
 measured in alternating blocks (``paired_ratio``), which a host drifting in speed during the run
 cannot bias. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
 linear growth in R. Absolute numbers only count on the GPU host.
