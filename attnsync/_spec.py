@@ -380,12 +380,16 @@ def _split(batch: Batch, threshold: int, query_start_loc: np.ndarray) -> tuple[l
     return rows, tokens, not bool((is_decode[1:] > is_decode[:-1]).any())
 
 
-def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
+def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True) -> CommonMetadata:
     """Build the common metadata of `batch` (host only, numpy).
 
     Args:
         batch: the validated batch.
         decode_threshold: rows with at most this many new tokens count as decodes in the split.
+        slots: compute `slot_mapping`. False (internal: for a consumer that derives the slots
+            on the device and never reads the host ones, flex's captured step) leaves it a
+            shared read-only array of zeros of the right shape, and skips the five to seven
+            numpy calls that make it.
     """
     if not isinstance(batch, Batch):
         raise TypeError(
@@ -421,7 +425,13 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         prefilling = frozen_zeros((r_pad,), bool)
     num_computed = seq_lens - query_lens
     made.append(num_computed)
-    slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32) if t_pad > t else None
+    if not slots:
+        slot_mapping = frozen_zeros((t_pad,))  # never read (see the docstring)
+    elif t_pad > t:
+        slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32)
+        made.append(slot_mapping)
+    else:
+        slot_mapping = None  # the slots computed below, made here
 
     if n and t == n and max_query_len == 1:
         # One token per row (decode steps, the hot path): token i belongs to row i, its
@@ -438,9 +448,10 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
             token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
             token_to_req[:n] = _arange(n)
             made.append(token_to_req)
-        slots = _decode_slots(block_table[:n], num_computed[:n], page)
-        if not all_exact:
-            slots[~batch.seq_lens_exact] = PAD_SLOT_ID
+        if slots:
+            token_slots = _decode_slots(block_table[:n], num_computed[:n], page)
+            if not all_exact:
+                token_slots[~batch.seq_lens_exact] = PAD_SLOT_ID
     else:
         query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
         np.add.accumulate(query_lens, out=query_start_loc[1:])
@@ -451,18 +462,20 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
         token_to_req[:t] = np.repeat(_arange(n), q)
         made.append(token_to_req)
-        positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
-        positions += _arange(t)
-        column, offset = np.divmod(positions, page)
-        slots = block_table[token_to_req[:t], column] if t else positions
-        slots *= page
-        slots += offset
-        if not all_exact:
-            slots[~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
+        if slots:
+            positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
+            positions += _arange(t)
+            column, offset = np.divmod(positions, page)
+            token_slots = block_table[token_to_req[:t], column] if t else positions
+            token_slots *= page
+            token_slots += offset
+            if not all_exact:
+                token_slots[~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
     if slot_mapping is None:
-        slot_mapping = slots
-    else:
-        slot_mapping[:t] = slots
+        slot_mapping = token_slots
+        made.append(slot_mapping)
+    elif slots:
+        slot_mapping[:t] = token_slots
 
     if max_query_len <= threshold and not batch.any_prefilling:
         rows_per_region = (n, 0, 0, 0)  # every row is a decode
@@ -470,7 +483,6 @@ def build_common(batch: Batch, *, decode_threshold: int = 1) -> CommonMetadata:
         decode_first = True
     else:
         rows_per_region, tokens_per_region, decode_first = _split(batch, threshold, query_start_loc)
-    made.append(slot_mapping)
     for value in made:
         value.setflags(write=False)
     return construct(CommonMetadata, dict(

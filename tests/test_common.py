@@ -297,6 +297,26 @@ def test_random_batches_match_brute_force(kwargs, decode_threshold):
     assert_same_as_brute_force(batch, decode_threshold=decode_threshold)
 
 
+@settings(max_examples=200, deadline=None)
+@given(kwargs=batch_kwargs(), decode_threshold=st.sampled_from([1, 2]))
+def test_without_slots_every_other_field_is_the_same(kwargs, decode_threshold):
+    """`build_common(slots=False)` (for flex's captured step, whose graph derives the slots)
+    differs from the full build only in `slot_mapping`: shared read-only zeros of its shape."""
+    batch = attnsync.Batch(**kwargs)
+    full = _spec.build_common(batch, decode_threshold=decode_threshold)
+    lite = _spec.build_common(batch, decode_threshold=decode_threshold, slots=False)
+    for field in dataclasses.fields(full):
+        want, got = getattr(full, field.name), getattr(lite, field.name)
+        if field.name == "slot_mapping":
+            assert got.shape == want.shape and got.dtype == want.dtype and not got.any()
+            assert not got.flags.writeable
+        elif isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(got, want, err_msg=field.name)
+            assert got.dtype == want.dtype and not got.flags.writeable, field.name
+        else:
+            assert got == want and type(got) is type(want), field.name
+
+
 @settings(max_examples=100, deadline=None)
 @given(kwargs=batch_kwargs(inexact=False))
 def test_invariants(kwargs):

@@ -41,7 +41,9 @@ import torch  # noqa: TID253 - this module is the torch side of the flex backend
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .._validate import SpecError
+from .._batch import Batch
 from ..backends.flex import FlexMetadata
+from ..backends.flex import _build as _build_flex
 from . import torch as torch_adapter
 
 __all__ = [
@@ -132,14 +134,15 @@ class CapturedBlockLists:
     The ``BlockMask`` needs no per-step construction either: everything it and its mask
     function read lives at a fixed address (the graph's outputs, and the staged fields at the
     persistent buffer's offsets), so `block_mask` is built once, here, and each `step` rewrites
-    what it reads. A step is then: build, ``step(md)``, use ``captured.block_mask``.
+    what it reads. A step is then ``step_batch(batch)`` (or build, ``step(md)``), and
+    ``captured.block_mask``. `step_batch` also skips the host fields the graph derives.
 
     Example (one bucket; ``batches`` padded to the same sizes)::
 
         options = dict(block_sparse="device", inverse_table="device", max_kv_blocks=2048)
         captured = CapturedBlockLists(attnsync.build(first, backend="flex", **options), "cuda")
         for batch in batches:
-            tmd = captured.step(attnsync.build(batch, backend="flex", **options))
+            tmd = captured.step_batch(batch)  # or captured.step(attnsync.build(batch, ...))
             out = flex_paged_attention(q, k_cache, v_cache, tmd, scale=s, compile=True,
                                        block_mask=captured.block_mask)
 
@@ -178,6 +181,11 @@ class CapturedBlockLists:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._sizes = _CAPTURED_SIZES(md)  # all_exact is True here (_check above)
+        # what `step_batch` builds with: the options `md` was built with, read back from it
+        self._build_options = dict(
+            num_cache_pages=md.num_cache_pages, q_block_size=md.q_block_size, max_kv_blocks=md.max_kv_blocks,
+            inverse_table="device", block_sparse="device", decode_threshold=md.decode_threshold,
+        )
         self.stager = torch_adapter.Stager(self.device, persistent=True)
         first = torch_adapter.lower(md, self.device, stager=self.stager)
         # Our own views of the persistent buffer (same addresses: the stager writes every step
@@ -247,6 +255,17 @@ class CapturedBlockLists:
         # capture stream's device itself and launches on that device's current stream.
         self.graph.replay()
         return tmd  # its graph-made fields (see `_captured_work`) are the graph's outputs
+
+    def step_batch(self, batch: Batch) -> Any:
+        """`step` of ``attnsync.build(batch, backend="flex", ...)`` with the capture's options,
+        without computing on the host what the graph derives (``slot_mapping``: five to seven
+        numpy calls; ``num_blocks_per_seq``: three). The host work left is the common split,
+        the offsets and the maxima, then one pinned copy of ``query_start_loc``, ``seq_lens``
+        and ``block_table``. The result is `step`'s, value for value (the GPU tests compare
+        them). A batch of other sizes, or with inexact rows, raises `SpecError` (or
+        `TypeError` for what is not a `Batch`) before anything is written.
+        """
+        return self.step(_build_flex(batch, **self._build_options, for_captured_graph=True))
 
     def _refuse(self, md: Any) -> None:
         """Raise what is wrong with `md`: not exact flex metadata, or other sizes."""

@@ -422,6 +422,29 @@ def build(
         >>> md.physical_to_logical[0].tolist()
         [-1, -1, 0, -1, -1, 1, -1, -1]
     """
+    return _build(batch, num_cache_pages=num_cache_pages, q_block_size=q_block_size,
+                  max_kv_blocks=max_kv_blocks, inverse_table=inverse_table, block_sparse=block_sparse,
+                  decode_threshold=decode_threshold, for_captured_graph=False)
+
+
+def _build(
+    batch: Batch,
+    *,
+    num_cache_pages: int | None,
+    q_block_size: int,
+    max_kv_blocks: int | None,
+    inverse_table: str,
+    block_sparse: str,
+    decode_threshold: int,
+    for_captured_graph: bool,
+) -> FlexMetadata:
+    """`build`, and (``for_captured_graph=True``) the metadata `flex_torch.CapturedBlockLists`
+    lowers for `step_batch`: its graph derives ``slot_mapping`` and ``num_blocks_per_seq`` from
+    the staged lengths, so they are not computed here but left as shared read-only zeros of
+    their shapes (the layout stays the bucket's). Such metadata is lowered only by that class,
+    whose fixed graph outputs replace both fields, and is never handed to a caller. The caller
+    guarantees device lists, a device inverse table and exact lengths (the class checks them).
+    """
     if not isinstance(batch, Batch):
         raise TypeError(f"batch: expected an attnsync.Batch, received {type(batch).__name__}.")
     try:  # a serving loop passes the same options every step: validated once
@@ -435,7 +458,7 @@ def build(
     on_device = choice == "device" or (
         choice == "auto" and 4 * batch.padded_num_reqs * pages > AUTO_HOST_INVERSE_TABLE_BYTES
     )
-    common = build_common(batch, decode_threshold=decode_threshold)
+    common = build_common(batch, decode_threshold=decode_threshold, slots=not for_captured_graph)
     r_pad, t_pad, bs = common.num_reqs, common.num_actual_tokens, common.block_size
     if t_pad and not r_pad:
         raise SpecError(
@@ -453,7 +476,10 @@ def build(
         doc_ids = common.token_to_req.copy()
         doc_ids[tokens:] = max(r_pad - 1, 0)
         freeze(doc_ids)
-    num_blocks_per_seq = freeze(_blocks_per_seq(common.seq_lens, bs))
+    if for_captured_graph:
+        num_blocks_per_seq = frozen_zeros((r_pad,))  # never read (see the docstring)
+    else:
+        num_blocks_per_seq = freeze(_blocks_per_seq(common.seq_lens, bs))
     max_pages = -(-common.max_seq_len // bs)
     decode = tokens == common.num_scheduled_reqs and common.max_query_len == 1  # token i is row i
     if on_device:
@@ -468,7 +494,8 @@ def build(
         # >= 16 * 126) is one. Other batches may span token-less rows, which the bound counts.
         if width is None or not decode or width < min(qb * max_pages, pages - 1):
             bound = device_list_bound(common, q_block_size=qb, num_q_blocks=num_q_blocks, num_pages=pages,
-                                      pages_per_row=num_blocks_per_seq)
+                                      pages_per_row=_blocks_per_seq(common.seq_lens, bs) if for_captured_graph
+                                      else num_blocks_per_seq)
             if width is None:
                 width = _next_pow2(max(bound, 1))
             elif width < bound:

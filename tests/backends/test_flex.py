@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import attnsync
 from attnsync import SpecError
+from attnsync.backends import flex as flex_backend
 from attnsync.backends.flex import FlexMetadata
 from attnsync.kernels.reference import paged_attention_reference
 
@@ -387,14 +388,26 @@ def test_a_captured_steps_work_equals_the_host_build(case):
     md = attnsync.build(batch, backend="flex", **options)
     host = attnsync.build(batch, backend="flex", num_cache_pages=num_pages, q_block_size=qb,
                           inverse_table="host", max_kv_blocks=md.max_kv_blocks)
-    tmd = ast.lower(md, "cpu")
-    out = ft._captured_work({name: getattr(tmd, name) for name in ft._CAPTURED_INPUTS}, md)
-    for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "kv_num_blocks", "kv_indices",
-                 "physical_to_logical", "slot_mapping"):
-        # each with the dtype the staged field has (vLLM's int64 slot ids)
-        assert out[name].dtype == getattr(tmd, name).dtype, name
-        np.testing.assert_array_equal(out[name].numpy(), getattr(host, name), err_msg=name)
-    assert out["slot_mapping"].dtype == torch.int64
+    # what step_batch lowers: no host slots or page counts (zeros of their shapes), the rest equal
+    lite = flex_backend._build(batch, **options, max_kv_blocks=md.max_kv_blocks, decode_threshold=1,
+                               for_captured_graph=True)
+    for field in dataclasses.fields(md):
+        want, got = getattr(md, field.name), getattr(lite, field.name)
+        if field.name in ("slot_mapping", "num_blocks_per_seq"):
+            assert got.shape == want.shape and got.dtype == want.dtype and not got.any(), field.name
+        elif isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(got, want, err_msg=field.name)
+        else:
+            assert got == want, field.name
+    for built in (md, lite):
+        tmd = ast.lower(built, "cpu")
+        out = ft._captured_work({name: getattr(tmd, name) for name in ft._CAPTURED_INPUTS}, built)
+        for name in ("doc_ids", "decode_offset", "num_blocks_per_seq", "kv_num_blocks", "kv_indices",
+                     "physical_to_logical", "slot_mapping"):
+            # each with the dtype the staged field has (vLLM's int64 slot ids)
+            assert out[name].dtype == getattr(tmd, name).dtype, name
+            np.testing.assert_array_equal(out[name].numpy(), getattr(host, name), err_msg=name)
+        assert out["slot_mapping"].dtype == torch.int64
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

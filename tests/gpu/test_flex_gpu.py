@@ -406,6 +406,44 @@ def test_captured_block_lists_replay_each_step_without_sync(cuda):
     stall_free(lambda: captured.step(md), budget_ms=2.0)
 
 
+def test_captured_step_batch_equals_step_of_the_built_metadata(cuda):
+    """`CapturedBlockLists.step_batch(batch)` skips the host slots and page counts the graph
+    derives: every field of what it returns equals `step(attnsync.build(batch, ...))`'s, step
+    after step of different batches, without a sync; other sizes and inexact rows are refused
+    before anything is staged."""
+    device_options = dict(q_block_size=QB, max_kv_blocks=MAX_KV, block_sparse="device", inverse_table="device")
+    captured = ft.CapturedBlockLists(attnsync.build(batch_a(), backend="flex", **device_options), cuda)
+    for batch, other in [(batch_b(), batch_a()), (batch_a(), batch_b()), (batch_b(), batch_a())]:
+        with no_sync():
+            tmd = captured.step(attnsync.build(batch, backend="flex", **device_options))
+        torch.cuda.synchronize()
+        want = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                for name, value in vars(tmd).items()}
+        captured.step(attnsync.build(other, backend="flex", **device_options))  # the buffers hold other values
+        with no_sync():
+            got = captured.step_batch(batch)
+        torch.cuda.synchronize()
+        assert set(vars(got)) == set(want)
+        for name, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(got, name), value), name
+            else:
+                assert getattr(got, name) == value, name
+        host = attnsync.build(batch, backend="flex", **OPTIONS)
+        np.testing.assert_array_equal(got.slot_mapping.cpu().numpy(), host.slot_mapping)
+        np.testing.assert_array_equal(got.num_blocks_per_seq.cpu().numpy(), host.num_blocks_per_seq)
+    copies = captured.stager.stats.copies
+    with pytest.raises(attnsync.SpecError, match="inexact"):
+        captured.step_batch(batch_b(bound=True))
+    with pytest.raises(attnsync.SpecError, match="captured for"):  # one row, one token: not the bucket
+        captured.step_batch(attnsync.Batch(query_lens=[1], seq_lens=[5], block_table=[[2]], block_size=PAGE,
+                                           num_cache_pages=PAGES))
+    with pytest.raises(TypeError):
+        captured.step_batch(attnsync.build(batch_a(), backend="flex", **device_options))
+    assert captured.stager.stats.copies == copies, "nothing staged"
+    stall_free(lambda: captured.step_batch(batch_a()), budget_ms=2.0)
+
+
 def test_captured_block_mask_follows_each_step_without_sync(cuda):
     """`CapturedBlockLists.block_mask`: one BlockMask, built at capture, over the graph's outputs
     and the persistent lowering. After each step of a different batch of the bucket it holds that
