@@ -181,11 +181,7 @@ class CapturedBlockLists:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._sizes = _CAPTURED_SIZES(md)  # all_exact is True here (_check above)
-        # what `step_batch` builds with: the options `md` was built with, read back from it
-        self._build_options = dict(
-            num_cache_pages=md.num_cache_pages, q_block_size=md.q_block_size, max_kv_blocks=md.max_kv_blocks,
-            inverse_table="device", block_sparse="device", decode_threshold=md.decode_threshold,
-        )
+        self._build_options = _step_batch_options(md)
         self.stager = torch_adapter.Stager(self.device, persistent=True)
         first = torch_adapter.lower(md, self.device, stager=self.stager)
         # Our own views of the persistent buffer (same addresses: the stager writes every step
@@ -277,6 +273,14 @@ class CapturedBlockLists:
             f"block_sparse='device', inverse_table='device' and the same max_kv_blocks, or capture "
             f"one graph per bucket."
         )
+
+
+def _step_batch_options(md: FlexMetadata) -> dict[str, Any]:
+    """The build options `CapturedBlockLists.step_batch` builds with: those `md` was built with,
+    read back from it. The decode threshold is not among them: it changes no field of flex
+    metadata (which carries no decode/prefill split), so the default serves every capture."""
+    return dict(num_cache_pages=md.num_cache_pages, q_block_size=md.q_block_size, max_kv_blocks=md.max_kv_blocks,
+                inverse_table="device", block_sparse="device", decode_threshold=1)
 
 
 # The staged fields a captured step's graph reads; everything else it needs it derives.

@@ -389,8 +389,7 @@ def test_a_captured_steps_work_equals_the_host_build(case):
     host = attnsync.build(batch, backend="flex", num_cache_pages=num_pages, q_block_size=qb,
                           inverse_table="host", max_kv_blocks=md.max_kv_blocks)
     # what step_batch lowers: no host slots or page counts (zeros of their shapes), the rest equal
-    lite = flex_backend._build(batch, **options, max_kv_blocks=md.max_kv_blocks, decode_threshold=1,
-                               for_captured_graph=True)
+    lite = flex_backend._build(batch, **ft._step_batch_options(md), for_captured_graph=True)
     for field in dataclasses.fields(md):
         want, got = getattr(md, field.name), getattr(lite, field.name)
         if field.name in ("slot_mapping", "num_blocks_per_seq"):
