@@ -28,8 +28,9 @@ Host time = wall time of the call on the host, the GPU drained before each sampl
 ``--iters`` calls after a quarter as many warm-up calls, garbage collector paused). "Step" =
 the same plus ``torch.cuda.synchronize()``: the whole cost when the step waits for the result.
 On CUDA both captured steps' ratios to the compiled baseline are also measured in alternating
-blocks (``paired_ratio``), which a host drifting in speed during the run cannot bias. Targets (issue): attnsync >= 10x faster in host time at 256 requests, and
-linear growth in R. Absolute numbers only count on the GPU host.
+blocks (``paired_ratio``), which a host drifting in speed during the run cannot bias.
+Targets (issue): attnsync >= 10x faster in host time at 256 requests, and linear growth in R.
+Absolute numbers only count on the GPU host.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 return captured.block_mask
 
             result["attnsync_lists_captured"] = measure(lists_captured, device, args.iters)
-            result["attnsync_lists_captured_from_batch"] = measure(lists_captured_from_batch, device, args.iters)
+            result["attnsync_lists_captured_from_batch"] = measure(lists_captured_from_batch, device,
+                                                                   args.iters)
             # The cached mask follows the replays: after a step of the other batch it holds that
             # batch's lists, then this one's again; through step and through step_batch.
             for check in (other, batch, other, batch):
@@ -290,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_flex.json").write_text(json.dumps({"quick": args.quick, "iters": args.iters, "device": str(device), "torch": torch.__version__, "num_cache_pages": num_pages,
-                                        "rows": rows, "summary": summary}, indent=2))
+        (args.out / "bench_flex.json").write_text(json.dumps({
+            "quick": args.quick, "iters": args.iters, "device": str(device), "torch": torch.__version__,
+            "num_cache_pages": num_pages, "rows": rows, "summary": summary,
+        }, indent=2))
     return 0
 
 

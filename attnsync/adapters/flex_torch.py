@@ -40,8 +40,8 @@ from typing import Any
 import torch  # noqa: TID253 - this module is the torch side of the flex backend
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .._validate import SpecError
 from .._batch import Batch
+from .._validate import SpecError
 from ..backends.flex import FlexMetadata
 from ..backends.flex import _build as _build_flex
 from . import torch as torch_adapter
@@ -212,7 +212,8 @@ class CapturedBlockLists:
         """The mask over fixed tensors: `block_mask` of a lowering made of them. Its scalars
         (tokens, cache slots, block sizes) are the bucket's, the same every step."""
         fixed = types.SimpleNamespace(
-            **{name: staged[name] for name in _CAPTURED_INPUTS}, **outputs, q_block_size=md.q_block_size, block_size=md.block_size,
+            **{name: staged[name] for name in _CAPTURED_INPUTS}, **outputs,
+            q_block_size=md.q_block_size, block_size=md.block_size,
             num_actual_tokens=md.num_actual_tokens, total_cache_tokens=md.total_cache_tokens,
             num_cache_pages=md.num_cache_pages, all_exact=True,
         )
@@ -279,8 +280,9 @@ def _step_batch_options(md: FlexMetadata) -> dict[str, Any]:
     """The build options `CapturedBlockLists.step_batch` builds with: those `md` was built with,
     read back from it. The decode threshold is not among them: it changes no field of flex
     metadata (which carries no decode/prefill split), so the default serves every capture."""
-    return dict(num_cache_pages=md.num_cache_pages, q_block_size=md.q_block_size, max_kv_blocks=md.max_kv_blocks,
-                inverse_table="device", block_sparse="device", decode_threshold=1)
+    return dict(num_cache_pages=md.num_cache_pages, q_block_size=md.q_block_size,
+                max_kv_blocks=md.max_kv_blocks, inverse_table="device", block_sparse="device",
+                decode_threshold=1)
 
 
 # The staged fields a captured step's graph reads; everything else it needs it derives.
