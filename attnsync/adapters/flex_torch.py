@@ -99,10 +99,8 @@ def lower(md: FlexMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | No
     tmd = torch_adapter.lower(md, device, seq_lens=seq_lens, stager=stager)
     updates: dict[str, Any] = {}
     if seq_lens is not None:
-        qsl = tmd.query_start_loc
-        updates["decode_offset"] = seq_lens - (qsl[1:] - qsl[:-1])
-        updates["num_blocks_per_seq"] = torch.div(seq_lens + (md.block_size - 1), md.block_size,
-                                                  rounding_mode="floor")
+        updates["decode_offset"], updates["num_blocks_per_seq"] = _row_fields_device(
+            tmd.query_start_loc, seq_lens, md.block_size)
         updates["all_exact"] = True
     if seq_lens is not None or md.inverse_table_on_device:
         updates["physical_to_logical"] = physical_to_logical_device(
@@ -209,10 +207,11 @@ class CapturedBlockLists:
     @staticmethod
     def _fixed_block_mask(md: FlexMetadata, staged: dict[str, torch.Tensor],
                           outputs: dict[str, torch.Tensor]) -> BlockMask:
-        """The mask over fixed tensors: `block_mask` of a lowering made of them. Its scalars
-        (tokens, cache slots, block sizes) are the bucket's, the same every step."""
+        """The mask over fixed tensors: `block_mask` of a lowering made of them (`staged`: the
+        `_CAPTURED_INPUTS` views, `outputs`: `_captured_work`'s). Its scalars (tokens, cache
+        slots, block sizes) are the bucket's, the same every step."""
         fixed = types.SimpleNamespace(
-            **{name: staged[name] for name in _CAPTURED_INPUTS}, **outputs,
+            **staged, **outputs,
             q_block_size=md.q_block_size, block_size=md.block_size,
             num_actual_tokens=md.num_actual_tokens, total_cache_tokens=md.total_cache_tokens,
             num_cache_pages=md.num_cache_pages, all_exact=True,
@@ -307,8 +306,7 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
     qsl, seq_lens, table = staged["query_start_loc"], staged["seq_lens"], staged["block_table"]
     page = md.block_size
     doc_ids = doc_ids_static_device(qsl, md.num_actual_tokens)
-    decode_offset = seq_lens - (qsl[1:] - qsl[:-1])
-    num_blocks_per_seq = torch.div(seq_lens + (page - 1), page, rounding_mode="floor")
+    decode_offset, num_blocks_per_seq = _row_fields_device(qsl, seq_lens, page)
     counts, indices = kv_blocks_device(doc_ids, qsl, decode_offset, table, block_size=page,
                                        q_block_size=md.q_block_size, max_pages=table.shape[1],
                                        num_pages=md.num_cache_pages, width=md.max_kv_blocks)
@@ -318,15 +316,34 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
             "slot_mapping": _token_slots(doc_ids, qsl, decode_offset, table, page)}
 
 
+def _pages_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``ceil(seq_lens / block_size)``: pages each row's length needs (same dtype)."""
+    return torch.div(seq_lens + (block_size - 1), block_size, rounding_mode="floor")
+
+
+def _row_fields_device(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_offset`` (``seq_lens - query_lens``) and ``num_blocks_per_seq`` from device
+    lengths, as the host builder defines them."""
+    return seq_lens - (query_start_loc[1:] - query_start_loc[:-1]), _pages_of(seq_lens, block_size)
+
+
+def _token_positions(doc_ids: torch.Tensor, query_start_loc: torch.Tensor,
+                     decode_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position in its request, is real) of every token, int64 / bool [T]. Padding tokens
+    (at or beyond ``query_start_loc[-1]``) get a meaningless position; callers mask them."""
+    row = doc_ids.long()
+    token = torch.arange(doc_ids.shape[0], device=doc_ids.device)
+    position = decode_offset.long()[row] + token - query_start_loc.long()[row]
+    return row, position, token < query_start_loc[-1]
+
+
 def _token_slots(doc_ids: torch.Tensor, query_start_loc: torch.Tensor, decode_offset: torch.Tensor,
                  block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     """KV-cache slot of every token, int64 [T], -1 for padding tokens (at or beyond
     ``query_start_loc[-1]``): fixed shapes, gathers only. A padding token's column is set to 0
     before the gather, so it never indexes past its row."""
-    row = doc_ids.long()
-    token = torch.arange(doc_ids.shape[0], device=doc_ids.device)
-    position = decode_offset.long()[row] + token - query_start_loc.long()[row]
-    real = token < query_start_loc[-1]
+    row, position, real = _token_positions(doc_ids, query_start_loc, decode_offset)
     if block_table.shape[1] == 0:  # no pages at all: only padding tokens can exist
         return torch.full_like(position, -1)
     column = torch.where(real, torch.div(position, block_size, rounding_mode="floor"), 0)
@@ -603,7 +620,7 @@ def physical_to_logical_device(
     """
     rows, width = block_table.shape
     columns = torch.arange(width, dtype=torch.int32, device=block_table.device)
-    used = torch.div(seq_lens + (block_size - 1), block_size, rounding_mode="floor")
+    used = _pages_of(seq_lens, block_size)
     live = columns[None, :] < used[:, None]
     index = torch.where(live, block_table, 0).long()
     logical = torch.where(live, columns[None, :], -1).to(torch.int32)
@@ -646,10 +663,7 @@ def kv_blocks_device(
     device = doc_ids.device
     tokens = doc_ids.shape[0]
     num_blocks = -(-tokens // q_block_size)
-    row = doc_ids.long()
-    token = torch.arange(tokens, device=device)
-    position = decode_offset.long()[row] + token - query_start_loc.long()[row]
-    real = token < query_start_loc[-1]
+    row, position, real = _token_positions(doc_ids, query_start_loc, decode_offset)
     reach = torch.where(real, torch.div(position, block_size, rounding_mode="floor"), -1)
     columns = torch.arange(max_pages, device=device)
     pages = block_table[:, :max_pages].index_select(0, row)
