@@ -31,6 +31,7 @@ writes {"status": "skipped", "reason": ...} and exits 0. Steps/s only compare wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -303,7 +304,8 @@ def compare_modes(modes: dict[str, Callable[[int], None]], *, steps: int, repeat
 
 
 def micro_build_lower(reps: int) -> dict[str, float]:
-    """Host us of FlashInfer build (+lower) for 32 decode requests; the GPU drained between reps."""
+    """Host us of FlashInfer build (+lower) for 32 decode requests, of one batch again and again
+    and of successive decode steps; the GPU drained between reps."""
     import torch
 
     from attnsync.adapters import torch as ast
@@ -315,6 +317,14 @@ def micro_build_lower(reps: int) -> dict[str, float]:
     kwargs = dict(query_lens=np.ones(BATCH, np.int32), seq_lens=seq, block_table=table, block_size=PAGE)
     batch = attnsync.Batch(**kwargs)
     md = attnsync.build(batch, backend="flashinfer")
+    # A decode loop's steps: every context one longer than the step before, so the page list
+    # changes length whenever a row crosses a page boundary (what a serving loop lowers; the
+    # fixed batch above repeats one step's shapes). The table has room for 400 more tokens.
+    drift_width = int(-(-(seq.max() + 400) // PAGE))
+    drift_table = w_rng.integers(0, 1 << 16, (BATCH, drift_width)).astype(np.int32)
+    drifting = [attnsync.Batch(query_lens=np.ones(BATCH, np.int32), seq_lens=seq + step,
+                               block_table=drift_table, block_size=PAGE) for step in range(400)]
+    step_of = itertools.count()
     variants = {
         "batch": lambda: attnsync.Batch(**kwargs),
         "build": lambda: attnsync.build(batch, backend="flashinfer"),
@@ -322,6 +332,9 @@ def micro_build_lower(reps: int) -> dict[str, float]:
         "build+lower": lambda: ast.lower(attnsync.build(batch, backend="flashinfer"), device="cuda"),
         "batch+build+lower": lambda: ast.lower(
             attnsync.build(attnsync.Batch(**kwargs), backend="flashinfer"), device="cuda"
+        ),
+        "build+lower, decode steps": lambda: ast.lower(
+            attnsync.build(drifting[next(step_of) % len(drifting)], backend="flashinfer"), device="cuda"
         ),
     }
     result = {}

@@ -199,7 +199,7 @@ class CapturedBlockLists:
         # placeholders, so `step` returns the lowering itself (no per-step copy); lowerings
         # made before (`first`) are forgotten.
         self.stager._fixed_fields = dict(self._outputs)
-        torch_adapter._retire_pools(self.stager._reusable)
+        self.stager._forget_lowerings()
         del first
         self.block_mask = self._fixed_block_mask(md, t, self._outputs)
         self.graph.replay()  # capturing ran nothing: the outputs (and block_mask) now hold md's lists

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import threading
 import weakref
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from .._spec import BUILT_MARK, array_fields, check_lowerable, fields_getter, scalar_fields
-from .._staging import PackedLayout, SlotRing, pack, plan_layout, unpack
+from .._staging import ALIGN_BYTES, PackedLayout, SlotRing, _round_up, pack, plan_layout, unpack
 from .._validate import SpecError
 from . import _cudart
 
@@ -75,8 +76,12 @@ class Stager:
         self._streams: dict[tuple[int, int, int], torch.cuda.Stream] = {}
         self._targets: dict[tuple[int, PackedLayout], tuple[Any, torch.Tensor, tuple]] = {}
         self._device_index = self.device.index if self.device.index is not None else -1
-        # Reusable lowerings (see `_Reusable`): per (metadata class, layout, stream), two
-        # entries used in turn.
+        # Reusable lowerings (see `_Reusable`): pools of two entries used in turn, each pool
+        # with room for one metadata class, dtypes and stream and a range of shapes
+        # (`_pool_for`), oldest first; per family (class, dtypes, stream) newest first; and
+        # per exact shapes seen, the pool they use (one lookup a step).
+        self._pools: list[list] = []
+        self._families: dict[tuple, list[list]] = {}
         self._reusable: dict[tuple, list] = {}
         # Lowered name -> tensor that every reusable lowering of this stager carries instead of
         # the staged field (fixed-address outputs of a captured graph: flex_torch.CapturedBlockLists).
@@ -86,7 +91,7 @@ class Stager:
         # The CUDA runtime's own copy call (None: torch's copy_; see _cudart).
         self._direct = _cudart.runtime() if self._cuda and _USE_DIRECT_CALLS else None
         if self._cuda:  # a dropped stager's pinned buffers wait for their copies (see _retire)
-            weakref.finalize(self, _retire_pools, self._reusable).atexit = False
+            weakref.finalize(self, _retire_pools, self._pools).atexit = False
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -99,6 +104,13 @@ class Stager:
             self._ring = SlotRing(
                 num_slots=num_slots, allocate=self._allocate_pinned, is_done=bool, wait=bool
             )
+
+    def _forget_lowerings(self) -> None:
+        """Drop every reusable lowering (their pinned buffers wait for pending copies)."""
+        with self._lock:
+            _retire_pools(self._pools)
+            self._families.clear()
+            self._reusable.clear()
 
     @property
     def stats(self):  # noqa: D102 - documented in the class docstring
@@ -311,8 +323,10 @@ def lower(
     usual `tmd = lower(...)` loop reuses memory from two steps back). Writes are ordered on the
     stream after every kernel queued on the old values, as torch's caching allocator orders a
     freed block's reuse. Keep a reference (or a `.clone()`) to keep a step's values. A stager
-    keeps such lowerings for up to 32 sets of field shapes, two per set, each with a pinned and a
-    device buffer of the step's packed size; a 33rd set makes it forget the one it met first.
+    keeps such lowerings in up to 32 pools of two, each with a pinned and a device buffer with
+    room for every field to grow by up to an eighth (at least to whole 256 bytes): steps whose
+    shapes drift within that room (a decode loop's page lists, eager batches of changing size)
+    share a pool, and a 33rd pool makes it forget the one it made first.
     On CUDA a reused lowering's copy calls the CUDA runtime torch loaded directly
     (`attnsync.adapters._cudart`; 2-3.5 us less host time a step on an H100 host), on the same
     stream and in the same order as torch's `copy_` would; where that runtime cannot be found,
@@ -405,25 +419,102 @@ def with_fields(lowered: Any, **updates: Any) -> Any:
 # Making a lowering's tensors costs more host time than filling them: on the H100 host one
 # `as_strided` view is 1.6 us, a device `torch.empty` 2.6 us, a `from_numpy` mirror 1.4 us plus
 # its copy (results/2026-11-27-h100/run5-host-primitives.json), and views of a 256-request
-# lowering took 16 us of its 100 (run6-lower-profile.json). So a stager keeps, per metadata
-# class, field shapes and stream, two lowerings used in turn, and writes a step's values into
-# the older one's memory when nothing outside attnsync can still see it:
+# lowering took 16 us of its 100 (run6-lower-profile.json). So a stager keeps pools of two
+# lowerings used in turn, and writes a step's values into the older one's memory when nothing
+# outside attnsync can still see it:
 #
 #   * no Python reference to the lowered object or to any of its tensors beyond attnsync's own
-#     (`sys.getrefcount` equals what it was when the entry was made), and
+#     (`sys.getrefcount` equals what it was when the entry was last shaped), and
 #   * no other tensor on the device buffer's or the mirror buffer's memory (the storage's use
 #     count, `torch._C._storage_Use_Count`, is unchanged): a slice a consumer kept, a DLPack
 #     export, a `with_fields` copy all raise it.
 #
 # If anything still holds it, the entry is replaced by a fresh one and the old memory stays
 # with its holder, exactly as a fresh lowering would. The device buffer is rewritten by a copy
-# on the same stream its earlier consumers were queued on (the stream is part of the key), so
-# their kernels have read it before the copy lands: the guarantee torch's caching allocator
-# gives a freed block reused on its own stream.
+# on the same stream its earlier consumers were queued on (the stream is part of the pool's
+# key), so their kernels have read it before the copy lands: the guarantee torch's caching
+# allocator gives a freed block reused on its own stream.
+#
+# Shapes drift from step to step in a serving loop: FlashInfer's `paged_kv_indices` gains a
+# page whenever a decode row crosses a page boundary (almost every step of a 32-request
+# decode loop), and eager batches change their request and token counts. A pool is therefore
+# made with room to grow (`_Room`): each field's slot holds up to an eighth more bytes than
+# the step that made it needed, and a later step whose fields all fit (and are not much
+# smaller, so the copy stays close to the step's size) reuses the pool, remaking only the
+# views of the fields whose shape changed. Before pools had room, a 32-request FlashInfer
+# decode loop on the CPU host made a fresh lowering on 281 of 300 steps (107 us a step
+# against 21 us reused). A persistent stager's pools have no room: its addresses are fixed for
+# one layout.
+
+
+class _Room:
+    """Byte offsets and capacities of every field in a pool's device and mirror buffers.
+
+    `slots` lists the device fields (plan.device_names order) then the host mirrors
+    (plan.host_names order), each as (field, lowered name, numpy dtype, offset, capacity,
+    index into `plan.arrays_of(values)`, is_mirror). Offsets are 64-byte aligned (the staging
+    rule 2 of DESIGN.md); the device buffer holds `device_nbytes`, the mirror buffer
+    `mirror_nbytes`.
+    """
+
+    __slots__ = ("slots", "device_nbytes", "mirror_nbytes", "checks", "layout", "slots_of")
+
+    def __init__(self, plan: _Plan, arrays: tuple[np.ndarray, ...], *, grow: bool,
+                 layout: PackedLayout | None = None) -> None:
+        index_of = {f: i for i, f in enumerate(plan.array_names)}
+        slots, checks, ends = [], [], [0, 0]
+        roles = ([(f, name, False) for f, name in plan.device_names]
+                 + [(f, name, True) for f, name in plan.host_names])
+        for field_name, name, mirror in roles:
+            i = index_of[field_name]
+            array = arrays[i]
+            if mirror:
+                dtype = np.dtype(np.int32) if array.dtype.kind in "iu" else array.dtype
+            else:
+                wide = _TORCH_DEVICE_DTYPE.get(field_name)
+                dtype = np.dtype(wide or (np.int32 if array.dtype.kind in "iu" else array.dtype))
+            need = array.size * dtype.itemsize
+            capacity = _with_room(need) if grow else need
+            if layout is not None and not mirror:  # the persistent stager's exact layout
+                offset = layout.entry(field_name).offset
+            else:
+                offset = ends[mirror]
+            ends[mirror] = max(ends[mirror], _round_up(offset + capacity, ALIGN_BYTES))
+            slots.append((field_name, name, dtype, offset, capacity, i, mirror))
+            if (i, dtype.itemsize, capacity) not in checks:  # a mirror of a device field: same check
+                checks.append((i, dtype.itemsize, capacity))
+        self.slots = tuple(slots)
+        self.checks = tuple(checks)
+        # per array index, the slots showing it (a "both" field has a device slot and a mirror)
+        self.slots_of = tuple(tuple(k for k, slot in enumerate(slots) if slot[5] == i)
+                              for i in range(len(arrays)))
+        self.device_nbytes = layout.nbytes if layout is not None else max(ends[0], ALIGN_BYTES)
+        self.mirror_nbytes = max(ends[1], ALIGN_BYTES)
+        self.layout = layout
+
+    def fits(self, arrays: tuple[np.ndarray, ...]) -> bool:
+        """Whether every field of a step fits its slot, and no slot is more than twice (plus
+        4 KB) what its field needs: a pool made for a large batch would otherwise copy its
+        whole width for every small one."""
+        for i, itemsize, capacity in self.checks:
+            need = arrays[i].size * itemsize
+            if need > capacity or capacity > 2 * need + 4096:
+                return False
+        return True
+
+
+def _with_room(nbytes: int) -> int:
+    """`nbytes` rounded up to whole 256 bytes up to 2 KB (small fields: their copy costs the
+    same), beyond that to the next size of the form m * 2**k with 8 <= m < 16 (at most an
+    eighth more)."""
+    if nbytes <= 2048:
+        return _round_up(max(nbytes, 1), 256)
+    step = 1 << (nbytes.bit_length() - 4)
+    return _round_up(nbytes, step)
 
 
 class _Reusable:
-    """One lowering whose memory a later lowering of the same shapes may rewrite.
+    """One lowering whose memory a later lowering of its pool may rewrite.
 
     On CUDA it also owns the pinned host buffer its values are packed into and the event
     recorded after that buffer's copy: the buffer is rewritten only once the event has
@@ -433,43 +524,42 @@ class _Reusable:
     """
 
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
-                 "mirror_targets", "pinned", "event", "stream", "copy_args")
+                 "mirror_targets", "pinned", "event", "stream", "copy_args", "room", "shapes",
+                 "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names")
 
-    def __init__(self, plan: _Plan, stager: Stager, layout: PackedLayout, values: dict[str, Any],
+    def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
+        self.room = room
         if stager.persistent:
-            self.device_buffer = stager._persistent_buffer(layout)  # refuses another layout, unwritten
+            assert room.layout is not None
+            self.device_buffer = stager._persistent_buffer(room.layout)  # refuses another layout, unwritten
         else:
-            self.device_buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=stager.device)
+            self.device_buffer = torch.empty(room.device_nbytes, dtype=torch.uint8, device=stager.device)
         if stager.device.type == "cuda":
-            self.pinned = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+            self.pinned = torch.empty(room.device_nbytes, dtype=torch.uint8, pin_memory=True)
             self.event = torch.cuda.Event()
-            self.stream = stager._stream_object(stream)  # the stream is part of the entry's key
-            host = self.pinned.numpy()
+            self.stream = stager._stream_object(stream)  # the stream is part of the pool's key
+            self.host = self.pinned.numpy()
             # the direct copy's arguments (see _cudart): this entry's fixed memory and stream
-            self.copy_args = (self.device_buffer.data_ptr(), self.pinned.data_ptr(), layout.nbytes,
+            self.copy_args = (self.device_buffer.data_ptr(), self.pinned.data_ptr(), room.device_nbytes,
                               self.stream.cuda_stream)
         else:  # the device buffer is host memory: values are packed straight into it
             self.pinned = self.event = self.stream = self.copy_args = None
-            host = self.device_buffer.numpy()
+            self.host = self.device_buffer.numpy()
+        mirror_buffer = torch.empty(room.mirror_nbytes, dtype=torch.uint8)
+        self.mirror_host = mirror_buffer.numpy()
+        dtypes = {slot[2] for slot in room.slots}
+        self.typed = {d: self.device_buffer.view(TORCH_DTYPES[d.name]) for d in dtypes}
+        self.mirror_typed = {d: mirror_buffer.view(TORCH_DTYPES[d.name]) for d in dtypes}
         # fields a fixed tensor replaces (see Stager._fixed_fields) are not worth packing
-        replaced = {field_name for field_name, name in plan.device_names if name in stager._fixed_fields}
-        self.targets = tuple(item for item in _targets(layout, host) if item[0] not in replaced)
-        mirror_layout = _layout(tuple(
-            (field_name, values[field_name].shape, np.int32 if values[field_name].dtype.kind in "iu"
-             else values[field_name].dtype)
-            for field_name, _ in plan.host_names
-        ))
-        mirror_buffer = torch.empty(mirror_layout.nbytes, dtype=torch.uint8)
-        mirrors = views_of(mirror_buffer, mirror_layout)
-        self.mirror_targets = _targets(mirror_layout, mirror_buffer.numpy())
-        views = views_of(self.device_buffer, layout)
-        out = {name: views[field_name] for field_name, name in plan.device_names}
-        out.update({name: mirrors[field_name] for field_name, name in plan.host_names})
-        out.update(stager._fixed_fields)
+        self.replaced = frozenset(stager._fixed_fields)
         self.lowered = object.__new__(plan.cls)  # see `lower` on skipping the frozen __init__
-        self.lowered.__dict__.update(out)
-        self.held = tuple(out.values())
+        self.lowered.__dict__.update(stager._fixed_fields)
+        self.tensor_names = tuple(slot[1] for slot in room.slots) + tuple(
+            name for name in stager._fixed_fields if name not in {slot[1] for slot in room.slots})
+        self.views: list[Any] = [None] * len(room.slots)  # per slot: (tensor, numpy target)
+        self.shapes: tuple = ()  # () until the first reshape makes every view
+        self.reshape(tuple([a.shape for a in arrays]))
         # A persistent stager's buffer is shared by every lowering it made (that is its point),
         # so only the mirrors' memory is watched there.
         # The watched tensors are kept: the storage pointers below must outlive every check even
@@ -478,11 +568,60 @@ class _Reusable:
         self.storages = tuple(t.untyped_storage()._cdata for t in self.watched)
         self.baseline = -1  # set by the caller once this constructor's locals are gone
 
+    def reshape(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        """Give each field the shape of this step (`shapes`: of `plan.arrays_of(values)`),
+        remaking only the views whose shape changed. The caller resets `baseline` after.
+
+        `targets` and `mirror_targets` list the non-empty fields to pack (a field that turns
+        empty or non-empty remakes both lists); `held` lists every tensor of the lowering, slot
+        by slot, then the fixed fields.
+        """
+        old = self.shapes
+        views = self.views
+        fields = self.lowered.__dict__
+        slots = self.room.slots
+        changed = []
+        if old:
+            slots_of = self.room.slots_of
+            redo = [k for i, (was, now) in enumerate(zip(old, shapes)) if was != now for k in slots_of[i]]
+        else:
+            redo = range(len(slots))
+        for k in redo:
+            _, name, dtype, offset, _, i, mirror = slots[k]
+            shape = shapes[i]
+            count = math.prod(shape)
+            typed = (self.mirror_typed if mirror else self.typed)[dtype]
+            tensor = typed.as_strided(shape, _contiguous_strides(shape), offset // dtype.itemsize)
+            host = self.mirror_host if mirror else self.host
+            target = host[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
+            was_empty = views[k] is None or not views[k][1].size
+            views[k] = (tensor, target)
+            if mirror or name not in self.replaced:
+                fields[name] = tensor
+            changed.append((k, was_empty != (count == 0)))
+        self.shapes = shapes
+        if not old or any(emptiness for _, emptiness in changed):
+            self.targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
+                            if not slots[k][6] and views[k][1].size and slots[k][1] not in self.replaced]
+            self.mirror_targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
+                                   if slots[k][6] and views[k][1].size]
+            self.held = [fields[name] for name in self.tensor_names]
+            return
+        for k, _ in changed:  # same fields non-empty: replace in place
+            field_name, name, mirror = slots[k][0], slots[k][1], slots[k][6]
+            targets = self.mirror_targets if mirror else self.targets
+            for j, (target_name, _) in enumerate(targets):
+                if target_name == field_name:
+                    targets[j] = (field_name, views[k][1])
+                    break
+            self.held[k] = fields[name]
+
     def users(self) -> int:
         """References to the lowering and its tensors plus users of its memory (see above).
 
-        Each term is at least its value when the entry was made (attnsync's own references),
-        so the sum equals that baseline exactly when every term does: one comparison.
+        Each term is at least its value when the entry was last shaped (attnsync's own
+        references), so the sum equals that baseline exactly when every term does: one
+        comparison.
         """
         return (sys.getrefcount(self.lowered) + sum(map(sys.getrefcount, self.held))
                 + sum(map(_storage_use_count, self.storages)))
@@ -501,13 +640,14 @@ def _targets(layout: PackedLayout, host: np.ndarray) -> tuple[tuple[str, np.ndar
     return tuple((e.name, view) for e, view in zip(layout.entries, unpack(layout, host).values()) if e.nbytes)
 
 
-_REUSABLE_KEYS = 32  # shapes kept per stager; eager batches of drifting size make new keys
+_REUSABLE_KEYS = 32  # pools kept per stager; a 33rd makes it forget the one it made first
+_SHAPE_KEYS = 256  # exact-shape lookups kept per stager (each maps to one of the pools)
 
 # Pinned buffers of dropped CUDA entries whose last copy may not have read them yet, with the
 # event recorded after that copy. torch's pinned allocator hands a freed buffer out again at
 # once unless a copy it issued itself is pending; the direct runtime copies (see _cudart) are
 # not its own, so a dropped entry's buffer is kept here until its event completes. Pruned
-# whenever an entry is dropped (a rare step: new shapes, or a lowering still held).
+# whenever an entry is dropped (a rare step: a pool forgotten, or a lowering still held).
 _RETIRED: list[tuple[torch.cuda.Event, torch.Tensor]] = []
 _RETIRED_LOCK = threading.Lock()
 
@@ -520,11 +660,40 @@ def _retire(entries: Any) -> None:
                         if entry is not None and entry.event is not None and not entry.event.query())
 
 
-def _retire_pools(pools: dict[tuple, list]) -> None:
+def _retire_pools(pools: list[list]) -> None:
     """Retire every entry of a stager's reusable pools and forget them."""
-    for pool in pools.values():
-        _retire(pool[1:])
+    for pool in pools:
+        _retire(pool[1:3])
     pools.clear()
+
+
+def _pool_for(plan: _Plan, stager: Stager, key: tuple, family: tuple, arrays: tuple[np.ndarray, ...]) -> list:
+    """The pool for a step whose exact shapes were not seen yet: one of its family (same
+    metadata class, dtypes and stream) that it fits, else a new one with room to grow."""
+    if len(stager._reusable) >= _SHAPE_KEYS:
+        stager._reusable.clear()  # only lookups: the pools stay
+    pools = stager._families.setdefault(family, [])
+    if not stager.persistent:
+        for pool in pools:  # newest first
+            if pool[3].fits(arrays):
+                stager._reusable[key] = pool
+                return pool
+        room = _Room(plan, arrays, grow=True)
+    else:  # fixed addresses: one exact layout (a different one is refused when allocated)
+        staged = dict(zip(plan.device_fields, arrays))
+        room = _Room(plan, arrays, grow=False, layout=_layout_of(plan, staged))
+    if len(stager._pools) >= _REUSABLE_KEYS:  # forget the oldest pool
+        oldest = stager._pools.pop(0)
+        _retire(oldest[1:3])
+        for members in stager._families.values():
+            if oldest in members:
+                members.remove(oldest)
+        stager._reusable.clear()
+    pool = [2, None, None, room]  # [last turn, entry, entry, room]
+    stager._pools.append(pool)
+    pools.insert(0, pool)
+    stager._reusable[key] = pool
+    return pool
 
 
 def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
@@ -537,23 +706,24 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     arrays = plan.arrays_of(values)
     cuda = stager._cuda
     stream = _current_stream_key(stager._device_index) if cuda else None
+    shapes = tuple([a.shape for a in arrays])
     # Built metadata's dtypes follow from its class (int32, bool, float32 per field); edited
     # metadata may hold others, which change the layout.
-    key = ((plan, tuple([a.shape for a in arrays]), stream) if values.get(BUILT_MARK)
-           else (plan, tuple([a.shape for a in arrays]), tuple([a.dtype for a in arrays]), stream))
+    dtypes = None if values.get(BUILT_MARK) else tuple([a.dtype for a in arrays])
+    key = (plan, shapes, dtypes, stream)
     with stager._lock:
         pool = stager._reusable.get(key)
         if pool is None:
-            if len(stager._reusable) >= _REUSABLE_KEYS:  # forget the oldest shapes
-                _retire(stager._reusable.pop(next(iter(stager._reusable)))[1:])
-            pool = stager._reusable[key] = [2, None, None]  # [last turn, entry, entry]
+            pool = _pool_for(plan, stager, key, (plan, dtypes, stream), arrays)
         turn = pool[0] = 3 - pool[0]
         entry = pool[turn]
         if entry is None or entry.users() != entry.baseline:
             if entry is not None:
                 _retire((entry,))  # held by the caller: its pinned buffer may still be in a copy
-            staged = {field_name: values[field_name] for field_name in plan.device_fields}
-            entry = pool[turn] = _Reusable(plan, stager, _layout_of(plan, staged), values, stream)
+            entry = pool[turn] = _Reusable(plan, stager, pool[3], arrays, stream)
+            entry.baseline = entry.users()
+        elif entry.shapes != shapes:
+            entry.reshape(shapes)
             entry.baseline = entry.users()
         if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
             stager._ring.stats.event_waits += 1
@@ -592,9 +762,10 @@ class _Plan:
         self.scalar_names = tuple(name for _, name, role in plan if role == "scalar")
         self.scalars_of = fields_getter(self.scalar_names)
         self.device_fields = tuple(f for f, _ in self.device_names)
-        # every array a lowering reads: the key of reusable lowerings
-        self.arrays_of = fields_getter(
-            self.device_fields + tuple(f for f, _ in self.host_names if f not in self.device_fields))
+        # every array a lowering reads, in this order: the key of reusable lowerings
+        self.array_names = self.device_fields + tuple(
+            f for f, _ in self.host_names if f not in self.device_fields)
+        self.arrays_of = fields_getter(self.array_names)
         names = {f.name for f in dataclasses.fields(md_class)}
         self.has_slot_flag = "slot_mapping_exact" in names
         self.has_slot_mapping = "slot_mapping" in names

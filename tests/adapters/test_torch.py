@@ -187,18 +187,124 @@ def test_reuse_is_per_shape_and_scalars_follow_the_step():
     assert_lowered_equals(md3, again)
 
 
-def test_a_stager_keeps_reusable_lowerings_for_32_shapes_and_forgets_the_oldest():
+def test_a_stager_keeps_32_pools_and_forgets_the_oldest():
     stager = ast.Stager("cpu")
-    mds = [attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=4 + k)) for k in range(ast._REUSABLE_KEYS + 1)]
+    # each batch's fields (over 1 KB, where room is at most an eighth) outgrow every earlier
+    # pool's room by a fifth, so each makes a pool of its own
+    rows = [300]
+    while len(rows) < ast._REUSABLE_KEYS + 1:
+        rows.append(rows[-1] * 6 // 5 + 1)
+    mds = [attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=r, padded_num_tokens=r + 6)) for r in rows]
     firsts = [ast.lower(md, "cpu", stager=stager) for md in mds[: ast._REUSABLE_KEYS]]
-    oldest = next(iter(stager._reusable))
-    assert len(stager._reusable) == ast._REUSABLE_KEYS
+    oldest = stager._pools[0]
+    assert len(stager._pools) == ast._REUSABLE_KEYS
     del firsts
-    out = ast.lower(mds[-1], "cpu", stager=stager)  # a 33rd shape: the first one is forgotten
-    assert len(stager._reusable) == ast._REUSABLE_KEYS and oldest not in stager._reusable
+    out = ast.lower(mds[-1], "cpu", stager=stager)  # a 33rd pool: the first one is forgotten
+    assert len(stager._pools) == ast._REUSABLE_KEYS and oldest not in stager._pools
+    assert all(oldest not in members for members in stager._families.values())
+    assert oldest not in stager._reusable.values()
     assert_lowered_equals(mds[-1], out)
     again = ast.lower(mds[0], "cpu", stager=stager)  # made afresh, and right
     assert_lowered_equals(mds[0], again)
+
+
+def _lowered_equals_host(md, out) -> None:
+    """Any backend: every lowered array equals its host field bit for bit (torch dtypes: int32,
+    int64 slot_mapping, bool), every scalar equals the host one."""
+    cls, plan = ast._lowered_class(type(md))
+    for field_name, name, role in plan:
+        value = getattr(out, name)
+        if role == "scalar":
+            assert value == getattr(md, field_name), name
+            continue
+        want = getattr(md, field_name)
+        assert tuple(value.shape) == want.shape, (name, tuple(value.shape), want.shape)
+        np.testing.assert_array_equal(value.numpy(), want, err_msg=name)
+
+
+def _decode_steps(steps, *, rows=6, page=4, seed=0):
+    """One-token rows whose contexts grow by one a step: FlashInfer's page list gains a page
+    whenever a row crosses a page boundary, so its length drifts from step to step."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(1, 30, rows).astype(np.int32)
+    width = int(-(-(start.max() + steps) // page))
+    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+    return [attnsync.Batch(query_lens=np.ones(rows, np.int32), seq_lens=start + step + 1,
+                           block_table=table, block_size=page) for step in range(steps)]
+
+
+def test_drifting_shapes_reuse_a_pool_with_room_and_stay_exact():
+    """A decode loop's FlashInfer metadata changes length nearly every step; the stager reuses
+    a pool with room (remaking only the views that changed) instead of a fresh lowering a step,
+    and every step's tensors hold exactly that step's values."""
+    stager = ast.Stager("cpu")
+    made = []
+    original = ast._Reusable.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        original(self, *args, **kwargs)
+
+    mds = [attnsync.build(b, backend="flashinfer") for b in _decode_steps(60)]
+    lengths = {md.paged_kv_indices.shape for md in mds}
+    assert len(lengths) > 15, "the workload must drift"
+    ast._Reusable.__init__ = counting
+    try:
+        for md in mds:
+            out = ast.lower(md, "cpu", stager=stager)
+            _lowered_equals_host(md, out)
+            del out
+    finally:
+        ast._Reusable.__init__ = original
+    assert len(made) <= 2 * len(stager._pools) and len(stager._pools) <= 4, (len(made), len(stager._pools))
+
+
+def test_a_lowering_held_across_a_shape_change_keeps_its_values():
+    stager = ast.Stager("cpu")
+    mds = [attnsync.build(b, backend="flashinfer") for b in _decode_steps(40)]
+    kept = {}
+    for step, md in enumerate(mds):
+        out = ast.lower(md, "cpu", stager=stager)
+        if step % 7 == 0:
+            kept[step] = out  # held: never rewritten, whatever shapes later steps have
+        elif step % 7 == 3:
+            kept[step] = out.paged_kv_indices[1:]  # a slice of one field holds its memory
+        del out
+    for step, value in kept.items():
+        if isinstance(value, torch.Tensor):
+            np.testing.assert_array_equal(value.numpy(), mds[step].paged_kv_indices[1:])
+        else:
+            _lowered_equals_host(mds[step], value)
+
+
+def test_a_pool_is_not_used_for_a_batch_far_smaller_than_its_room():
+    """Room is bounded from below too: the copy of a 3-row step never carries a 400-row width."""
+    stager = ast.Stager("cpu")
+    big = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=400, padded_num_tokens=410))
+    small = attnsync.build(attnsync.Batch(**MIXED))
+    ast.lower(big, "cpu", stager=stager)
+    out = ast.lower(small, "cpu", stager=stager)
+    assert len(stager._pools) == 2
+    assert_lowered_equals(small, out)
+    assert stager._reusable[next(k for k in stager._reusable if k[1][0] == (5,))][3].device_nbytes < 4096
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(batch_kwargs(inexact=False), st.booleans()), min_size=2, max_size=8))
+def test_any_sequence_of_batches_through_one_stager(steps):
+    """Shapes grow, shrink, empty and refill in any order through one stager; lowerings kept
+    by the caller keep their values, and every step is exact."""
+    stager = ast.Stager("cpu")
+    kept = []
+    for kwargs, keep in steps:
+        md = attnsync.build(attnsync.Batch(**kwargs))
+        out = ast.lower(md, "cpu", stager=stager)
+        assert_lowered_equals(md, out)
+        if keep:
+            kept.append((md, out))
+        del out
+    for md, out in kept:
+        assert_lowered_equals(md, out)
 
 
 def test_persistent_stager_reuses_lowerings_at_its_fixed_addresses():
