@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _accel
 from ._batch import DECODE, LONG_EXTEND, PREFILL, SHORT_EXTEND, Batch
 from ._validate import INT32_MAX, INT32_MIN, SpecError, as_int, freeze
 
@@ -287,6 +288,12 @@ def _decode_slots(block_table: np.ndarray, position: np.ndarray, page: int) -> n
     pays every decode step. int32 is safe: `Batch` refused page ids whose slots do not fit.
     """
     rows, width = block_table.shape
+    native = _accel.native
+    if native is not None and block_table.flags.c_contiguous and position.flags.c_contiguous:
+        # one compiled call for the five numpy calls below (attnsync/_accel.py)
+        slots = np.empty(rows, dtype=np.int32)
+        native.decode_slots(block_table, position, page, slots)
+        return slots
     shift = page.bit_length() - 1
     if page == 1 << shift:  # positions are >= 0, so shifts and masks are // and %
         index = position >> shift

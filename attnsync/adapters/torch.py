@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _accel
 from .._spec import BUILT_MARK, array_fields, check_lowerable, fields_getter, scalar_fields
 from .._staging import ALIGN_BYTES, PackedLayout, SlotRing, _round_up, pack, plan_layout, unpack
 from .._validate import SpecError
@@ -525,7 +526,8 @@ class _Reusable:
 
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
                  "mirror_targets", "pinned", "event", "stream", "copy_args", "room", "shapes",
-                 "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names")
+                 "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
+                 "pack_pairs", "pack_targets", "pack_sources")
 
     def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
@@ -606,15 +608,19 @@ class _Reusable:
             self.mirror_targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
                                    if slots[k][6] and views[k][1].size]
             self.held = [fields[name] for name in self.tensor_names]
-            return
-        for k, _ in changed:  # same fields non-empty: replace in place
-            field_name, name, mirror = slots[k][0], slots[k][1], slots[k][6]
-            targets = self.mirror_targets if mirror else self.targets
-            for j, (target_name, _) in enumerate(targets):
-                if target_name == field_name:
-                    targets[j] = (field_name, views[k][1])
-                    break
-            self.held[k] = fields[name]
+            self.pack_sources = fields_getter(tuple(name for name, _ in self.targets + self.mirror_targets))
+        else:
+            for k, _ in changed:  # same fields non-empty: replace in place
+                field_name, name, mirror = slots[k][0], slots[k][1], slots[k][6]
+                targets = self.mirror_targets if mirror else self.targets
+                for j, (target_name, _) in enumerate(targets):
+                    if target_name == field_name:
+                        targets[j] = (field_name, views[k][1])
+                        break
+                self.held[k] = fields[name]
+        # what one compiled `pack` call fills (attnsync/_accel.py): the staged fields, then the mirrors
+        self.pack_pairs = self.targets + self.mirror_targets
+        self.pack_targets = tuple([view for _, view in self.pack_pairs])
 
     def users(self) -> int:
         """References to the lowering and its tensors plus users of its memory (see above).
@@ -728,8 +734,14 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
         if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
             stager._ring.stats.event_waits += 1
             entry.event.synchronize()
-        for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
-            np.copyto(target, values[name], casting="unsafe")
+        native = _accel.native
+        if native is None:
+            for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
+                np.copyto(target, values[name], casting="unsafe")
+        else:  # staged fields and mirrors in one compiled call, numpy for any pair it leaves
+            done = native.pack(entry.pack_targets, entry.pack_sources(values))
+            for name, target in entry.pack_pairs[done:]:
+                np.copyto(target, values[name], casting="unsafe")
         if cuda:
             direct = stager._direct
             # The runtime call under torch's copy_ (see _cudart), only with the stager's device
@@ -745,8 +757,9 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             _event_record(entry.event, entry.stream)
         if cuda or stager.persistent:  # (a CPU stager counts only its persistent writes, as `stage`)
             stager._ring.stats.copies += 1
-        for name, target in entry.mirror_targets:
-            np.copyto(target, values[name], casting="unsafe")
+        if native is None:
+            for name, target in entry.mirror_targets:
+                np.copyto(target, values[name], casting="unsafe")
         lowered = entry.lowered
         lowered.__dict__.update(zip(plan.scalar_names, plan.scalars_of(values)))
         return lowered

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _accel
 from .._batch import Batch, require_decode_first
 from .._spec import CommonMetadata, array_field, build_common, frozen_zeros, inherit, prefix_mask, require_exact
 from .._validate import INT32_MAX, SpecError, as_int, freeze
@@ -197,6 +198,16 @@ def _paged_kv(
     It saves the subtraction and the clamp of empty rows, 0.7 us of the decode step.
     """
     num_rows, width = block_table.shape
+    native = _accel.native
+    if native is not None and num_rows * width <= INT32_MAX and block_table.flags.c_contiguous:
+        # two compiled calls for the eight numpy calls below (attnsync/_accel.py); the total
+        # is at most R*W, so within int32
+        indptr = np.empty(num_rows + 1, dtype=np.int32)
+        last = np.empty(num_rows, dtype=np.int32)
+        total = native.paged_kv_counts(seq_lens, block_size, indptr, last)
+        indices = np.empty(total, dtype=np.int32)
+        native.gather_pages(block_table, indptr, indices)
+        return indptr, indices, last, total
     # With d, m = divmod(seq - 1, block_size): pages = d + 1 = ceil(seq / block_size) and the
     # last page holds m + 1 tokens, for seq >= 1. An empty row gives d = -1 (0 pages) and
     # m + 1 = block_size, which the minimum with seq (0) turns into FlashInfer's 0. No

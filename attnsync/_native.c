@@ -1,0 +1,325 @@
+/* attnsync._native: the compiled twin of four hot numpy steps (optional).
+ *
+ * Why it exists: on the GPU hosts every numpy call costs 1-2.5 us of interpreter and dispatch
+ * overhead (results/2026-11-27-h100: "numpy add, 256 int32" probe), and a decode step's build
+ * and lowering are a few dozen such calls on arrays of a few hundred elements. These four
+ * functions do the same work as the numpy code they stand in for, in one call each:
+ *
+ *   pack(targets, sources)                 the lowering's per-field np.copyto loop
+ *   decode_slots(table, positions, page, out)   attnsync._spec._decode_slots
+ *   paged_kv_counts(seq_lens, page, indptr, last) -> total    FlashInfer's indptr/last_page_len
+ *   gather_pages(table, indptr, out)       FlashInfer's paged_kv_indices
+ *
+ * Each is tested bit for bit against its numpy form (tests/test_native.py), and attnsync runs
+ * without this module (it is built when a C compiler is present; ATTNSYNC_PURE_NUMPY=1 turns
+ * it off). Only Python's C API is used: arrays arrive through the buffer protocol, so no numpy
+ * headers are needed to build it. No function reads or writes outside the buffers it is given:
+ * every index is checked, and a violation raises instead of reading past the end.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The element kind of a buffer: 'i' signed integer, 'u' unsigned integer, 'b' bool,
+ * 'f' floating point, 0 anything else (other byte orders, structs, ...). */
+static char kind_of(const Py_buffer *view) {
+    const char *format = view->format;
+    if (format == NULL) return 'u';  /* plain bytes */
+    if (format[0] == '@' || format[0] == '=' || format[0] == '<') {
+        uint16_t probe = 1;  /* '<' is native only on little-endian machines */
+        if (format[0] == '<' && *(uint8_t *)&probe != 1) return 0;
+        format++;
+    }
+    if (format[0] == '\0' || format[1] != '\0') return 0;
+    switch (format[0]) {
+        case 'b': case 'h': case 'i': case 'l': case 'q': case 'n': return 'i';
+        case 'B': case 'H': case 'I': case 'L': case 'Q': case 'N': return 'u';
+        case '?': return 'b';
+        case 'e': case 'f': case 'd': return 'f';
+        default: return 0;
+    }
+}
+
+/* Whether two buffers have the same number of dimensions and the same extent in each. */
+static int same_shape(const Py_buffer *a, const Py_buffer *b) {
+    if (a->ndim != b->ndim) return 0;
+    for (int d = 0; d < a->ndim; d++) {
+        if (a->shape[d] != b->shape[d]) return 0;
+    }
+    return 1;
+}
+
+/* Copy one source into one target of the same shape; 0 if this pair is not one it handles
+ * (the caller then leaves it, and every later pair, to np.copyto). */
+static int copy_pair(Py_buffer *dst, const Py_buffer *src) {
+    char dk = kind_of(dst), sk = kind_of(src);
+    Py_ssize_t n = src->itemsize ? src->len / src->itemsize : 0;
+    if (dk == 0 || sk == 0 || !same_shape(dst, src) || dst->len / dst->itemsize != n) return 0;
+    if (dk == sk && dst->itemsize == src->itemsize) {
+        memcpy(dst->buf, src->buf, (size_t)src->len);
+        return 1;
+    }
+    /* int32 -> int64: vLLM's slot_mapping is int64 in torch, int32 on the host */
+    if (dk == 'i' && dst->itemsize == 8 && src->itemsize == 4 && (sk == 'i' || sk == 'u')) {
+        int64_t *out = (int64_t *)dst->buf;
+        if (sk == 'i') {
+            const int32_t *in = (const int32_t *)src->buf;
+            for (Py_ssize_t k = 0; k < n; k++) out[k] = in[k];
+        } else {
+            const uint32_t *in = (const uint32_t *)src->buf;
+            for (Py_ssize_t k = 0; k < n; k++) out[k] = in[k];
+        }
+        return 1;
+    }
+    /* int64 -> int32 (edited metadata, whose values the adapter checked fit): numpy's unsafe
+     * cast keeps the low 32 bits, and so does this */
+    if (dk == 'i' && dst->itemsize == 4 && src->itemsize == 8 && (sk == 'i' || sk == 'u')) {
+        int32_t *out = (int32_t *)dst->buf;
+        const uint64_t *in = (const uint64_t *)src->buf;
+        for (Py_ssize_t k = 0; k < n; k++) out[k] = (int32_t)(uint32_t)in[k];
+        return 1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(pack_doc,
+"pack(targets, sources) -> int\n\n"
+"Copy sources[k] into targets[k] for k = 0, 1, ... while each pair has the same shape and\n"
+"either the same element type or int32 -> int64 / int64 -> int32 (numpy's unsafe cast), both\n"
+"C-contiguous. Returns how many pairs it copied: the caller copies the rest with np.copyto\n"
+"(which raises or casts as numpy does).");
+
+static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pack(targets, sources): expected two tuples");
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(args[0]);
+    if (PyTuple_GET_SIZE(args[1]) != count) {
+        PyErr_SetString(PyExc_ValueError, "pack: targets and sources differ in length");
+        return NULL;
+    }
+    Py_ssize_t k = 0;
+    for (; k < count; k++) {
+        Py_buffer dst, src;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args[0], k), &dst,
+                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+            PyErr_Clear();
+            break;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args[1], k), &src, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+            PyErr_Clear();
+            PyBuffer_Release(&dst);
+            break;
+        }
+        int copied = copy_pair(&dst, &src);
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        if (!copied) break;
+    }
+    return PyLong_FromSsize_t(k);
+}
+
+/* A C-contiguous int32 buffer of `ndim` dimensions, writable if asked; raises TypeError naming
+ * `what` otherwise. */
+static int int32_buffer(PyObject *obj, Py_buffer *view, int ndim, int writable, const char *what) {
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+    if (kind_of(view) != 'i' || view->itemsize != 4 || view->ndim != ndim) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous int32 array of %d dimension(s)",
+                     what, ndim);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(decode_slots_doc,
+"decode_slots(block_table, positions, page, out) -> None\n\n"
+"out[r] = block_table[r, positions[r] // page] * page + positions[r] % page for every row r\n"
+"(int32 [R, W], int32 [R] >= 0, page >= 1, int32 [R]). Raises IndexError for a position\n"
+"outside its row's table.");
+
+static PyObject *decode_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "decode_slots(block_table, positions, page, out)");
+        return NULL;
+    }
+    long page = PyLong_AsLong(args[2]);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    if (page < 1) {
+        PyErr_SetString(PyExc_ValueError, "decode_slots: page must be >= 1");
+        return NULL;
+    }
+    Py_buffer table, positions, out;
+    if (int32_buffer(args[0], &table, 2, 0, "decode_slots: block_table") != 0) return NULL;
+    if (int32_buffer(args[1], &positions, 1, 0, "decode_slots: positions") != 0) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    if (int32_buffer(args[3], &out, 1, 1, "decode_slots: out") != 0) {
+        PyBuffer_Release(&positions);
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    Py_ssize_t rows = table.shape[0], width = table.shape[1];
+    PyObject *result = Py_None;
+    if (positions.shape[0] != rows || out.shape[0] != rows) {
+        PyErr_SetString(PyExc_ValueError, "decode_slots: block_table, positions and out differ in rows");
+        result = NULL;
+    } else {
+        const int32_t *t = (const int32_t *)table.buf, *p = (const int32_t *)positions.buf;
+        int32_t *o = (int32_t *)out.buf;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t position = p[r];
+            int64_t column = position / page;
+            if (position < 0 || column >= width) {
+                PyErr_Format(PyExc_IndexError, "decode_slots: row %zd: position %lld is outside "
+                             "its %zd pages of %ld", r, (long long)position, width, page);
+                result = NULL;
+                break;
+            }
+            /* Batch refused page ids whose slots do not fit int32: int32 arithmetic, as numpy's */
+            o[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
+        }
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&positions);
+    PyBuffer_Release(&table);
+    if (result == NULL) return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(paged_kv_counts_doc,
+"paged_kv_counts(seq_lens, page, indptr, last_page_len) -> int\n\n"
+"FlashInfer's page offsets and last-page fills: with pages[r] = ceil(seq_lens[r] / page),\n"
+"indptr = [0, pages[0], pages[0] + pages[1], ...] (int32 [R+1]) and last_page_len[r] =\n"
+"seq_lens[r] - (pages[r] - 1) * page, 0 for an empty row (int32 [R]). Returns indptr[R].\n"
+"Raises ValueError for a negative length or a total beyond int32.");
+
+static PyObject *paged_kv_counts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "paged_kv_counts(seq_lens, page, indptr, last_page_len)");
+        return NULL;
+    }
+    long page = PyLong_AsLong(args[1]);
+    if (page == -1 && PyErr_Occurred()) return NULL;
+    if (page < 1) {
+        PyErr_SetString(PyExc_ValueError, "paged_kv_counts: page must be >= 1");
+        return NULL;
+    }
+    Py_buffer seq, indptr, last;
+    if (int32_buffer(args[0], &seq, 1, 0, "paged_kv_counts: seq_lens") != 0) return NULL;
+    if (int32_buffer(args[2], &indptr, 1, 1, "paged_kv_counts: indptr") != 0) {
+        PyBuffer_Release(&seq);
+        return NULL;
+    }
+    if (int32_buffer(args[3], &last, 1, 1, "paged_kv_counts: last_page_len") != 0) {
+        PyBuffer_Release(&indptr);
+        PyBuffer_Release(&seq);
+        return NULL;
+    }
+    Py_ssize_t rows = seq.shape[0];
+    int64_t total = 0;
+    int failed = 0;
+    if (indptr.shape[0] != rows + 1 || last.shape[0] != rows) {
+        PyErr_SetString(PyExc_ValueError, "paged_kv_counts: indptr must have R+1 entries, last_page_len R");
+        failed = 1;
+    } else {
+        const int32_t *s = (const int32_t *)seq.buf;
+        int32_t *offsets = (int32_t *)indptr.buf, *fill = (int32_t *)last.buf;
+        offsets[0] = 0;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t length = s[r];
+            if (length < 0) {
+                PyErr_Format(PyExc_ValueError, "paged_kv_counts: row %zd has length %lld", r, (long long)length);
+                failed = 1;
+                break;
+            }
+            int64_t pages = length ? (length - 1) / page + 1 : 0;
+            fill[r] = (int32_t)(length ? length - (pages - 1) * page : 0);
+            total += pages;
+            if (total > INT32_MAX) {
+                PyErr_SetString(PyExc_ValueError, "paged_kv_counts: more pages than int32 offsets address");
+                failed = 1;
+                break;
+            }
+            offsets[r + 1] = (int32_t)total;
+        }
+    }
+    PyBuffer_Release(&last);
+    PyBuffer_Release(&indptr);
+    PyBuffer_Release(&seq);
+    if (failed) return NULL;
+    return PyLong_FromLongLong(total);
+}
+
+PyDoc_STRVAR(gather_pages_doc,
+"gather_pages(block_table, indptr, out) -> None\n\n"
+"out[indptr[r] : indptr[r+1]] = block_table[r, : indptr[r+1] - indptr[r]] for every row r\n"
+"(int32 [R, W], int32 [R+1], int32 [indptr[R]]). Raises ValueError where indptr decreases, a\n"
+"row needs more than W pages, or out has another length.");
+
+static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "gather_pages(block_table, indptr, out)");
+        return NULL;
+    }
+    Py_buffer table, indptr, out;
+    if (int32_buffer(args[0], &table, 2, 0, "gather_pages: block_table") != 0) return NULL;
+    if (int32_buffer(args[1], &indptr, 1, 0, "gather_pages: indptr") != 0) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    if (int32_buffer(args[2], &out, 1, 1, "gather_pages: out") != 0) {
+        PyBuffer_Release(&indptr);
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    Py_ssize_t rows = table.shape[0], width = table.shape[1], length = out.shape[0];
+    const int32_t *t = (const int32_t *)table.buf, *offsets = (const int32_t *)indptr.buf;
+    int32_t *o = (int32_t *)out.buf;
+    int failed = 0;
+    if (indptr.shape[0] != rows + 1 || offsets[0] != 0 || offsets[rows] != length) {
+        PyErr_SetString(PyExc_ValueError, "gather_pages: indptr must have R+1 entries from 0 to len(out)");
+        failed = 1;
+    } else {
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t start = offsets[r], pages = (int64_t)offsets[r + 1] - start;
+            if (pages < 0 || pages > width || start + pages > length) {
+                PyErr_Format(PyExc_ValueError, "gather_pages: row %zd's pages [%lld, %lld) do not "
+                             "fit its %zd columns and an output of %zd", r, (long long)start,
+                             (long long)(start + pages), width, length);
+                failed = 1;
+                break;
+            }
+            memcpy(o + start, t + r * width, (size_t)pages * sizeof(int32_t));
+        }
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&indptr);
+    PyBuffer_Release(&table);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"pack", (PyCFunction)(void (*)(void))pack, METH_FASTCALL, pack_doc},
+    {"decode_slots", (PyCFunction)(void (*)(void))decode_slots, METH_FASTCALL, decode_slots_doc},
+    {"paged_kv_counts", (PyCFunction)(void (*)(void))paged_kv_counts, METH_FASTCALL, paged_kv_counts_doc},
+    {"gather_pages", (PyCFunction)(void (*)(void))gather_pages, METH_FASTCALL, gather_pages_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "attnsync._native",
+    "The compiled twin of four hot numpy steps (see attnsync/_accel.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,265 @@
+"""The compiled twin (attnsync/_native.c) against the numpy forms it stands in for, bit for bit.
+
+Every function is compared with its numpy form on hand cases and hypothesis inputs, and every
+builder and the torch lowering are compared with the compiled module on and off
+(`_accel.native = None` runs the numpy forms). The module must be built for these tests (pip
+install builds it; so does `python -m attnsync._native_build`): a checkout where it is missing
+fails here rather than skipping, since CI always has a compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import batch_kwargs
+
+import attnsync
+from attnsync import _accel
+from attnsync._spec import _decode_slots
+from attnsync.backends import flashinfer as fi_backend
+
+native = _accel.native
+if native is None and os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):
+    pytest.fail("attnsync._native is not built: pip install -e . (or python -m attnsync._native_build)",
+                pytrace=False)
+pytestmark = pytest.mark.skipif(native is None, reason="ATTNSYNC_PURE_NUMPY is set: the numpy forms run")
+
+
+def without_native(fn, *args):
+    saved, _accel.native = _accel.native, None
+    try:
+        return fn(*args)
+    finally:
+        _accel.native = saved
+
+
+# --------------------------------------------------------------------------------------------
+# pack
+
+
+PAIRS = [  # (target dtype, source dtype): each handled by the compiled copy
+    (np.int32, np.int32), (np.int64, np.int32), (np.int64, np.uint32), (np.int32, np.int64),
+    (np.bool_, np.bool_), (np.float32, np.float32), (np.int64, np.int64),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_pack_copies_like_np_copyto(data):
+    count = data.draw(st.integers(0, 5))
+    targets, sources = [], []
+    for _ in range(count):
+        dst_type, src_type = data.draw(st.sampled_from(PAIRS))
+        shape = tuple(data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=3)))
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+        if src_type == np.bool_:
+            source = rng.integers(0, 2, shape).astype(bool)
+        elif src_type == np.float32:
+            source = rng.standard_normal(shape).astype(np.float32)
+        else:
+            info = np.iinfo(src_type)
+            source = rng.integers(info.min, info.max, shape, dtype=src_type, endpoint=True)
+        targets.append(np.full(shape, 7, dtype=dst_type))
+        sources.append(source)
+    expected = [t.copy() for t in targets]
+    for want, source in zip(expected, sources):
+        np.copyto(want, source, casting="unsafe")
+    assert native.pack(tuple(targets), tuple(sources)) == count
+    for got, want in zip(targets, expected):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["shape", "strided source", "strided target", "int16", "read-only target", "list"])
+def test_pack_stops_at_a_pair_it_does_not_handle_and_leaves_it(case):
+    """Everything before the pair is copied; the pair and everything after it are untouched,
+    for np.copyto to do (or refuse) as numpy does."""
+    first_target, first_source = np.zeros(4, np.int32), np.arange(4, dtype=np.int32)
+    target, source = np.zeros(6, np.int32), np.arange(6, dtype=np.int32)
+    if case == "shape":
+        target = np.zeros((2, 3), np.int32)
+    elif case == "strided source":
+        source = np.arange(12, dtype=np.int32)[::2]
+    elif case == "strided target":
+        target = np.zeros(12, np.int32)[::2]
+    elif case == "int16":
+        source = source.astype(np.int16)
+    elif case == "read-only target":
+        target.setflags(write=False)
+    else:
+        source = list(range(6))
+    last_target = np.zeros(3, np.int32)
+    done = native.pack((first_target, target, last_target), (first_source, source, np.ones(3, np.int32)))
+    assert done == 1
+    np.testing.assert_array_equal(first_target, first_source)
+    assert not np.asarray(target).any() and not last_target.any()
+
+
+def test_pack_refuses_tuples_of_different_lengths():
+    with pytest.raises(ValueError, match="differ in length"):
+        native.pack((np.zeros(2, np.int32),), ())
+    with pytest.raises(TypeError, match="two tuples"):
+        native.pack([np.zeros(2, np.int32)], [np.zeros(2, np.int32)])
+
+
+# --------------------------------------------------------------------------------------------
+# decode_slots
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(0, 20), width=st.integers(1, 9), page=st.sampled_from([1, 2, 3, 16, 64]),
+       seed=st.integers(0, 2**32 - 1))
+def test_decode_slots_equal_the_numpy_form(rows, width, page, seed):
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+    positions = rng.integers(0, width * page, rows).astype(np.int32)
+    got = _decode_slots(table, positions, page)
+    want = without_native(_decode_slots, table, positions, page)
+    brute = np.array([table[r, positions[r] // page] * page + positions[r] % page for r in range(rows)],
+                     dtype=np.int32).reshape(rows)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, brute)
+
+
+def test_decode_slots_refuse_what_would_read_outside_the_table():
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    out = np.empty(2, np.int32)
+    with pytest.raises(IndexError, match="row 1: position 48 is outside its 3 pages of 16"):
+        native.decode_slots(table, np.array([0, 48], np.int32), 16, out)
+    with pytest.raises(IndexError, match="row 0: position -1"):
+        native.decode_slots(table, np.array([-1, 0], np.int32), 16, out)
+    with pytest.raises(TypeError, match="positions: expected a C-contiguous int32 array"):
+        native.decode_slots(table, np.array([0, 1], np.int64), 16, out)
+    with pytest.raises(ValueError, match="differ in rows"):
+        native.decode_slots(table, np.array([0], np.int32), 16, out)
+    with pytest.raises(ValueError, match="page must be >= 1"):
+        native.decode_slots(table, np.array([0, 1], np.int32), 0, out)
+
+
+# --------------------------------------------------------------------------------------------
+# paged_kv_counts and gather_pages
+
+
+def test_flashinfer_worked_case():
+    """vllm-backends.md's worked values: page 16, seq_lens [0, 16, 17, 33]."""
+    seq = np.array([0, 16, 17, 33], np.int32)
+    table = np.array([[0, 0, 0], [5, 0, 0], [6, 7, 0], [8, 9, 10]], np.int32)
+    indptr, last = np.empty(5, np.int32), np.empty(4, np.int32)
+    assert native.paged_kv_counts(seq, 16, indptr, last) == 6
+    assert indptr.tolist() == [0, 0, 1, 3, 6] and last.tolist() == [0, 16, 1, 1]
+    indices = np.empty(6, np.int32)
+    native.gather_pages(table, indptr, indices)
+    assert indices.tolist() == [5, 6, 7, 8, 9, 10]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(0, 20), width=st.integers(0, 9), page=st.sampled_from([1, 2, 3, 16, 64]),
+       seed=st.integers(0, 2**32 - 1))
+def test_paged_kv_equals_the_numpy_form(rows, width, page, seed):
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+    seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
+    got = fi_backend._paged_kv(seq, None, table, page)
+    want = without_native(fi_backend._paged_kv, seq, None, table, page)
+    for g, w in zip(got[:3], want[:3]):
+        assert g.dtype == w.dtype == np.int32
+        np.testing.assert_array_equal(g, w)
+    assert got[3] == want[3] and type(got[3]) is int
+
+
+def test_paged_kv_refusals():
+    indptr, last = np.empty(3, np.int32), np.empty(2, np.int32)
+    with pytest.raises(ValueError, match="row 1 has length -3"):
+        native.paged_kv_counts(np.array([4, -3], np.int32), 16, indptr, last)
+    with pytest.raises(ValueError, match="indptr must have R\\+1 entries"):
+        native.paged_kv_counts(np.array([4, 3], np.int32), 16, np.empty(2, np.int32), last)
+    with pytest.raises(ValueError, match="more pages than int32"):
+        native.paged_kv_counts(np.full(2, 2**31 - 1, np.int32), 1, indptr, last)
+    table = np.zeros((2, 3), np.int32)
+    with pytest.raises(ValueError, match=r"row 1's pages \[1, 5\) do not fit its 3 columns and an output of 5"):
+        native.gather_pages(table, np.array([0, 1, 5], np.int32), np.empty(5, np.int32))
+    with pytest.raises(ValueError, match="from 0 to len\\(out\\)"):
+        native.gather_pages(table, np.array([0, 1, 2], np.int32), np.empty(5, np.int32))
+    with pytest.raises(ValueError, match=r"row 0's pages \[0, 2\) do not fit .* an output of 1"):
+        native.gather_pages(table, np.array([0, 2, 1], np.int32), np.empty(1, np.int32))
+    with pytest.raises(TypeError, match="out: expected a C-contiguous int32 array"):
+        native.gather_pages(table, np.array([0, 1, 2], np.int32), np.empty(2, np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# builders and the torch lowering, compiled module on and off
+
+
+def assert_same_metadata(a, b) -> None:
+    assert type(a) is type(b)
+    for name, value in a.__dict__.items():
+        other = b.__dict__[name]
+        if isinstance(value, np.ndarray):
+            assert value.dtype == other.dtype, name
+            assert value.flags.writeable is other.flags.writeable is False, name
+            np.testing.assert_array_equal(value, other, err_msg=name)
+        else:
+            assert value == other and type(value) is type(other), name
+
+
+@settings(max_examples=300, deadline=None)
+@given(kwargs=batch_kwargs(inexact=False, kinds=("decode", "prefill", "extend", "empty")),
+       decode_only=st.booleans())
+def test_builds_are_the_same_with_and_without_the_compiled_module(kwargs, decode_only):
+    if decode_only:  # the one-token rows that take the compiled slot path
+        kwargs["query_lens"] = np.minimum(kwargs["query_lens"], 1)
+        kwargs["seq_lens"] = np.maximum(kwargs["seq_lens"], kwargs["query_lens"])
+        kwargs.pop("is_prefilling", None)
+    batch = attnsync.Batch(**kwargs)
+    for backend in ("common", "flashinfer"):
+        try:
+            want = without_native(attnsync.build, attnsync.reorder(batch)[1], backend)
+        except attnsync.SpecError:
+            continue
+        assert_same_metadata(attnsync.build(attnsync.reorder(batch)[1], backend), want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(batch_kwargs(inexact=False), min_size=1, max_size=5))
+def test_torch_lowerings_are_the_same_with_and_without_the_compiled_module(steps):
+    torch = pytest.importorskip("torch")
+    from attnsync.adapters import torch as ast
+
+    with_stager, without_stager = ast.Stager("cpu"), ast.Stager("cpu")
+    for kwargs in steps:
+        batch = attnsync.reorder(attnsync.Batch(**kwargs))[1]
+        for backend in ("common", "flashinfer"):
+            try:
+                md = attnsync.build(batch, backend)
+            except attnsync.SpecError:
+                continue
+            got = ast.lower(md, "cpu", stager=with_stager)
+            saved, _accel.native = _accel.native, None
+            try:
+                want = ast.lower(md, "cpu", stager=without_stager)
+            finally:
+                _accel.native = saved
+            for name, value in want.__dict__.items():
+                other = got.__dict__[name]
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == other.dtype and value.shape == other.shape, name
+                    assert torch.equal(value, other), name
+                else:
+                    assert value == other, name
+            del got, want
+
+
+def test_pure_numpy_switch():
+    code = "from attnsync import _accel; print(_accel.native)"
+    env = {**os.environ, "ATTNSYNC_PURE_NUMPY": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    env["ATTNSYNC_PURE_NUMPY"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "attnsync._native" in out.stdout
