@@ -44,6 +44,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
+from attnsync import _accel
 from attnsync.testing import naive_common_torch
 
 SIZES = (1, 8, 32, 128, 256, 512, 1024)
@@ -252,7 +253,8 @@ def run(*, quick: bool) -> dict[str, Any]:
                  "absolute times only count on the GPU") if cpu_only else "all variants target the GPU",
         "jax_device": str(jax_triple[2]) if jax_triple else None,
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                     "attnsync": attnsync.__version__, "torch": env.get("versions_torch"),
+                     "attnsync": attnsync.__version__,
+                     "attnsync_native": _accel.native is not None, "torch": env.get("versions_torch"),
                      "jax": env.get("versions_jax")},
         "config": {"sizes": list(SIZES), "block_size": BLOCK_SIZE, "block_table_width": WIDTH,
                    "prefill_every": PREFILL_EVERY, "chunk": CHUNK, "reps": reps, "warmup": warmup,

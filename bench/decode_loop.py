@@ -51,6 +51,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
+from attnsync import _accel  # noqa: E402 - after the checkout fallback above
 
 LAYERS, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE = 28, 16, 8, 128, 16
 BATCH, CONTEXT = 32, (200, 2000)
@@ -88,6 +89,7 @@ def _environment() -> dict[str, Any]:
         "flashinfer_version": getattr(flashinfer, "__version__", "?"),
         "python": platform.python_version(),
         "host": platform.node(),
+        "attnsync_native": _accel.native is not None,  # the compiled twin of hot numpy steps
     }
 
 

@@ -76,6 +76,12 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c 'import importlib.util, sys; sys.
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
 fi
 
+# attnsync's compiled twin of its hot numpy steps (attnsync/_accel.py), unless built already; a
+# failed build leaves the numpy forms running, as env.json's "attnsync_native" then shows.
+if ! "$PY" -c 'import attnsync._native' 2>/dev/null; then
+  run_step build-native 120 0 "$OUT/steps.log" "$PY" -m attnsync._native_build
+fi
+
 # Card, versions, date.
 {
   date -u +%Y-%m-%dT%H:%M:%SZ >"$WORK/date.txt"
@@ -95,6 +101,11 @@ for name in ("numpy", "torch", "jax", "jaxlib", "triton", "flashinfer", "attnsyn
         out[name] = str(getattr(module, "__version__", "unknown"))
     except Exception as exc:
         out[name] = f"not importable ({type(exc).__name__}: {str(exc)[:160]})"
+try:
+    from attnsync import _accel
+    out["attnsync_native"] = _accel.native is not None
+except Exception as exc:
+    out["attnsync_native"] = f"unknown ({type(exc).__name__})"
 try:
     import torch
     out["torch_cuda"] = torch.version.cuda
