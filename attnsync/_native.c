@@ -92,24 +92,36 @@ PyDoc_STRVAR(pack_doc,
 
 static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "pack(targets, sources): expected two tuples");
+    if (nargs != 2 || !(PyTuple_Check(args[0]) || PyList_Check(args[0]))
+        || !(PyTuple_Check(args[1]) || PyList_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "pack(targets, sources): expected two tuples or lists");
         return NULL;
     }
-    Py_ssize_t count = PyTuple_GET_SIZE(args[0]);
-    if (PyTuple_GET_SIZE(args[1]) != count) {
+    /* both are lists or tuples, so these are the objects themselves (new references) */
+    PyObject *targets = PySequence_Fast(args[0], "pack: targets"), *sources = PySequence_Fast(args[1], "pack: sources");
+    if (targets == NULL || sources == NULL) {
+        Py_XDECREF(targets);
+        Py_XDECREF(sources);
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(targets);
+    if (PySequence_Fast_GET_SIZE(sources) != count) {
+        Py_DECREF(targets);
+        Py_DECREF(sources);
         PyErr_SetString(PyExc_ValueError, "pack: targets and sources differ in length");
         return NULL;
     }
     Py_ssize_t k = 0;
     for (; k < count; k++) {
         Py_buffer dst, src;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args[0], k), &dst,
+        /* (a list's items are re-read each pass: getting a buffer runs no Python code that
+         * could change the list, since numpy arrays and bytes-like objects export in C) */
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(targets, k), &dst,
                                PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
             PyErr_Clear();
             break;
         }
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args[1], k), &src, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sources, k), &src, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
             PyErr_Clear();
             PyBuffer_Release(&dst);
             break;
@@ -119,6 +131,8 @@ static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyBuffer_Release(&dst);
         if (!copied) break;
     }
+    Py_DECREF(targets);
+    Py_DECREF(sources);
     return PyLong_FromSsize_t(k);
 }
 

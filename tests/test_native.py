@@ -104,8 +104,10 @@ def test_pack_stops_at_a_pair_it_does_not_handle_and_leaves_it(case):
 def test_pack_refuses_tuples_of_different_lengths():
     with pytest.raises(ValueError, match="differ in length"):
         native.pack((np.zeros(2, np.int32),), ())
-    with pytest.raises(TypeError, match="two tuples"):
-        native.pack([np.zeros(2, np.int32)], [np.zeros(2, np.int32)])
+    with pytest.raises(TypeError, match="two tuples or lists"):
+        native.pack(iter([np.zeros(2, np.int32)]), (np.zeros(2, np.int32),))
+    target = np.zeros(2, np.int32)
+    assert native.pack([target], (np.ones(2, np.int32),)) == 1 and target.tolist() == [1, 1]
 
 
 # --------------------------------------------------------------------------------------------

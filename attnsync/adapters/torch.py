@@ -458,12 +458,13 @@ class _Room:
     `mirror_nbytes`.
     """
 
-    __slots__ = ("slots", "device_nbytes", "mirror_nbytes", "checks", "layout", "slots_of")
+    __slots__ = ("slots", "device_nbytes", "mirror_nbytes", "checks_of", "layout", "slots_of", "shapes")
 
     def __init__(self, plan: _Plan, arrays: tuple[np.ndarray, ...], *, grow: bool,
                  layout: PackedLayout | None = None) -> None:
         index_of = {f: i for i, f in enumerate(plan.array_names)}
-        slots, checks, ends = [], [], [0, 0]
+        slots, ends = [], [0, 0]
+        checks: list[list[tuple[int, int]]] = [[] for _ in arrays]
         roles = ([(f, name, False) for f, name in plan.device_names]
                  + [(f, name, True) for f, name in plan.host_names])
         for field_name, name, mirror in roles:
@@ -482,10 +483,11 @@ class _Room:
                 offset = ends[mirror]
             ends[mirror] = max(ends[mirror], _round_up(offset + capacity, ALIGN_BYTES))
             slots.append((field_name, name, dtype, offset, capacity, i, mirror))
-            if (i, dtype.itemsize, capacity) not in checks:  # a mirror of a device field: same check
-                checks.append((i, dtype.itemsize, capacity))
+            if (dtype.itemsize, capacity) not in checks[i]:  # a mirror of a device field: same check
+                checks[i].append((dtype.itemsize, capacity))
         self.slots = tuple(slots)
-        self.checks = tuple(checks)
+        self.checks_of = tuple(tuple(c) for c in checks)  # per array: (itemsize, capacity) of its slots
+        self.shapes = tuple([a.shape for a in arrays])  # the shapes it was made for
         # per array index, the slots showing it (a "both" field has a device slot and a mirror)
         self.slots_of = tuple(tuple(k for k, slot in enumerate(slots) if slot[5] == i)
                               for i in range(len(arrays)))
@@ -493,14 +495,17 @@ class _Room:
         self.mirror_nbytes = max(ends[1], ALIGN_BYTES)
         self.layout = layout
 
-    def fits(self, arrays: tuple[np.ndarray, ...]) -> bool:
+    def fits(self, arrays: tuple[np.ndarray, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Whether every field of a step fits its slot, and no slot is more than twice (plus
         4 KB) what its field needs: a pool made for a large batch would otherwise copy its
-        whole width for every small one."""
-        for i, itemsize, capacity in self.checks:
-            need = arrays[i].size * itemsize
-            if need > capacity or capacity > 2 * need + 4096:
-                return False
+        whole width for every small one. Only the fields whose shape differs from the one the
+        pool was made for are checked: the others fit by construction (`_with_room`)."""
+        for i, (made, now) in enumerate(zip(self.shapes, shapes)):
+            if made != now:
+                for itemsize, capacity in self.checks_of[i]:
+                    need = arrays[i].size * itemsize
+                    if need > capacity or capacity > 2 * need + 4096:
+                        return False
         return True
 
 
@@ -527,7 +532,7 @@ class _Reusable:
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
                  "mirror_targets", "pinned", "event", "stream", "copy_args", "room", "shapes",
                  "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
-                 "pack_pairs", "pack_targets", "pack_sources")
+                 "pack_pairs", "pack_targets", "pack_sources", "pack_index")
 
     def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
@@ -570,57 +575,69 @@ class _Reusable:
         self.storages = tuple(t.untyped_storage()._cdata for t in self.watched)
         self.baseline = -1  # set by the caller once this constructor's locals are gone
 
-    def reshape(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+    def reshape(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Give each field the shape of this step (`shapes`: of `plan.arrays_of(values)`),
-        remaking only the views whose shape changed. The caller resets `baseline` after.
+        remaking only the views whose shape changed.
 
-        `targets` and `mirror_targets` list the non-empty fields to pack (a field that turns
-        empty or non-empty remakes both lists); `held` lists every tensor of the lowering, slot
-        by slot, then the fixed fields.
+        `targets` and `mirror_targets` list the non-empty fields to pack, and `pack_pairs` /
+        `pack_targets` both in one list (a field that turns empty or non-empty remakes them
+        all); `held` lists every tensor of the lowering, slot by slot, then the fixed fields.
+        Returns True when it remade the lists: the caller then resets `baseline`. Otherwise
+        each new view took its predecessor's place in the lowering's dict, `held`, `views` and
+        the lists (the same references and one storage use, as before), so `users()` is what
+        it was and the baseline stands (tests/adapters/test_torch.py checks this after every
+        step of a drifting loop).
         """
         old = self.shapes
         views = self.views
         fields = self.lowered.__dict__
         slots = self.room.slots
-        changed = []
         if old:
             slots_of = self.room.slots_of
             redo = [k for i, (was, now) in enumerate(zip(old, shapes)) if was != now for k in slots_of[i]]
         else:
             redo = range(len(slots))
+        remade = not old
         for k in redo:
             _, name, dtype, offset, _, i, mirror = slots[k]
             shape = shapes[i]
-            count = math.prod(shape)
             typed = (self.mirror_typed if mirror else self.typed)[dtype]
             tensor = typed.as_strided(shape, _contiguous_strides(shape), offset // dtype.itemsize)
-            host = self.mirror_host if mirror else self.host
-            target = host[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
-            was_empty = views[k] is None or not views[k][1].size
+            target = np.ndarray(shape, dtype, self.mirror_host if mirror else self.host, offset)
+            if views[k] is None or (views[k][1].size == 0) != (target.size == 0):
+                remade = True
             views[k] = (tensor, target)
             if mirror or name not in self.replaced:
                 fields[name] = tensor
-            changed.append((k, was_empty != (count == 0)))
         self.shapes = shapes
-        if not old or any(emptiness for _, emptiness in changed):
+        if remade:
             self.targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
                             if not slots[k][6] and views[k][1].size and slots[k][1] not in self.replaced]
             self.mirror_targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
                                    if slots[k][6] and views[k][1].size]
             self.held = [fields[name] for name in self.tensor_names]
-            self.pack_sources = fields_getter(tuple(name for name, _ in self.targets + self.mirror_targets))
-        else:
-            for k, _ in changed:  # same fields non-empty: replace in place
-                field_name, name, mirror = slots[k][0], slots[k][1], slots[k][6]
-                targets = self.mirror_targets if mirror else self.targets
-                for j, (target_name, _) in enumerate(targets):
-                    if target_name == field_name:
-                        targets[j] = (field_name, views[k][1])
-                        break
-                self.held[k] = fields[name]
-        # what one compiled `pack` call fills (attnsync/_accel.py): the staged fields, then the mirrors
-        self.pack_pairs = self.targets + self.mirror_targets
-        self.pack_targets = tuple([view for _, view in self.pack_pairs])
+            # what one compiled `pack` call fills (attnsync/_accel.py): staged fields, then mirrors
+            self.pack_pairs = self.targets + self.mirror_targets
+            self.pack_targets = [view for _, view in self.pack_pairs]
+            self.pack_sources = fields_getter(tuple(name for name, _ in self.pack_pairs))
+            # where each slot sits in those lists (-1: not packed)
+            position = {id(view): j for j, (_, view) in enumerate(self.pack_pairs)}
+            self.pack_index = [position.get(id(views[k][1]), -1) for k in range(len(slots))]
+            return True
+        pairs, packed, held, index = self.pack_pairs, self.pack_targets, self.held, self.pack_index
+        split = len(self.targets)
+        for k in redo:
+            j = index[k]
+            target = views[k][1]
+            held[k] = fields[slots[k][1]]
+            if j >= 0:
+                pairs[j] = (slots[k][0], target)
+                packed[j] = target
+                if j < split:
+                    self.targets[j] = pairs[j]
+                else:
+                    self.mirror_targets[j - split] = pairs[j]
+        return False
 
     def users(self) -> int:
         """References to the lowering and its tensors plus users of its memory (see above).
@@ -673,7 +690,8 @@ def _retire_pools(pools: list[list]) -> None:
     pools.clear()
 
 
-def _pool_for(plan: _Plan, stager: Stager, key: tuple, family: tuple, arrays: tuple[np.ndarray, ...]) -> list:
+def _pool_for(plan: _Plan, stager: Stager, key: tuple, family: tuple, arrays: tuple[np.ndarray, ...],
+              shapes: tuple[tuple[int, ...], ...]) -> list:
     """The pool for a step whose exact shapes were not seen yet: one of its family (same
     metadata class, dtypes and stream) that it fits, else a new one with room to grow."""
     if len(stager._reusable) >= _SHAPE_KEYS:
@@ -681,8 +699,10 @@ def _pool_for(plan: _Plan, stager: Stager, key: tuple, family: tuple, arrays: tu
     pools = stager._families.setdefault(family, [])
     if not stager.persistent:
         for pool in pools:  # newest first
-            if pool[3].fits(arrays):
-                stager._reusable[key] = pool
+            if pool[3].fits(arrays, shapes):
+                # Not remembered under these exact shapes: in a decode loop they never come
+                # back (FlashInfer's page count grows), and checking the newest pool costs
+                # less than hashing the key into the lookup.
                 return pool
         room = _Room(plan, arrays, grow=True)
     else:  # fixed addresses: one exact layout (a different one is refused when allocated)
@@ -720,7 +740,7 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
     with stager._lock:
         pool = stager._reusable.get(key)
         if pool is None:
-            pool = _pool_for(plan, stager, key, (plan, dtypes, stream), arrays)
+            pool = _pool_for(plan, stager, key, (plan, dtypes, stream), arrays, shapes)
         turn = pool[0] = 3 - pool[0]
         entry = pool[turn]
         if entry is None or entry.users() != entry.baseline:
@@ -728,9 +748,8 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                 _retire((entry,))  # held by the caller: its pinned buffer may still be in a copy
             entry = pool[turn] = _Reusable(plan, stager, pool[3], arrays, stream)
             entry.baseline = entry.users()
-        elif entry.shapes != shapes:
-            entry.reshape(shapes)
-            entry.baseline = entry.users()
+        elif entry.shapes != shapes and entry.reshape(shapes):
+            entry.baseline = entry.users()  # a field turned empty or non-empty: lists remade
         if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
             stager._ring.stats.event_waits += 1
             entry.event.synchronize()

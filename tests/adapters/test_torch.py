@@ -254,6 +254,10 @@ def test_drifting_shapes_reuse_a_pool_with_room_and_stay_exact():
             out = ast.lower(md, "cpu", stager=stager)
             _lowered_equals_host(md, out)
             del out
+            # nothing outside holds any entry now: each must read as free (its baseline kept
+            # right through in-place reshapes), or the next step would make a fresh lowering
+            entries = [e for pool in stager._pools for e in pool[1:3] if e is not None]
+            assert all(e.users() == e.baseline for e in entries)
     finally:
         ast._Reusable.__init__ = original
     assert len(made) <= 2 * len(stager._pools) and len(stager._pools) <= 4, (len(made), len(stager._pools))
