@@ -252,8 +252,13 @@ def inherit(common: CommonMetadata, cls: type, /, **own: Any) -> Any:
     read-only arrays, no copies), so its derivation stays in one place: `build_common`. `own`
     gives the backend's other fields and may override a shared one.
     """
+    return inherit_fields(common.__dict__, cls, **own)
+
+
+def inherit_fields(common: dict[str, Any], cls: type, /, **own: Any) -> Any:
+    """`inherit` from the common fields as a dict (`common_fields`'s result)."""
     names, fetch = _shared_names(cls)
-    values = dict(zip(names, fetch(common.__dict__)))
+    values = dict(zip(names, fetch(common)))
     values.update(own)
     return construct(cls, values)
 
@@ -404,6 +409,13 @@ def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True)
             f"Fix: wrap your arrays in attnsync.Batch(query_lens=..., seq_lens=..., ...)."
         )
     threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
+    return construct(CommonMetadata, common_fields(batch, threshold, slots))
+
+
+def common_fields(batch: Batch, threshold: int, slots: bool = True) -> dict[str, Any]:
+    """`build_common`'s fields as a dict, its arguments already checked (`threshold` an int
+    >= 1): for a backend that takes the common fields into its own metadata (`inherit`)
+    without making the `CommonMetadata` object in between."""
     n, r_pad, t_pad = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
     t = batch.num_tokens
     q = batch.query_lens
@@ -492,7 +504,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True)
         rows_per_region, tokens_per_region, decode_first = _split(batch, threshold, query_start_loc)
     for value in made:
         value.setflags(write=False)
-    return construct(CommonMetadata, dict(
+    return dict(
         query_start_loc=query_start_loc,
         query_lens=query_lens,
         seq_lens=seq_lens,
@@ -519,7 +531,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True)
         is_decode_first=decode_first,
         all_exact=all_exact,
         slot_mapping_exact=all_exact,
-    ))
+    )
 
 
 def require_exact(common: CommonMetadata, *, backend: str, reason: str) -> None:

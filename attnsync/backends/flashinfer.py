@@ -43,12 +43,22 @@ differences. We rebase because
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .. import _accel
 from .._batch import Batch, require_decode_first
-from .._spec import CommonMetadata, array_field, build_common, frozen_zeros, inherit, prefix_mask, require_exact
+from .._spec import (
+    CommonMetadata,
+    array_field,
+    common_fields,
+    construct,
+    frozen_zeros,
+    inherit_fields,
+    prefix_mask,
+    require_exact,
+)
 from .._validate import INT32_MAX, SpecError, as_int, freeze
 
 _BACKEND = "flashinfer"
@@ -281,43 +291,45 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
             f"Fix: attnsync.build(attnsync.Batch(...), backend='flashinfer')."
         )
     threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
-    common = build_common(batch, decode_threshold=threshold)
-    if not common.is_decode_first:
+    # The common fields as a dict, inherited below without a CommonMetadata object in between
+    # (one object and its attribute reads fewer a step).
+    common = common_fields(batch, threshold)
+    if not common["is_decode_first"]:
         # The common build already classified the rows; ask for the full check (and its error
         # message naming the row and the fix) only when the order is wrong, which saves a
         # second classification (about 6 us) on every valid step.
         require_decode_first(batch, decode_threshold=threshold, backend=_BACKEND, strict=False)
         raise AssertionError("require_decode_first accepted a batch the common build flagged")
-    if not common.all_exact:
+    if not common["all_exact"]:
         require_exact(
-            common,
+            construct(CommonMetadata, common),
             backend=_BACKEND,
             reason="its plan() derives each request's KV length from paged_kv_indptr and "
             "paged_kv_last_page_len, so an upper bound would make the kernel read invalid keys",
         )
-    page = common.block_size
-    n = common.num_scheduled_reqs
+    page = common["block_size"]
+    n = common["num_scheduled_reqs"]
     indptr, indices, last, num_pages = _paged_kv(
-        common.seq_lens, _seq_lens_minus_one(common), common.block_table, page
+        common["seq_lens"], _seq_lens_minus_one(common), common["block_table"], page
     )
     freeze(indptr)
     freeze(indices)
     freeze(last)
 
-    nd = common.num_decodes
+    nd = common["num_decodes"]
     decode_pages = indptr.item(nd)
     if nd == n:  # no prefill rows (decode steps): both prefill offsets are [0]
         prefill_qo_indptr = prefill_kv_indptr = frozen_zeros((1,))
-        max_decode_q, max_prefill_q = common.max_query_len, 0
+        max_decode_q, max_prefill_q = common["max_query_len"], 0
     else:
-        qsl = common.query_start_loc
+        qsl = common["query_start_loc"]
         prefill_qo_indptr = freeze(qsl[nd : n + 1] - qsl[nd])
         prefill_kv_indptr = freeze(indptr[nd : n + 1] - np.int32(decode_pages))
         query_lens = batch.query_lens  # [n], the real rows only
         max_decode_q = int(query_lens[:nd].max()) if nd else 0
         max_prefill_q = int(query_lens[nd:].max())
 
-    return inherit(
+    return inherit_fields(
         common,
         FlashInferMetadata,
         paged_kv_indptr=indptr,
@@ -331,7 +343,7 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
         num_decodes=nd,
         num_prefills=n - nd,
         # FlashInfer's prefills are every non-decode row (the common split's extends too)
-        num_prefill_tokens=common.num_scheduled_tokens - common.num_decode_tokens,
+        num_prefill_tokens=common["num_scheduled_tokens"] - common["num_decode_tokens"],
         max_decode_query_len=max_decode_q,
         max_prefill_query_len=max_prefill_q,
         num_decode_pages=decode_pages,
@@ -339,16 +351,16 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
     )
 
 
-def _seq_lens_minus_one(common: CommonMetadata) -> np.ndarray | None:
+def _seq_lens_minus_one(common: dict[str, Any]) -> np.ndarray | None:
     """`seq_lens - 1` as an array the common build already made, else None.
 
     When every one of the R rows (no padding) has exactly one new token, which
     `num_scheduled_tokens == num_scheduled_reqs == num_reqs` with `max_query_len == 1` says
     without reading an array, each row's `num_computed_tokens = seq_len - 1 >= 0` (exact: the
     builder refused inexact rows before this). Padding rows have seq_len 0, hence the need
-    for no padding.
+    for no padding. `common`: the common fields (`attnsync._spec.common_fields`).
     """
-    n = common.num_scheduled_reqs
-    if n and common.max_query_len == 1 and common.num_scheduled_tokens == n == common.num_reqs:
-        return common.num_computed_tokens
+    n = common["num_scheduled_reqs"]
+    if n and common["max_query_len"] == 1 and common["num_scheduled_tokens"] == n == common["num_reqs"]:
+        return common["num_computed_tokens"]
     return None

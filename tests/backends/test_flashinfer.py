@@ -23,7 +23,7 @@ from strategies import exact_batches
 import attnsync
 import attnsync.backends.flashinfer as fi_backend
 from attnsync import _spec
-from attnsync._spec import build_common as fi_backend_build_common
+from attnsync._spec import common_fields as fi_backend_common_fields
 from attnsync.backends.flashinfer import FlashInferMetadata, paged_kv_arrays
 from attnsync.kernels.reference import paged_attention_reference, relative_error
 from attnsync.testing import brute_force_common
@@ -244,15 +244,15 @@ def test_speculative_threshold_moves_short_rows_to_decodes():
 def test_common_arrays_are_shared_not_copied(monkeypatch):
     built = []
 
-    def spy(batch, **kw):
-        built.append(fi_backend_build_common(batch, **kw))
+    def spy(batch, *args, **kw):
+        built.append(fi_backend_common_fields(batch, *args, **kw))
         return built[-1]
 
-    monkeypatch.setattr(fi_backend, "build_common", spy)
+    monkeypatch.setattr(fi_backend, "common_fields", spy)
     md = attnsync.build(_batch([1, 4], [20, 4]), backend="flashinfer")
     (common,) = built
     for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
-        assert getattr(md, name) is getattr(common, name), name
+        assert getattr(md, name) is common[name], name
 
 
 def test_registered_and_option_checked():
@@ -344,7 +344,7 @@ def _decode_batch(num_reqs=32, width=128, block_size=16, seed=0, **kw) -> attnsy
     ],
 )
 def test_decode_fast_path_equals_general_path(batch, fast):
-    common = fi_backend_build_common(batch)
+    common = fi_backend_common_fields(batch, 1)
     assert (fi_backend._seq_lens_minus_one(common) is not None) == fast
     md = assert_matches_reference(batch)
     assert_same_metadata(md, _build_general(batch))
