@@ -354,6 +354,20 @@ def micro_build_lower(reps: int) -> dict[str, float]:
     return result
 
 
+def _staging_stats() -> Any:
+    """The counters of the stager the attnsync mode lowers through (the default CUDA one)."""
+    from attnsync.adapters import torch as ast
+
+    return ast.default_stager("cuda").stats
+
+
+def _staging_delta(stats: Any, before: tuple[int, int]) -> dict[str, Any]:
+    """Copies and event waits since `before`: a wait means the host was two steps ahead of
+    the GPU, so its "lower" time includes waiting for the GPU (back-pressure), not work."""
+    copies, waits = stats.copies - before[0], stats.event_waits - before[1]
+    return {"copies": copies, "event_waits": waits, "waits_per_copy": waits / copies if copies else None}
+
+
 def _median_us(values: list[float]) -> float | None:
     return statistics.median(values) * 1e6 if values else None
 
@@ -368,14 +382,19 @@ def run(*, steps: int, repeats: int, quick: bool) -> dict[str, Any]:
     w = Workload(steps)
     warmup = min(3 if quick else 10, steps)  # warm-up steps reuse the loop's lengths (pages sized for them)
     fi_split: dict[str, list[float]] = {k: [] for k in ("batch+build", "lower", "plan", "launches")}
+    stats = _staging_stats()
+    before = (stats.copies, stats.event_waits)
     fi = compare_modes(flashinfer_modes(w, fi_split), steps=steps, repeats=repeats, warmup=warmup)
-    report["flashinfer"] = {"modes": fi, "host_split_us": {k: _median_us(v) for k, v in fi_split.items()}}
+    report["flashinfer"] = {"modes": fi, "host_split_us": {k: _median_us(v) for k, v in fi_split.items()},
+                            "staging": _staging_delta(stats, before)}
     try:
         tr_split: dict[str, list[float]] = {k: [] for k in ("batch+build", "lower", "launches")}
         tr_modes, path = triton_modes(w, tr_split)
+        before = (stats.copies, stats.event_waits)
         tr = compare_modes(tr_modes, steps=steps, repeats=repeats, warmup=warmup)
         report["triton"] = {
             "path": path, "modes": tr, "host_split_us": {k: _median_us(v) for k, v in tr_split.items()},
+            "staging": _staging_delta(stats, before),
         }
     except Exception as exc:  # the kernel module is optional; say why it did not run
         report["triton"] = {"status": "skipped", "reason": f"{type(exc).__name__}: {exc}"}
@@ -424,14 +443,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {label} | {_cell(rate['naive'])} | {_cell(rate['attnsync'])} | {_cell(rate['once'])} | "
             f"{_cell(part['ratios']['attnsync/naive'], 3)} | {_cell(part['ratios']['attnsync/once'], 3)} |"
         )
-    lines += ["", "Host time per step, attnsync mode (median us):", "",
-              "| kernel | batch+build | lower | plan | launches |", "|---|---|---|---|---|"]
+    lines += ["", "Host time per step, attnsync mode (median us; 'lower' includes waiting for the GPU "
+              "whenever the host ran two steps ahead: the waits column counts those steps):", "",
+              "| kernel | batch+build | lower | plan | launches | lowerings that waited |",
+              "|---|---|---|---|---|---|"]
     for kernel in ("flashinfer", "triton"):
         split = report.get(kernel, {}).get("host_split_us")
         if split:
+            staging = report[kernel].get("staging") or {}
+            waited = (f"{staging['event_waits']} of {staging['copies']}" if staging.get("copies") else "-")
             lines.append(
                 f"| {kernel} | {_cell(split.get('batch+build'))} | {_cell(split.get('lower'))} | "
-                f"{_cell(split.get('plan'))} | {_cell(split.get('launches'))} |"
+                f"{_cell(split.get('plan'))} | {_cell(split.get('launches'))} | {waited} |"
             )
     micro = report["micro_us"]
     lines += [
