@@ -136,18 +136,47 @@ static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromSsize_t(k);
 }
 
-/* A C-contiguous int32 buffer of `ndim` dimensions, writable if asked; raises TypeError naming
- * `what` otherwise. */
-static int int32_buffer(PyObject *obj, Py_buffer *view, int ndim, int writable, const char *what) {
-    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
-    if (kind_of(view) != 'i' || view->itemsize != 4 || view->ndim != ndim) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous int32 array of %d dimension(s)",
-                     what, ndim);
-        return -1;
+/* What one int32 argument must be: its position in the call, dimensions, writability, name. */
+typedef struct {
+    int arg;
+    int ndim;
+    int writable;
+    const char *what;
+} int32_arg;
+
+/* The C-contiguous int32 buffers `specs` describe, all or none: on a missing or wrong one
+ * (TypeError naming it) every buffer got so far is released and -1 returned. */
+static int int32_buffers(PyObject *const *args, const int32_arg *specs, int count, Py_buffer *views) {
+    for (int k = 0; k < count; k++) {
+        int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (specs[k].writable ? PyBUF_WRITABLE : 0);
+        int ok = PyObject_GetBuffer(args[specs[k].arg], &views[k], flags) == 0;
+        if (ok && (kind_of(&views[k]) != 'i' || views[k].itemsize != 4 || views[k].ndim != specs[k].ndim)) {
+            PyBuffer_Release(&views[k]);
+            PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous int32 array of %d dimension(s)",
+                         specs[k].what, specs[k].ndim);
+            ok = 0;
+        }
+        if (!ok) {
+            while (k-- > 0) PyBuffer_Release(&views[k]);
+            return -1;
+        }
     }
     return 0;
+}
+
+static void release_all(Py_buffer *views, int count) {
+    for (int k = 0; k < count; k++) PyBuffer_Release(&views[k]);
+}
+
+/* A page size argument: a Python int >= 1, else -1 with ValueError or TypeError set. */
+static long page_arg(PyObject *value, const char *function) {
+    long page = PyLong_AsLong(value);
+    if (page == -1 && PyErr_Occurred()) return -1;
+    if (page < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: page must be >= 1", function);
+        return -1;
+    }
+    return page;
 }
 
 PyDoc_STRVAR(decode_slots_doc,
@@ -158,52 +187,39 @@ PyDoc_STRVAR(decode_slots_doc,
 
 static PyObject *decode_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
+    static const int32_arg specs[3] = {{0, 2, 0, "decode_slots: block_table"},
+                                       {1, 1, 0, "decode_slots: positions"},
+                                       {3, 1, 1, "decode_slots: out"}};
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "decode_slots(block_table, positions, page, out)");
         return NULL;
     }
-    long page = PyLong_AsLong(args[2]);
-    if (page == -1 && PyErr_Occurred()) return NULL;
-    if (page < 1) {
-        PyErr_SetString(PyExc_ValueError, "decode_slots: page must be >= 1");
-        return NULL;
-    }
-    Py_buffer table, positions, out;
-    if (int32_buffer(args[0], &table, 2, 0, "decode_slots: block_table") != 0) return NULL;
-    if (int32_buffer(args[1], &positions, 1, 0, "decode_slots: positions") != 0) {
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    if (int32_buffer(args[3], &out, 1, 1, "decode_slots: out") != 0) {
-        PyBuffer_Release(&positions);
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    Py_ssize_t rows = table.shape[0], width = table.shape[1];
-    PyObject *result = Py_None;
-    if (positions.shape[0] != rows || out.shape[0] != rows) {
+    long page = page_arg(args[2], "decode_slots");
+    Py_buffer views[3];
+    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1];
+    int failed = 0;
+    if (views[1].shape[0] != rows || views[2].shape[0] != rows) {
         PyErr_SetString(PyExc_ValueError, "decode_slots: block_table, positions and out differ in rows");
-        result = NULL;
+        failed = 1;
     } else {
-        const int32_t *t = (const int32_t *)table.buf, *p = (const int32_t *)positions.buf;
-        int32_t *o = (int32_t *)out.buf;
+        const int32_t *t = (const int32_t *)views[0].buf, *p = (const int32_t *)views[1].buf;
+        int32_t *o = (int32_t *)views[2].buf;
         for (Py_ssize_t r = 0; r < rows; r++) {
             int64_t position = p[r];
             int64_t column = position / page;
             if (position < 0 || column >= width) {
                 PyErr_Format(PyExc_IndexError, "decode_slots: row %zd: position %lld is outside "
                              "its %zd pages of %ld", r, (long long)position, width, page);
-                result = NULL;
+                failed = 1;
                 break;
             }
             /* Batch refused page ids whose slots do not fit int32: int32 arithmetic, as numpy's */
             o[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
         }
     }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&positions);
-    PyBuffer_Release(&table);
-    if (result == NULL) return NULL;
+    release_all(views, 3);
+    if (failed) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -216,36 +232,25 @@ PyDoc_STRVAR(paged_kv_counts_doc,
 
 static PyObject *paged_kv_counts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
+    static const int32_arg specs[3] = {{0, 1, 0, "paged_kv_counts: seq_lens"},
+                                       {2, 1, 1, "paged_kv_counts: indptr"},
+                                       {3, 1, 1, "paged_kv_counts: last_page_len"}};
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "paged_kv_counts(seq_lens, page, indptr, last_page_len)");
         return NULL;
     }
-    long page = PyLong_AsLong(args[1]);
-    if (page == -1 && PyErr_Occurred()) return NULL;
-    if (page < 1) {
-        PyErr_SetString(PyExc_ValueError, "paged_kv_counts: page must be >= 1");
-        return NULL;
-    }
-    Py_buffer seq, indptr, last;
-    if (int32_buffer(args[0], &seq, 1, 0, "paged_kv_counts: seq_lens") != 0) return NULL;
-    if (int32_buffer(args[2], &indptr, 1, 1, "paged_kv_counts: indptr") != 0) {
-        PyBuffer_Release(&seq);
-        return NULL;
-    }
-    if (int32_buffer(args[3], &last, 1, 1, "paged_kv_counts: last_page_len") != 0) {
-        PyBuffer_Release(&indptr);
-        PyBuffer_Release(&seq);
-        return NULL;
-    }
-    Py_ssize_t rows = seq.shape[0];
+    long page = page_arg(args[1], "paged_kv_counts");
+    Py_buffer views[3];
+    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0];
     int64_t total = 0;
     int failed = 0;
-    if (indptr.shape[0] != rows + 1 || last.shape[0] != rows) {
+    if (views[1].shape[0] != rows + 1 || views[2].shape[0] != rows) {
         PyErr_SetString(PyExc_ValueError, "paged_kv_counts: indptr must have R+1 entries, last_page_len R");
         failed = 1;
     } else {
-        const int32_t *s = (const int32_t *)seq.buf;
-        int32_t *offsets = (int32_t *)indptr.buf, *fill = (int32_t *)last.buf;
+        const int32_t *s = (const int32_t *)views[0].buf;
+        int32_t *offsets = (int32_t *)views[1].buf, *fill = (int32_t *)views[2].buf;
         offsets[0] = 0;
         for (Py_ssize_t r = 0; r < rows; r++) {
             int64_t length = s[r];
@@ -265,9 +270,7 @@ static PyObject *paged_kv_counts(PyObject *self, PyObject *const *args, Py_ssize
             offsets[r + 1] = (int32_t)total;
         }
     }
-    PyBuffer_Release(&last);
-    PyBuffer_Release(&indptr);
-    PyBuffer_Release(&seq);
+    release_all(views, 3);
     if (failed) return NULL;
     return PyLong_FromLongLong(total);
 }
@@ -280,26 +283,21 @@ PyDoc_STRVAR(gather_pages_doc,
 
 static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
+    static const int32_arg specs[3] = {{0, 2, 0, "gather_pages: block_table"},
+                                       {1, 1, 0, "gather_pages: indptr"},
+                                       {2, 1, 1, "gather_pages: out"}};
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "gather_pages(block_table, indptr, out)");
         return NULL;
     }
-    Py_buffer table, indptr, out;
-    if (int32_buffer(args[0], &table, 2, 0, "gather_pages: block_table") != 0) return NULL;
-    if (int32_buffer(args[1], &indptr, 1, 0, "gather_pages: indptr") != 0) {
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    if (int32_buffer(args[2], &out, 1, 1, "gather_pages: out") != 0) {
-        PyBuffer_Release(&indptr);
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    Py_ssize_t rows = table.shape[0], width = table.shape[1], length = out.shape[0];
-    const int32_t *t = (const int32_t *)table.buf, *offsets = (const int32_t *)indptr.buf;
-    int32_t *o = (int32_t *)out.buf;
+    Py_buffer views[3];
+    if (int32_buffers(args, specs, 3, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1], length = views[2].shape[0];
+    const int32_t *t = (const int32_t *)views[0].buf, *offsets = (const int32_t *)views[1].buf;
+    int32_t *o = (int32_t *)views[2].buf;
     int failed = 0;
-    if (indptr.shape[0] != rows + 1 || offsets[0] != 0 || offsets[rows] != length) {
+    /* (the shape check comes first, so offsets[0] and offsets[rows] exist when read) */
+    if (views[1].shape[0] != rows + 1 || offsets[0] != 0 || offsets[rows] != length) {
         PyErr_SetString(PyExc_ValueError, "gather_pages: indptr must have R+1 entries from 0 to len(out)");
         failed = 1;
     } else {
@@ -315,9 +313,7 @@ static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t 
             memcpy(o + start, t + r * width, (size_t)pages * sizeof(int32_t));
         }
     }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&indptr);
-    PyBuffer_Release(&table);
+    release_all(views, 3);
     if (failed) return NULL;
     Py_RETURN_NONE;
 }
