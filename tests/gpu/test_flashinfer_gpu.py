@@ -258,7 +258,13 @@ def test_build_lower_plan_run_do_not_sync(wrappers, caches):
         return md, tmd
 
     for _ in range(3):  # warm-up: JIT modules, pinned staging slots, the plan-buffer rotation
-        step()
+        md, tmd = step()
+    # run() too: its first call in a process copies FlashInfer's cached ALiBi-slopes buffer to
+    # the device from pageable memory (flashinfer/utils.py, _get_cache_alibi_slopes_buf), a
+    # synchronizing copy of FlashInfer's own that a test run alone hit inside the guard below
+    q = random_q(md, name)
+    run(tmd, q, caches(name), decode_wrapper=dw, prefill_wrapper=pw, out=torch.empty_like(q))
+    del md, tmd
     torch.cuda.synchronize()
 
     def guarded_step():
@@ -266,7 +272,10 @@ def test_build_lower_plan_run_do_not_sync(wrappers, caches):
             return step()
 
     # A 100 ms kernel is queued first; any wait for the GPU would cost ~100 ms of host time.
-    md, tmd = assert_no_host_stall(guarded_step, budget_ms=10.0, sleep_ms=100.0)
+    # The step itself takes 1.4-2.8 ms (FlashInfer's plan() is most of it; run 51's
+    # diag50.py), and 13 ms once with five other test processes compiling FlashInfer modules
+    # beside it (run 50): the budget sits between that and a wait.
+    md, tmd = assert_no_host_stall(guarded_step, budget_ms=25.0, sleep_ms=100.0)
     q = random_q(md, name)
     out = torch.full_like(q, float("nan"))
 
@@ -274,7 +283,7 @@ def test_build_lower_plan_run_do_not_sync(wrappers, caches):
         with no_sync():
             run(tmd, q, caches(name), decode_wrapper=dw, prefill_wrapper=pw, out=out)
 
-    assert_no_host_stall(guarded_run, budget_ms=10.0, sleep_ms=100.0)
+    assert_no_host_stall(guarded_run, budget_ms=25.0, sleep_ms=100.0)
     torch.cuda.synchronize()
     k, v = caches(name)
     assert relative_error(to_np(out), reference(md, q, k, v)) < TOLERANCE
