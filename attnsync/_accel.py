@@ -1,12 +1,15 @@
-"""Whether the compiled twin of four hot numpy steps is in use (`native`, else None).
+"""Whether the compiled twin of five hot numpy steps is in use (`native`, else None).
 
-`attnsync/_native.c` holds four functions that do in one call what a few numpy calls do in the
-builders and the torch lowering: the lowering's per-field copies (`pack`), a decode row's slot
-(`decode_slots`), FlashInfer's page offsets and last-page fills (`paged_kv_counts`) and page
-list (`gather_pages`). On the GPU hosts each numpy call costs 1-2.5 us whatever its size, and a
-decode step makes a few dozen (results/2026-11-27-h100/README.md). The numpy forms stay the
-reference: tests/test_native.py checks each compiled function against them bit for bit, and
-every caller keeps its numpy path for when this module is missing.
+`attnsync/_native.c` holds five functions that do in one call what a few numpy calls do in the
+builders, the torch lowering and `Batch`: the lowering's per-field copies (`pack`), a decode
+row's slot (`decode_slots`), FlashInfer's page offsets and last-page fills (`paged_kv_counts`)
+and page list (`gather_pages`), and `Batch`'s copies and length checks of plain int32 input
+(`check_batch`: it only accepts; on anything it would refuse it returns None and the numpy
+checks run and name the problem). On the GPU hosts each numpy call costs 1-2.5 us whatever its
+size, and a decode step makes a few dozen (results/2026-11-27-h100/README.md). The numpy forms
+stay the reference: tests/test_native.py checks each compiled function against them bit for
+bit (and `Batch`'s fields and errors with and without it), and every caller keeps its numpy
+path for when this module is missing.
 
 The module is built by `pip install` where a C compiler is present (setup.py marks it optional)
 or by `python -m attnsync._native_build` in a source checkout. Set ATTNSYNC_PURE_NUMPY=1 to run

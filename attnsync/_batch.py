@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _accel
 from ._validate import (
     INT32_MAX,
     SpecError,
@@ -25,6 +26,30 @@ from ._validate import (
 # long extend, prefill. A backend that needs decode-first order needs rows sorted by region.
 DECODE, SHORT_EXTEND, LONG_EXTEND, PREFILL = 0, 1, 2, 3
 REGION_NAMES = ("decode", "short extend", "long extend", "prefill")
+
+
+def _plain_int32(value: Any, ndim: int) -> bool:
+    return type(value) is np.ndarray and value.dtype == _INT32 and value.ndim == ndim and value.flags.c_contiguous
+
+
+_INT32 = np.dtype(np.int32)
+
+
+def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple | None:
+    """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
+    pass (copies, total tokens, the longest query and sequence, and the largest page id as
+    uint32, which numpy finds faster); None otherwise, and the numpy checks run (and name any
+    problem)."""
+    native = _accel.native
+    if native is None or not (_plain_int32(query_lens, 1) and _plain_int32(seq_lens, 1)
+                              and _plain_int32(block_table, 2)):
+        return None
+    copies = (np.empty_like(query_lens), np.empty_like(seq_lens), np.empty_like(block_table))
+    found = native.check_batch(query_lens, seq_lens, block_table, *copies)
+    if found is None:
+        return None
+    table = copies[2]
+    return (*copies, *found, int(table.view(np.uint32).max()) if table.size else 0)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -89,6 +114,45 @@ class Batch:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         block_size = as_int(self.block_size, "block_size", minimum=1, maximum=INT32_MAX)
+        checked = _checked_natively(self.query_lens, self.seq_lens, self.block_table)
+        if checked is not None:
+            # The compiled happy path (attnsync/_accel.py): the three arrays copied, lengths
+            # checked >= 0 and query_len <= seq_len, in one call. Everything after the table's
+            # largest page id is checked below, the same way for both paths.
+            query_lens, seq_lens, block_table, total_tokens, max_query_len, max_seq_len, max_page = checked
+            num_reqs = query_lens.shape[0]
+        else:
+            query_lens, seq_lens, block_table, total_tokens, max_seq_len, max_page = self._check_arrays()
+            num_reqs = query_lens.shape[0]
+            max_query_len = int(query_lens.max()) if num_reqs else 0
+        if total_tokens > INT32_MAX:
+            raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
+        width = block_table.shape[1]
+        if -(-max_seq_len // block_size) > width:  # the longest row decides; find the first one
+            pages_needed = -(-seq_lens.astype(np.int64) // block_size)
+            narrow = pages_needed > width
+            row = int(np.argmax(narrow))
+            raise SpecError(
+                f"block_table: row {row} needs {int(pages_needed[row])} pages for seq_len "
+                f"{int(seq_lens[row])} at block_size {block_size}, but the table has only {width} "
+                f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
+                f"(pad unused entries with 0)."
+            )
+        if max_page > INT32_MAX:  # a negative id: the general check names it and its index
+            as_int_array(block_table, "block_table", ndim=2, minimum=0)
+            raise AssertionError("a page id >= 2**31 in an int32 table")
+        if (max_page + 1) * block_size - 1 > INT32_MAX:
+            raise SpecError(
+                f"block_table: page id {max_page} at block_size {block_size} gives "
+                f"slot ids beyond int32. Fix: the KV cache cannot have that many slots."
+            )
+        self._check_cache_pages(block_table, max_page)
+        self._finish(set_, block_size, query_lens, seq_lens, block_table, num_reqs, total_tokens,
+                     max_query_len, max_seq_len)
+
+    def _check_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+        """The general path: query_lens, seq_lens and block_table validated and copied, the
+        total of query_lens, the longest seq_len and the largest page id (as uint32)."""
         query_lens = as_int_array(self.query_lens, "query_lens", ndim=1, minimum=0)
         num_reqs = query_lens.shape[0]
         seq_lens = as_int_array(self.seq_lens, "seq_lens", ndim=1, minimum=0)
@@ -117,34 +181,17 @@ class Batch:
                 f"least query_len. Fix: pass seq_lens = num_computed_tokens + query_lens."
             )
         total_tokens = int(query_lens.sum(dtype=np.int64))
-        if total_tokens > INT32_MAX:
-            raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
         max_seq_len = int(seq_lens.max()) if num_reqs else 0
-        width = block_table.shape[1]
-        if -(-max_seq_len // block_size) > width:  # the longest row decides; find the first one
-            pages_needed = -(-seq_lens.astype(np.int64) // block_size)
-            narrow = pages_needed > width
-            row = int(np.argmax(narrow))
-            raise SpecError(
-                f"block_table: row {row} needs {int(pages_needed[row])} pages for seq_len "
-                f"{int(seq_lens[row])} at block_size {block_size}, but the table has only {width} "
-                f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
-                f"(pad unused entries with 0)."
-            )
         # Seen as uint32, a negative page id is >= 2**31: one max() finds both the largest page
         # and any negative one (the table is the biggest input: R x W, 512 KB at 256 x 512).
         max_page = int(block_table.view(np.uint32).max()) if block_table.size else 0
-        if max_page > INT32_MAX:  # a negative id: the general check names it and its index
-            as_int_array(block_table, "block_table", ndim=2, minimum=0)
-            raise AssertionError("a page id >= 2**31 in an int32 table")
-        if (max_page + 1) * block_size - 1 > INT32_MAX:
-            raise SpecError(
-                f"block_table: page id {max_page} at block_size {block_size} gives "
-                f"slot ids beyond int32. Fix: the KV cache cannot have that many slots."
-            )
+        return query_lens, seq_lens, block_table, total_tokens, max_seq_len, max_page
+
+    def _check_cache_pages(self, block_table: np.ndarray, max_page: int) -> None:
+        """Page ids below `num_cache_pages`, when given (kept as a Python int)."""
         if self.num_cache_pages is not None:
             num_pages = as_int(self.num_cache_pages, "num_cache_pages", minimum=1)
-            set_(self, "num_cache_pages", num_pages)  # a Python int from here on
+            object.__setattr__(self, "num_cache_pages", num_pages)  # a Python int from here on
             if block_table.size and max_page >= num_pages:
                 bad = np.unravel_index(int(np.argmax(block_table)), block_table.shape)
                 raise SpecError(
@@ -152,6 +199,11 @@ class Batch:
                     f"is outside the cache of num_cache_pages={num_pages} pages. Fix: page ids must "
                     f"be below num_cache_pages."
                 )
+
+    def _finish(self, set_: Any, block_size: int, query_lens: np.ndarray, seq_lens: np.ndarray,
+                block_table: np.ndarray, num_reqs: int, total_tokens: int, max_query_len: int,
+                max_seq_len: int) -> None:
+        """The per-row flags and padded sizes, checked; every field set."""
         exact = as_bool_array(self.seq_lens_exact, "seq_lens_exact", length=num_reqs)
         all_exact = self.seq_lens_exact is True or bool(exact.all())
         no_context = None if all_exact else ~exact & (seq_lens <= query_lens)
@@ -202,7 +254,7 @@ class Batch:
         set_(self, "num_reqs", num_reqs)
         set_(self, "num_tokens", total_tokens)
         set_(self, "all_exact", all_exact)
-        set_(self, "max_query_len", int(query_lens.max()) if num_reqs else 0)
+        set_(self, "max_query_len", max_query_len)
         set_(self, "max_seq_len", max_seq_len)
         set_(self, "any_prefilling", prefilling is not None and bool(prefilling.any()))
 

@@ -265,3 +265,117 @@ def test_pure_numpy_switch():
     env["ATTNSYNC_PURE_NUMPY"] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "attnsync._native" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# check_batch: Batch's array checks, happy path
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(0, 12), width=st.integers(0, 6), seed=st.integers(0, 2**32 - 1),
+       spoil=st.sampled_from(["none", "negative query", "negative seq", "query > seq", "negative page",
+                              "huge page", "rows"]))  # (page ids are Batch's to check: copied only)
+def test_check_batch_accepts_exactly_what_the_numpy_checks_accept(rows, width, seed, spoil):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 50, rows).astype(np.int32)
+    q = np.minimum(rng.integers(0, 50, rows), s).astype(np.int32)
+    t = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+    if rows and spoil == "negative query":
+        q[rng.integers(rows)] = -1
+    elif rows and spoil == "negative seq":
+        s[rng.integers(rows)] = -3
+    elif rows and spoil == "query > seq":
+        r = rng.integers(rows)
+        q[r] = s[r] + 1
+    elif rows and width and spoil == "negative page":
+        t[rng.integers(rows), rng.integers(width)] = -5
+    elif rows and width and spoil == "huge page":
+        t[rng.integers(rows), rng.integers(width)] = 2**31 - 1
+    elif spoil == "rows":
+        t = np.zeros((rows + 1, width), np.int32)
+    outs = (np.full_like(q, 7), np.full_like(s, 7), np.full_like(t, 7))
+    got = native.check_batch(q, s, t, *outs)
+    valid = (q >= 0).all() and (s >= 0).all() and (q <= s).all() and t.shape[0] == rows
+    if not valid:
+        assert got is None
+        return
+    want = (int(q.sum()), int(q.max(initial=0)), int(s.max(initial=0)))
+    assert got == want
+    for out, source in zip(outs, (q, s, t)):
+        np.testing.assert_array_equal(out, source)
+
+
+def test_check_batch_leaves_what_is_not_plain_int32_to_numpy():
+    q, s, t = np.ones(2, np.int32), np.full(2, 3, np.int32), np.zeros((2, 1), np.int32)
+    outs = (np.empty_like(q), np.empty_like(s), np.empty_like(t))
+    assert native.check_batch(q.astype(np.int64), s, t, *outs) is None
+    assert native.check_batch(q, s, np.zeros((4, 2), np.int32)[::2], *outs) is None
+    assert native.check_batch([1, 1], s, t, *outs) is None
+    with pytest.raises(TypeError, match="outputs must be writable int32"):
+        native.check_batch(q, s, t, outs[0], outs[1], np.empty((2, 1), np.int64))
+    with pytest.raises(ValueError, match="each output must have its input's shape"):
+        native.check_batch(q, s, t, outs[0], outs[1], np.empty((1, 2), np.int32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kwargs=batch_kwargs(), mutation=st.sampled_from(
+    ["none", "negative query", "query > seq", "negative page", "narrow table", "int64", "list",
+     "huge page", "page beyond cache"]), pick=st.integers(0, 2**16))
+def test_batch_is_the_same_with_and_without_the_compiled_checks(kwargs, mutation, pick):
+    """Same fields for a valid batch, the same error type and message for a spoiled one."""
+    kwargs = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    for name in ("query_lens", "seq_lens", "block_table"):  # a scheduler's int32: the compiled path
+        kwargs[name] = kwargs[name].astype(np.int32)
+    q, s, t = kwargs["query_lens"], kwargs["seq_lens"], kwargs["block_table"]
+    rows = len(q)
+    if rows:
+        r = pick % rows
+        if mutation == "negative query":
+            q[r] = -1
+        elif mutation == "query > seq":
+            q[r] = s[r] + 1
+        elif mutation == "negative page" and t.shape[1]:
+            t[r, pick % t.shape[1]] = -2
+        elif mutation == "huge page" and t.shape[1]:
+            t[r, pick % t.shape[1]] = 2**31 - 1
+        elif mutation == "narrow table" and t.shape[1]:
+            kwargs["block_table"] = t[:, :-1].copy()
+        elif mutation == "page beyond cache" and t.shape[1]:
+            kwargs["num_cache_pages"] = max(int(t.max()), 1)
+            t[r, pick % t.shape[1]] = kwargs["num_cache_pages"]
+    if mutation == "int64":
+        kwargs["block_table"] = kwargs["block_table"].astype(np.int64)
+    elif mutation == "list":
+        kwargs["query_lens"] = [int(x) for x in kwargs["query_lens"]]
+
+    def outcome():
+        try:
+            batch = attnsync.Batch(**kwargs)
+        except (attnsync.SpecError, TypeError) as exc:
+            return type(exc), str(exc)
+        return {name: (value.copy() if isinstance(value, np.ndarray) else value)
+                for name, value in batch.__dict__.items()}
+
+    calls = []
+    real = native.check_batch
+    shim = type("Shim", (), {})()
+    for name in ("pack", "decode_slots", "paged_kv_counts", "gather_pages"):
+        setattr(shim, name, getattr(native, name))
+    shim.check_batch = lambda *args: calls.append(1) or real(*args)
+    saved, _accel.native = _accel.native, shim
+    try:
+        got = outcome()
+    finally:
+        _accel.native = saved
+    want = without_native(outcome)
+    assert calls or mutation in ("int64", "list"), "the compiled checks were not reached"
+    if isinstance(want, tuple):
+        assert got == want
+        return
+    assert isinstance(got, dict) and got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[name].dtype == value.dtype and got[name].flags.writeable == value.flags.writeable
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+        else:
+            assert got[name] == value and type(got[name]) is type(value), name
