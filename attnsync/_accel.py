@@ -19,11 +19,25 @@ without it.
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
+
+# The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
+NATIVE_VERSION = 2
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):
     try:
         from . import _native as native  # type: ignore[no-redef]
     except ImportError:  # not built here: the numpy forms run
+        native = None
+    if native is not None and getattr(native, "VERSION", None) != NATIVE_VERSION:
+        # A build of an older (or newer) _native.c left in a checkout: same values from numpy,
+        # and a word on how to get the compiled steps back.
+        warnings.warn(
+            f"attnsync._native at {native.__file__} is version {getattr(native, 'VERSION', 1)}, "
+            f"this attnsync calls version {NATIVE_VERSION}: using the numpy forms (same values, "
+            f"slower). Fix: rebuild it with `python -m attnsync._native_build` or reinstall.",
+            RuntimeWarning, stacklevel=2,
+        )
         native = None

@@ -413,4 +413,15 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+/* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
+ * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
+#define ATTNSYNC_NATIVE_VERSION 2
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", ATTNSYNC_NATIVE_VERSION) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

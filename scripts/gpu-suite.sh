@@ -78,7 +78,7 @@ fi
 
 # attnsync's compiled twin of its hot numpy steps (attnsync/_accel.py), unless built already; a
 # failed build leaves the numpy forms running, as env.json's "attnsync_native" then shows.
-if ! "$PY" -c 'import attnsync._native' 2>/dev/null; then
+if ! "$PY" -W error -c 'import sys; from attnsync import _accel; sys.exit(_accel.native is None)' 2>/dev/null; then
   run_step build-native 120 0 "$OUT/steps.log" "$PY" -m attnsync._native_build
 fi
 

@@ -379,3 +379,27 @@ def test_batch_is_the_same_with_and_without_the_compiled_checks(kwargs, mutation
             np.testing.assert_array_equal(got[name], value, err_msg=name)
         else:
             assert got[name] == value and type(got[name]) is type(value), name
+
+
+def test_a_stale_build_is_set_aside_with_a_warning():
+    """A module built from an older _native.c (no or another VERSION) is not called: numpy runs,
+    and a RuntimeWarning says how to rebuild."""
+    code = (
+        "import sys, types, warnings\n"
+        "stale = types.ModuleType('attnsync._native'); stale.__file__ = '/old/_native.so'\n"
+        "sys.modules['attnsync._native'] = stale\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import attnsync\n"
+        "    from attnsync import _accel\n"
+        "    batch = attnsync.Batch(query_lens=[1], seq_lens=[3], block_table=[[2]], block_size=4)\n"
+        "    md = attnsync.build(batch, 'flashinfer')\n"
+        "print(_accel.native, md.slot_mapping.tolist(), md.paged_kv_indices.tolist())\n"
+        "print([str(w.message) for w in caught if w.category is RuntimeWarning])\n"
+    )
+    env = {**os.environ, "ATTNSYNC_PURE_NUMPY": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    first, second = out.stdout.splitlines()
+    assert first == "None [10] [2]"
+    assert f"is version 1, this attnsync calls version {_accel.NATIVE_VERSION}" in second
+    assert "python -m attnsync._native_build" in second
