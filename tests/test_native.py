@@ -114,12 +114,19 @@ def test_pack_refuses_tuples_of_different_lengths():
 # decode_slots
 
 
+@st.composite
+def tables(draw, *, min_width: int):
+    """(block table int32 [R, W], page size, a generator for the rest of the case)."""
+    rows, width = draw(st.integers(0, 20)), draw(st.integers(min_width, 9))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.integers(0, 1000, (rows, width)).astype(np.int32), draw(st.sampled_from([1, 2, 3, 16, 64])), rng
+
+
 @settings(max_examples=200, deadline=None)
-@given(rows=st.integers(0, 20), width=st.integers(1, 9), page=st.sampled_from([1, 2, 3, 16, 64]),
-       seed=st.integers(0, 2**32 - 1))
-def test_decode_slots_equal_the_numpy_form(rows, width, page, seed):
-    rng = np.random.default_rng(seed)
-    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+@given(case=tables(min_width=1))
+def test_decode_slots_equal_the_numpy_form(case):
+    table, page, rng = case
+    (rows, width) = table.shape
     positions = rng.integers(0, width * page, rows).astype(np.int32)
     got = _decode_slots(table, positions, page)
     want = without_native(_decode_slots, table, positions, page)
@@ -161,11 +168,10 @@ def test_flashinfer_worked_case():
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.integers(0, 20), width=st.integers(0, 9), page=st.sampled_from([1, 2, 3, 16, 64]),
-       seed=st.integers(0, 2**32 - 1))
-def test_paged_kv_equals_the_numpy_form(rows, width, page, seed):
-    rng = np.random.default_rng(seed)
-    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+@given(case=tables(min_width=0))
+def test_paged_kv_equals_the_numpy_form(case):
+    table, page, rng = case
+    (rows, width) = table.shape
     seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
     got = fi_backend._paged_kv(seq, None, table, page)
     want = without_native(fi_backend._paged_kv, seq, None, table, page)
