@@ -10,7 +10,7 @@
 #   gpu-tests    python -m pytest tests -m "gpu or multigpu" -rA
 #   demo         python -m attnsync demo --json
 #   bench_common bench/bench_common.py --out ...      (--quick when time is short)
-#   decode_loop, graph_decode_loop, bench_turboquant, bench_flex, bench_tree, bench_mamba
+#   bench_native, decode_loop, graph_decode_loop, bench_turboquant, bench_flex, bench_tree, bench_mamba
 #                bench/NAME.py --out ...   (ATTNSYNC_BENCHES picks and orders them; set but empty: none)
 #   rest-tests   python -m pytest tests -m "not gpu and not multigpu" -rA
 # A failing or timed-out step is recorded and the suite goes on. The whole run keeps within
@@ -136,7 +136,7 @@ fi
 
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
 BENCHES=()
-for name in ${ATTNSYNC_BENCHES-decode_loop graph_decode_loop bench_turboquant bench_flex bench_tree bench_mamba}; do
+for name in ${ATTNSYNC_BENCHES-bench_native decode_loop graph_decode_loop bench_turboquant bench_flex bench_tree bench_mamba}; do
   [ -f "bench/$name.py" ] && BENCHES+=("$name")
 done
 # Reserves scale with the benches still to come (30 s each, enough for a quick run), so a short
@@ -299,8 +299,9 @@ for backend, rep in (demo_doc.get("backends") or {}).items():
     }
 
 bench = {}
-BENCHES = ("bench_common", "decode_loop", "graph_decode_loop", "bench_turboquant", "bench_flex",
-           "bench_tree", "bench_mamba", "verify")
+# (the order JSON copies are kept in while OUTDIR has room, and summary.md's order)
+BENCHES = ("bench_common", "decode_loop", "bench_native", "graph_decode_loop", "bench_turboquant",
+           "bench_flex", "bench_tree", "bench_mamba", "verify")
 for name in BENCHES:
     folder = os.path.join(work, name)
     if not os.path.isdir(folder):

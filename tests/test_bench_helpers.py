@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,3 +30,28 @@ def test_paired_ratio_alternates_blocks_and_takes_the_median_of_per_round_ratios
     # per-round ratios 2, 3, 5, 3 -> median 3; medians of each side over the rounds
     assert result["ratio"] == 3.0
     assert result["numerator_host_ms"] == 7.0 and result["denominator_host_ms"] == 2.5
+
+
+def test_bench_native_times_both_modes_and_restores_the_module(tmp_path, monkeypatch):
+    import bench_native
+
+    from attnsync import _accel
+
+    if _accel.native is None:
+        pytest.skip("attnsync._native is not in use here (not built, or ATTNSYNC_PURE_NUMPY set)")
+    module = _accel.native
+    seen = set()
+    real_block = bench_native.block
+
+    def spying_block(fn, drain, *, calls, warmup=5):
+        seen.add(_accel.native is module)
+        return real_block(fn, drain, calls=2, warmup=1)  # a smoke run: the logic, not the timings
+
+    monkeypatch.setattr(bench_native, "block", spying_block)
+    assert bench_native.main(["--out", str(tmp_path), "--quick"]) == 0
+    report = json.loads((tmp_path / "bench_native.json").read_text())
+    assert _accel.native is module, "the compiled module is back in use after the run"
+    assert seen == {True, False}, "both modes were timed"
+    assert report["status"] == "ok" and len(report["results"]) == 6
+    for row in report["results"].values():
+        assert row["native_us"] > 0 and row["numpy_us"] > 0 and row["numpy_over_native"] > 0
