@@ -29,7 +29,9 @@ REGION_NAMES = ("decode", "short extend", "long extend", "prefill")
 
 
 def _plain_int32(value: Any, ndim: int) -> bool:
-    return type(value) is np.ndarray and value.dtype == _INT32 and value.ndim == ndim and value.flags.c_contiguous
+    """A C-contiguous int32 numpy array of `ndim` dimensions (what a scheduler hands over)."""
+    return (type(value) is np.ndarray and value.dtype == _INT32 and value.ndim == ndim
+            and value.flags.c_contiguous)
 
 
 _INT32 = np.dtype(np.int32)

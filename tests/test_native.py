@@ -76,7 +76,8 @@ def test_pack_copies_like_np_copyto(data):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["shape", "strided source", "strided target", "int16", "read-only target", "list"])
+@pytest.mark.parametrize(
+    "case", ["shape", "strided source", "strided target", "int16", "read-only target", "list"])
 def test_pack_stops_at_a_pair_it_does_not_handle_and_leaves_it(case):
     """Everything before the pair is copied; the pair and everything after it are untouched,
     for np.copyto to do (or refuse) as numpy does."""
@@ -119,7 +120,8 @@ def tables(draw, *, min_width: int):
     """(block table int32 [R, W], page size, a generator for the rest of the case)."""
     rows, width = draw(st.integers(0, 20)), draw(st.integers(min_width, 9))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    return rng.integers(0, 1000, (rows, width)).astype(np.int32), draw(st.sampled_from([1, 2, 3, 16, 64])), rng
+    table = rng.integers(0, 1000, (rows, width)).astype(np.int32)
+    return table, draw(st.sampled_from([1, 2, 3, 16, 64])), rng
 
 
 @settings(max_examples=200, deadline=None)
@@ -190,7 +192,8 @@ def test_paged_kv_refusals():
     with pytest.raises(ValueError, match="more pages than int32"):
         native.paged_kv_counts(np.full(2, 2**31 - 1, np.int32), 1, indptr, last)
     table = np.zeros((2, 3), np.int32)
-    with pytest.raises(ValueError, match=r"row 1's pages \[1, 5\) do not fit its 3 columns and an output of 5"):
+    with pytest.raises(ValueError,
+                       match=r"row 1's pages \[1, 5\) do not fit its 3 columns and an output of 5"):
         native.gather_pages(table, np.array([0, 1, 5], np.int32), np.empty(5, np.int32))
     with pytest.raises(ValueError, match="from 0 to len\\(out\\)"):
         native.gather_pages(table, np.array([0, 1, 2], np.int32), np.empty(5, np.int32))
