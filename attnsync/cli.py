@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, _accel
 from ._batch import REGION_NAMES, Batch
 from ._build import build
 from ._validate import SpecError
@@ -304,6 +304,8 @@ def run_demo(*, backends: Sequence[str], frameworks: Sequence[str]) -> dict[str,
     doc: dict[str, Any] = {
         "attnsync": __version__,
         "python": platform.python_version(),
+        # whether the compiled twin of the hot numpy steps ran (attnsync/_accel.py)
+        "native": _accel.native is not None,
         "batch": _batch_report(batch),
         "frameworks": {
             name: {"status": fw.status, ("version" if fw.status == "ok" else "reason"): fw.detail}
@@ -396,6 +398,9 @@ def format_text(doc: dict[str, Any]) -> str:
     lines = [
         f"attnsync {doc['attnsync']} demo (python {doc['python']}): one mixed serving step, built on the "
         "host in numpy, lowered to every framework available here",
+        "compiled twin of the hot numpy steps (attnsync._native): "
+        + ("in use" if doc.get("native") else "not in use: the numpy forms ran (same values; "
+           "python -m attnsync._native_build builds it)"),
         "",
         f"batch: {b['num_reqs']} requests padded to {b['padded_num_reqs']} rows, {b['num_tokens']} tokens "
         f"padded to {b['padded_num_tokens']}, block_size {b['block_size']}, block_table "

@@ -228,3 +228,18 @@ def test_ci_runs_the_readme_test_command():
     install = "install -c .ci/constraints.txt -e '.[torch,jax,triton,test]'"
     assert install in readme and install in ci
     assert "/python -m pytest -q" in readme and '/bin/python" -m pytest -q' in ci
+
+
+@pytest.mark.parametrize("in_use", [True, False])
+def test_demo_says_whether_the_compiled_twin_ran(in_use, monkeypatch):
+    from attnsync import _accel
+
+    if in_use and _accel.native is None:
+        pytest.skip("attnsync._native is not in use here (not built, or ATTNSYNC_PURE_NUMPY set)")
+    if not in_use:
+        monkeypatch.setattr(_accel, "native", None)
+    doc = cli.run_demo(backends=["common"], frameworks=["numpy"])
+    assert doc["native"] is in_use
+    line = cli.format_text(doc).splitlines()[1]
+    assert line.startswith("compiled twin of the hot numpy steps (attnsync._native): ")
+    assert ("not in use" not in line) is in_use
