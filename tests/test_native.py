@@ -251,11 +251,7 @@ def test_torch_lowerings_are_the_same_with_and_without_the_compiled_module(steps
             except attnsync.SpecError:
                 continue
             got = ast.lower(md, "cpu", stager=with_stager)
-            saved, _accel.native = _accel.native, None
-            try:
-                want = ast.lower(md, "cpu", stager=without_stager)
-            finally:
-                _accel.native = saved
+            want = without_native(lambda md=md: ast.lower(md, "cpu", stager=without_stager))
             for name, value in want.__dict__.items():
                 other = got.__dict__[name]
                 if isinstance(value, torch.Tensor):

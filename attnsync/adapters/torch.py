@@ -80,7 +80,8 @@ class Stager:
         # Reusable lowerings (see `_Reusable`): pools of two entries used in turn, each pool
         # with room for one metadata class, dtypes and stream and a range of shapes
         # (`_pool_for`), oldest first; per family (class, dtypes, stream) newest first; and
-        # per exact shapes seen, the pool they use (one lookup a step).
+        # per exact shapes that made a pool, that pool (one lookup a step; cleared whenever a
+        # pool is forgotten, so it never holds more keys than there are pools).
         self._pools: list[list] = []
         self._families: dict[tuple, list[list]] = {}
         self._reusable: dict[tuple, list] = {}
@@ -529,8 +530,8 @@ class _Reusable:
     lookup took longer than the copy itself, results/2026-11-27-h100/run13-lineprof.txt).
     """
 
-    __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "targets",
-                 "mirror_targets", "pinned", "event", "stream", "copy_args", "room", "shapes",
+    __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "num_staged",
+                 "pinned", "event", "stream", "copy_args", "room", "shapes",
                  "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
                  "pack_pairs", "pack_targets", "pack_sources", "pack_index")
 
@@ -579,9 +580,10 @@ class _Reusable:
         """Give each field the shape of this step (`shapes`: of `plan.arrays_of(values)`),
         remaking only the views whose shape changed.
 
-        `targets` and `mirror_targets` list the non-empty fields to pack, and `pack_pairs` /
-        `pack_targets` both in one list (a field that turns empty or non-empty remakes them
-        all); `held` lists every tensor of the lowering, slot by slot, then the fixed fields.
+        `pack_pairs` lists (field, numpy view) of the non-empty fields to pack, the staged ones
+        (`num_staged`) then the host mirrors, and `pack_targets` the same views (a field that
+        turns empty or non-empty remakes both); `held` lists every tensor of the lowering, slot
+        by slot, then the fixed fields.
         Returns True when it remade the lists: the caller then resets `baseline`. Otherwise
         each new view took its predecessor's place in the lowering's dict, `held`, `views` and
         the lists (the same references and one storage use, as before), so `users()` is what
@@ -604,20 +606,21 @@ class _Reusable:
             typed = (self.mirror_typed if mirror else self.typed)[dtype]
             tensor = typed.as_strided(shape, _contiguous_strides(shape), offset // dtype.itemsize)
             target = np.ndarray(shape, dtype, self.mirror_host if mirror else self.host, offset)
-            if views[k] is None or (views[k][1].size == 0) != (target.size == 0):
+            if old and (views[k][1].size == 0) != (target.size == 0):
                 remade = True
             views[k] = (tensor, target)
             if mirror or name not in self.replaced:
                 fields[name] = tensor
         self.shapes = shapes
         if remade:
-            self.targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
-                            if not slots[k][6] and views[k][1].size and slots[k][1] not in self.replaced]
-            self.mirror_targets = [(slots[k][0], views[k][1]) for k in range(len(slots))
-                                   if slots[k][6] and views[k][1].size]
+            staged = [(slots[k][0], views[k][1]) for k in range(len(slots))
+                      if not slots[k][6] and views[k][1].size and slots[k][1] not in self.replaced]
+            mirrors = [(slots[k][0], views[k][1]) for k in range(len(slots))
+                       if slots[k][6] and views[k][1].size]
             self.held = [fields[name] for name in self.tensor_names]
             # what one compiled `pack` call fills (attnsync/_accel.py): staged fields, then mirrors
-            self.pack_pairs = self.targets + self.mirror_targets
+            self.num_staged = len(staged)
+            self.pack_pairs = staged + mirrors
             self.pack_targets = [view for _, view in self.pack_pairs]
             self.pack_sources = fields_getter(tuple(name for name, _ in self.pack_pairs))
             # where each slot sits in those lists (-1: not packed)
@@ -625,19 +628,18 @@ class _Reusable:
             self.pack_index = [position.get(id(views[k][1]), -1) for k in range(len(slots))]
             return True
         pairs, packed, held, index = self.pack_pairs, self.pack_targets, self.held, self.pack_index
-        split = len(self.targets)
         for k in redo:
             j = index[k]
-            target = views[k][1]
             held[k] = fields[slots[k][1]]
             if j >= 0:
-                pairs[j] = (slots[k][0], target)
-                packed[j] = target
-                if j < split:
-                    self.targets[j] = pairs[j]
-                else:
-                    self.mirror_targets[j - split] = pairs[j]
+                pairs[j] = (slots[k][0], views[k][1])
+                packed[j] = views[k][1]
         return False
+
+    @property
+    def targets(self) -> list[tuple[str, np.ndarray]]:
+        """(field, numpy view) of the staged fields a step packs (the pinned buffer on CUDA)."""
+        return self.pack_pairs[: self.num_staged]
 
     def users(self) -> int:
         """References to the lowering and its tensors plus users of its memory (see above).
@@ -664,7 +666,6 @@ def _targets(layout: PackedLayout, host: np.ndarray) -> tuple[tuple[str, np.ndar
 
 
 _REUSABLE_KEYS = 32  # pools kept per stager; a 33rd makes it forget the one it made first
-_SHAPE_KEYS = 256  # exact-shape lookups kept per stager (each maps to one of the pools)
 
 # Pinned buffers of dropped CUDA entries whose last copy may not have read them yet, with the
 # event recorded after that copy. torch's pinned allocator hands a freed buffer out again at
@@ -694,8 +695,6 @@ def _pool_for(plan: _Plan, stager: Stager, key: tuple, family: tuple, arrays: tu
               shapes: tuple[tuple[int, ...], ...]) -> list:
     """The pool for a step whose exact shapes were not seen yet: one of its family (same
     metadata class, dtypes and stream) that it fits, else a new one with room to grow."""
-    if len(stager._reusable) >= _SHAPE_KEYS:
-        stager._reusable.clear()  # only lookups: the pools stay
     pools = stager._families.setdefault(family, [])
     if not stager.persistent:
         for pool in pools:  # newest first
@@ -753,14 +752,12 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
         if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
             stager._ring.stats.event_waits += 1
             entry.event.synchronize()
+        # Staged fields (into the pinned buffer on CUDA, the buffer itself on the CPU) and host
+        # mirrors: one compiled call where attnsync._native is in use, numpy for what it leaves.
         native = _accel.native
-        if native is None:
-            for name, target in entry.targets:  # the pinned buffer on CUDA, the buffer itself on the CPU
-                np.copyto(target, values[name], casting="unsafe")
-        else:  # staged fields and mirrors in one compiled call, numpy for any pair it leaves
-            done = native.pack(entry.pack_targets, entry.pack_sources(values))
-            for name, target in entry.pack_pairs[done:]:
-                np.copyto(target, values[name], casting="unsafe")
+        done = native.pack(entry.pack_targets, entry.pack_sources(values)) if native is not None else 0
+        for name, target in entry.pack_pairs[done:]:
+            np.copyto(target, values[name], casting="unsafe")
         if cuda:
             direct = stager._direct
             # The runtime call under torch's copy_ (see _cudart), only with the stager's device
@@ -776,9 +773,6 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             _event_record(entry.event, entry.stream)
         if cuda or stager.persistent:  # (a CPU stager counts only its persistent writes, as `stage`)
             stager._ring.stats.copies += 1
-        if native is None:
-            for name, target in entry.mirror_targets:
-                np.copyto(target, values[name], casting="unsafe")
         lowered = entry.lowered
         lowered.__dict__.update(zip(plan.scalar_names, plan.scalars_of(values)))
         return lowered

@@ -337,10 +337,6 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
         paged_kv_last_page_len=last,
         prefill_qo_indptr=prefill_qo_indptr,
         prefill_paged_kv_indptr=prefill_kv_indptr,
-        num_scheduled_reqs=n,
-        block_size=page,
-        decode_threshold=threshold,
-        num_decodes=nd,
         num_prefills=n - nd,
         # FlashInfer's prefills are every non-decode row (the common split's extends too)
         num_prefill_tokens=common["num_scheduled_tokens"] - common["num_decode_tokens"],
