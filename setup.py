@@ -1,4 +1,4 @@
-"""Build hook for the optional C twin of five hot numpy steps (attnsync/_native.c).
+"""Build hook for the optional C twin of attnsync's hot numpy steps (attnsync/_native.c).
 
 Everything else lives in pyproject.toml. `optional=True`: without a C compiler (or Python's
 headers) the build warns and installs attnsync without it; attnsync/_accel.py then uses the

@@ -1,15 +1,24 @@
-"""Whether the compiled twin of five hot numpy steps is in use (`native`, else None).
+"""Whether the compiled twin of attnsync's hot numpy steps is in use (`native`, else None).
 
-`attnsync/_native.c` holds five functions that do in one call what a few numpy calls do in the
-builders, the torch lowering and `Batch`: the lowering's per-field copies (`pack`), a decode
-row's slot (`decode_slots`), FlashInfer's page offsets and last-page fills (`paged_kv_counts`)
-and page list (`gather_pages`), and `Batch`'s copies and length checks of plain int32 input
-(`check_batch`: it only accepts; on anything it would refuse it returns None and the numpy
-checks run and name the problem). On the GPU hosts each numpy call costs 1-2.5 us whatever its
-size, and a decode step makes a few dozen (results/2026-11-27-h100/README.md). The numpy forms
-stay the reference: tests/test_native.py checks each compiled function against them bit for
-bit (and `Batch`'s fields and errors with and without it), and every caller keeps its numpy
-path for when this module is missing.
+`attnsync/_native.c` holds functions that do in one call what a few numpy calls (or Python
+steps) do in the builders, the torch lowering and `Batch`:
+
+- `pack`: the lowering's per-field copies;
+- `decode_slots`, `decode_rows`: a one-token row's slot (and, for a decode step without
+  padding, its computed-token count beside it, in one array);
+- `paged_kv_counts`, `gather_pages`, `paged_kv`: FlashInfer's page offsets, last-page fills
+  and page list (`paged_kv`: all three in one array for the builder);
+- `check_batch`: `Batch`'s copies and length checks of plain int32 input (it only accepts: on
+  anything it would refuse it returns None and the numpy checks run and name the problem);
+- `lower_step`, `lower_users`: a reused torch lowering's whole step (users count, event
+  query, pack, copy, event record, scalar fields) through the CUDA runtime calls torch loaded
+  (attnsync.adapters._cudart), in the order the Python step makes them.
+
+On the GPU hosts each numpy call costs 1-2.5 us whatever its size, and a decode step makes a
+few dozen (results/2026-11-27-h100/README.md). The numpy forms stay the reference:
+tests/test_native.py checks each compiled function against them bit for bit (and `Batch`'s
+fields and errors with and without it, and `lower_step` against stand-in CUDA calls), and every
+caller keeps its numpy (or Python) path for when this module is missing.
 
 The module is built by `pip install` where a C compiler is present (setup.py marks it optional)
 or by `python -m attnsync._native_build` in a source checkout. Set ATTNSYNC_PURE_NUMPY=1 to run
@@ -23,7 +32,7 @@ import warnings
 from types import ModuleType
 
 # The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
-NATIVE_VERSION = 2
+NATIVE_VERSION = 3
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):

@@ -1,21 +1,26 @@
-/* attnsync._native: the compiled twin of five hot numpy steps (optional).
+/* attnsync._native: the compiled twin of attnsync's hot numpy steps (optional).
  *
  * Why it exists: on the GPU hosts every numpy call costs 1-2.5 us of interpreter and dispatch
  * overhead (results/2026-11-27-h100: "numpy add, 256 int32" probe), and a decode step's build
- * and lowering are a few dozen such calls on arrays of a few hundred elements. These five
- * functions do the same work as the numpy code they stand in for, in one call each:
+ * and lowering are a few dozen such calls on arrays of a few hundred elements. These functions
+ * do the same work as the code they stand in for, in one call each:
  *
  *   pack(targets, sources)                 the lowering's per-field np.copyto loop
  *   decode_slots(table, positions, page, out)   attnsync._spec._decode_slots
+ *   decode_rows(table, seq_lens, page, out)     a decode step's computed counts and slots
  *   paged_kv_counts(seq_lens, page, indptr, last) -> total    FlashInfer's indptr/last_page_len
  *   gather_pages(table, indptr, out)       FlashInfer's paged_kv_indices
+ *   paged_kv(seq_lens, table, page, out) -> total   the last two into one array
  *   check_batch(...)                       attnsync.Batch's checks and copies, happy path only
+ *   lower_step(fast, values), lower_users(fast)   a reused torch lowering's step
  *
  * Each is tested bit for bit against its numpy form (tests/test_native.py), and attnsync runs
  * without this module (it is built when a C compiler is present; ATTNSYNC_PURE_NUMPY=1 turns
  * it off). Only Python's C API is used: arrays arrive through the buffer protocol, so no numpy
- * headers are needed to build it. No function reads or writes outside the buffers it is given:
- * every index is checked, and a violation raises instead of reading past the end.
+ * headers are needed to build it; CUDA runtime functions arrive as addresses (lower_step), so
+ * no CUDA headers or libraries are needed either. No function reads or writes outside the
+ * buffers it is given: every index is checked, and a violation raises instead of reading past
+ * the end.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,6 +89,25 @@ static int copy_pair(Py_buffer *dst, const Py_buffer *src) {
     return 0;
 }
 
+/* Copy `source` into `target` as copy_pair does; 0 (no error set) where either is not a
+ * C-contiguous buffer or the pair is not one copy_pair handles. */
+static int pack_one(PyObject *target, PyObject *source) {
+    Py_buffer dst, src;
+    if (PyObject_GetBuffer(target, &dst, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (PyObject_GetBuffer(source, &src, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&dst);
+        return 0;
+    }
+    int copied = copy_pair(&dst, &src);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return copied;
+}
+
 PyDoc_STRVAR(pack_doc,
 "pack(targets, sources) -> int\n\n"
 "Copy sources[k] into targets[k] for k = 0, 1, ... while each pair has the same shape and\n"
@@ -113,25 +137,9 @@ static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     Py_ssize_t k = 0;
-    for (; k < count; k++) {
-        Py_buffer dst, src;
-        /* (a list's items are re-read each pass: getting a buffer runs no Python code that
-         * could change the list, since numpy arrays and bytes-like objects export in C) */
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(targets, k), &dst,
-                               PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
-            PyErr_Clear();
-            break;
-        }
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sources, k), &src, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
-            PyErr_Clear();
-            PyBuffer_Release(&dst);
-            break;
-        }
-        int copied = copy_pair(&dst, &src);
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        if (!copied) break;
-    }
+    /* (a list's items are re-read each pass: getting a buffer runs no Python code that could
+     * change the list, since numpy arrays and bytes-like objects export in C) */
+    while (k < count && pack_one(PySequence_Fast_GET_ITEM(targets, k), PySequence_Fast_GET_ITEM(sources, k))) k++;
     Py_DECREF(targets);
     Py_DECREF(sources);
     return PyLong_FromSsize_t(k);
@@ -217,6 +225,53 @@ static PyObject *decode_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
             }
             /* Batch refused page ids whose slots do not fit int32: int32 arithmetic, as numpy's */
             o[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
+        }
+    }
+    release_all(views, 3);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(decode_rows_doc,
+"decode_rows(block_table, seq_lens, page, out) -> None\n\n"
+"A one-token-per-row batch's two per-row arrays in one int32 [2R] `out`: out[:R] = seq_lens - 1\n"
+"(each row's computed tokens, which is also its new token's position) and out[R:] its slot,\n"
+"block_table[r, p // page] * page + p % page with p = seq_lens[r] - 1 (int32 [R, W], int32 [R],\n"
+"page >= 1). Raises IndexError for a row whose length is below 1 or whose position is outside\n"
+"its row's table.");
+
+static PyObject *decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[3] = {{0, 2, 0, "decode_rows: block_table"},
+                                       {1, 1, 0, "decode_rows: seq_lens"},
+                                       {3, 1, 1, "decode_rows: out"}};
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "decode_rows(block_table, seq_lens, page, out)");
+        return NULL;
+    }
+    long page = page_arg(args[2], "decode_rows");
+    Py_buffer views[3];
+    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1];
+    int failed = 0;
+    if (views[1].shape[0] != rows || views[2].shape[0] != 2 * rows) {
+        PyErr_SetString(PyExc_ValueError, "decode_rows: seq_lens must have R entries and out 2R");
+        failed = 1;
+    } else {
+        const int32_t *t = (const int32_t *)views[0].buf, *s = (const int32_t *)views[1].buf;
+        int32_t *computed = (int32_t *)views[2].buf, *slots = computed + rows;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t position = (int64_t)s[r] - 1;
+            int64_t column = position / page;
+            if (position < 0 || column >= width) {
+                PyErr_Format(PyExc_IndexError, "decode_rows: row %zd: position %lld is outside "
+                             "its %zd pages of %ld", r, (long long)position, width, page);
+                failed = 1;
+                break;
+            }
+            computed[r] = (int32_t)position;
+            /* int32 arithmetic, as decode_slots (Batch refused slots that do not fit) */
+            slots[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
         }
     }
     release_all(views, 3);
@@ -319,6 +374,62 @@ static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(paged_kv_doc,
+"paged_kv(seq_lens, block_table, page, out) -> int\n\n"
+"paged_kv_counts and gather_pages into one int32 array `out` of at least 2R+1 entries:\n"
+"out[:R+1] = indptr, out[R+1:2R+1] = last_page_len, then the page list from out[2R+1]\n"
+"(int32 [R], int32 [R, W], page >= 1). Returns the page total. Raises ValueError for a negative\n"
+"length, a row needing more than W pages, or pages beyond out's end.");
+
+static PyObject *paged_kv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[3] = {{0, 1, 0, "paged_kv: seq_lens"},
+                                       {1, 2, 0, "paged_kv: block_table"},
+                                       {3, 1, 1, "paged_kv: out"}};
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "paged_kv(seq_lens, block_table, page, out)");
+        return NULL;
+    }
+    long page = page_arg(args[2], "paged_kv");
+    Py_buffer views[3];
+    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0], width = views[1].shape[1], size = views[2].shape[0];
+    int64_t total = 0;
+    int failed = 0;
+    if (views[1].shape[0] != rows || size < 2 * rows + 1) {
+        PyErr_SetString(PyExc_ValueError, "paged_kv: block_table must have R rows and out at least 2R+1 entries");
+        failed = 1;
+    } else {
+        const int32_t *s = (const int32_t *)views[0].buf, *t = (const int32_t *)views[1].buf;
+        int32_t *offsets = (int32_t *)views[2].buf, *fill = offsets + rows + 1, *pages_out = offsets + 2 * rows + 1;
+        Py_ssize_t room = size - (2 * rows + 1);
+        offsets[0] = 0;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t length = s[r];
+            int64_t pages = length > 0 ? (length - 1) / page + 1 : 0;
+            if (length < 0) {
+                PyErr_Format(PyExc_ValueError, "paged_kv: row %zd has length %lld", r, (long long)length);
+                failed = 1;
+                break;
+            }
+            if (pages > width || total + pages > room) {
+                PyErr_Format(PyExc_ValueError, "paged_kv: row %zd (length %lld) needs %lld pages: more "
+                             "than its %zd columns or the %zd entries left in out", r, (long long)length,
+                             (long long)pages, width, (Py_ssize_t)(room - total));
+                failed = 1;
+                break;
+            }
+            fill[r] = (int32_t)(length ? length - (pages - 1) * page : 0);
+            memcpy(pages_out + total, t + r * width, (size_t)pages * sizeof(int32_t));
+            total += pages;
+            offsets[r + 1] = (int32_t)total;  /* total <= room < size, which fits Py_ssize_t; */
+        }                                      /* the caller keeps R*W within int32 */
+    }
+    release_all(views, 3);
+    if (failed) return NULL;
+    return PyLong_FromLongLong(total);
+}
+
 PyDoc_STRVAR(check_batch_doc,
 "check_batch(query_lens, seq_lens, block_table, query_out, seq_out, table_out) -> tuple | None\n\n"
 "The happy path of attnsync.Batch's checks on int32 C-contiguous arrays ([R], [R], [R, W]):\n"
@@ -396,24 +507,192 @@ static PyObject *check_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * The reused torch lowering's whole step (attnsync/adapters/torch.py, _Reusable.fast).
+ *
+ * Why: after the pool lookup, a reused lowering is a handful of steps that each cost a
+ * microsecond or more of interpreter time on the GPU hosts (results/2026-11-27-h100, run 58:
+ * its users count 1.2 us, the event query 0.5-1.6, the pack 3.8, the device check 0.3, the
+ * copy 3.4, the event record 1.2, the 16 scalar fields 1.4, on an H200 host). Here they are
+ * one call. The CUDA runtime functions are the ones torch loaded (their addresses come from
+ * attnsync.adapters._cudart), called with the entry's own memory, stream and event: the same
+ * calls, in the same order, as the Python path makes.
+ */
+typedef int (*cuda_memcpy_async_t)(void *, const void *, size_t, int, void *);
+typedef int (*cuda_event_record_t)(void *, void *);
+typedef int (*cuda_event_query_t)(void *);
+typedef int (*cuda_get_device_t)(int *);
+typedef int (*cuda_get_last_error_t)(void);
+typedef const char *(*cuda_get_error_string_t)(int);
+
+enum { FAST_LOWERED, FAST_HELD, FAST_STORAGES, FAST_USE_COUNT, FAST_BASELINE, FAST_TARGETS, FAST_SOURCES,
+       FAST_SCALARS, FAST_FIELDS, FAST_CUDA, FAST_SIZE };
+enum { CUDA_MEMCPY, CUDA_RECORD, CUDA_QUERY, CUDA_GET_DEVICE, CUDA_LAST_ERROR, CUDA_ERROR_STRING, CUDA_DST,
+       CUDA_SRC, CUDA_NBYTES, CUDA_STREAM, CUDA_EVENT, CUDA_DEVICE, CUDA_SIZE };
+#define CUDA_SUCCESS_ 0
+#define CUDA_ERROR_NOT_READY_ 600
+
+/* The entry's `fast` tuple, checked for its shape (its contents are attnsync's own). */
+static int fast_tuple(PyObject *fast) {
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != FAST_SIZE || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_HELD))
+        || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_STORAGES)) || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_BASELINE))
+        || PyList_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_BASELINE)) != 1 || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_TARGETS))
+        || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_SOURCES)) || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_SCALARS))
+        || !PyDict_Check(PyTuple_GET_ITEM(fast, FAST_FIELDS))
+        || PyList_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_TARGETS)) != PyTuple_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_SOURCES))) {
+        PyErr_SetString(PyExc_TypeError, "lower_step: not a reusable lowering's fast tuple");
+        return 0;
+    }
+    PyObject *cuda = PyTuple_GET_ITEM(fast, FAST_CUDA);
+    if (cuda != Py_None && (!PyTuple_Check(cuda) || PyTuple_GET_SIZE(cuda) != CUDA_SIZE)) {
+        PyErr_SetString(PyExc_TypeError, "lower_step: the CUDA part must be None or a tuple of 12 ints");
+        return 0;
+    }
+    return 1;
+}
+
+/* References to the lowering and its tensors plus the use counts of its storages: what
+ * _Reusable.users() counts (with this module's own offsets, so a baseline taken here is only
+ * ever compared with a count taken here). -1 with an exception set on failure. */
+static long long users_of(PyObject *fast) {
+    long long users = (long long)Py_REFCNT(PyTuple_GET_ITEM(fast, FAST_LOWERED));
+    PyObject *held = PyTuple_GET_ITEM(fast, FAST_HELD);
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(held); k++) users += (long long)Py_REFCNT(PyList_GET_ITEM(held, k));
+    PyObject *storages = PyTuple_GET_ITEM(fast, FAST_STORAGES), *use_count = PyTuple_GET_ITEM(fast, FAST_USE_COUNT);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(storages); k++) {
+        PyObject *count = PyObject_CallOneArg(use_count, PyTuple_GET_ITEM(storages, k));
+        if (count == NULL) return -1;
+        long long value = PyLong_AsLongLong(count);
+        Py_DECREF(count);
+        if (value == -1 && PyErr_Occurred()) return -1;
+        users += value;
+    }
+    return users;
+}
+
+PyDoc_STRVAR(lower_users_doc,
+"lower_users(fast) -> int\n\n"
+"The users count lower_step compares with fast's baseline (see attnsync/adapters/torch.py).");
+
+static PyObject *lower_users(PyObject *self, PyObject *fast) {
+    (void)self;
+    if (!fast_tuple(fast)) return NULL;
+    long long users = users_of(fast);
+    return users < 0 ? NULL : PyLong_FromLongLong(users);
+}
+
+/* A pointer-sized unsigned int from an int object; sets an exception (and returns 0) if not. */
+static uintptr_t address_of(PyObject *cuda, int index) {
+    return (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cuda, index));
+}
+
+/* Raise RuntimeError for a failed CUDA call, after clearing the runtime's last error (so
+ * torch's next launch check does not report it as its own), as _cudart.Runtime._fail does. */
+static PyObject *cuda_failed(const uintptr_t *fn, const char *call, int status) {
+    ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();
+    const char *message = ((cuda_get_error_string_t)fn[CUDA_ERROR_STRING])(status);
+    PyErr_Format(PyExc_RuntimeError, "%s failed with CUDA error %d (%s) while lowering attnsync metadata.",
+                 call, status, message ? message : "unknown");
+    return NULL;
+}
+
+PyDoc_STRVAR(lower_step_doc,
+"lower_step(fast, values) -> int\n\n"
+"One reused lowering's step (attnsync/adapters/torch.py, _Reusable.fast): when its users count\n"
+"equals the baseline and (on CUDA) its event has completed, pack values[sources[k]] into\n"
+"targets[k] (as pack does), then on CUDA queue the copy and record the event, and set the\n"
+"scalar fields. Returns -2 when all of that is done; -1 when the entry is held or its copy\n"
+"pending (nothing done); k >= 0 when it packed k pairs and did nothing after (a pair it does\n"
+"not handle, or another device current): the caller does the rest.");
+
+static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "lower_step(fast, values): values must be a dict");
+        return NULL;
+    }
+    PyObject *fast = args[0], *values = args[1];
+    if (!fast_tuple(fast)) return NULL;
+    long long users = users_of(fast);
+    if (users < 0) return NULL;
+    long long baseline = PyLong_AsLongLong(PyList_GET_ITEM(PyTuple_GET_ITEM(fast, FAST_BASELINE), 0));
+    if (baseline == -1 && PyErr_Occurred()) return NULL;
+    if (users != baseline) return PyLong_FromLong(-1);
+
+    PyObject *cuda = PyTuple_GET_ITEM(fast, FAST_CUDA);
+    uintptr_t fn[CUDA_SIZE] = {0};
+    if (cuda != Py_None) {
+        for (int k = 0; k < CUDA_SIZE; k++) fn[k] = address_of(cuda, k);
+        if (PyErr_Occurred()) return NULL;
+        int status = ((cuda_event_query_t)fn[CUDA_QUERY])((void *)fn[CUDA_EVENT]);
+        if (status == CUDA_ERROR_NOT_READY_) {  /* its last copy may still read the pinned buffer */
+            ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();  /* (not an error; torch clears it too) */
+            return PyLong_FromLong(-1);
+        }
+        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaEventQuery", status);
+    }
+
+    PyObject *targets = PyTuple_GET_ITEM(fast, FAST_TARGETS), *sources = PyTuple_GET_ITEM(fast, FAST_SOURCES);
+    Py_ssize_t count = PyList_GET_SIZE(targets);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *source = PyDict_GetItemWithError(values, PyTuple_GET_ITEM(sources, k));
+        if (source == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, PyTuple_GET_ITEM(sources, k));
+            return NULL;
+        }
+        if (!pack_one(PyList_GET_ITEM(targets, k), source)) return PyLong_FromSsize_t(k);
+    }
+
+    if (cuda != Py_None) {
+        int device = -1;
+        if (((cuda_get_device_t)fn[CUDA_GET_DEVICE])(&device) != CUDA_SUCCESS_ || device != (int)fn[CUDA_DEVICE]) {
+            /* another device current: torch's copy_ (which sets its own device guard) does it */
+            ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();
+            return PyLong_FromSsize_t(count);
+        }
+        int status = ((cuda_memcpy_async_t)fn[CUDA_MEMCPY])((void *)fn[CUDA_DST], (const void *)fn[CUDA_SRC],
+                                                           (size_t)fn[CUDA_NBYTES], 1 /* host to device */,
+                                                           (void *)fn[CUDA_STREAM]);
+        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaMemcpyAsync", status);
+        status = ((cuda_event_record_t)fn[CUDA_RECORD])((void *)fn[CUDA_EVENT], (void *)fn[CUDA_STREAM]);
+        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaEventRecord", status);
+    }
+
+    PyObject *scalars = PyTuple_GET_ITEM(fast, FAST_SCALARS), *fields = PyTuple_GET_ITEM(fast, FAST_FIELDS);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(scalars); k++) {
+        PyObject *name = PyTuple_GET_ITEM(scalars, k);
+        PyObject *value = PyDict_GetItemWithError(values, name);
+        if (value == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, name);
+            return NULL;
+        }
+        if (PyDict_SetItem(fields, name, value) != 0) return NULL;
+    }
+    return PyLong_FromLong(-2);
+}
+
 static PyMethodDef methods[] = {
     {"check_batch", (PyCFunction)(void (*)(void))check_batch, METH_FASTCALL, check_batch_doc},
     {"pack", (PyCFunction)(void (*)(void))pack, METH_FASTCALL, pack_doc},
     {"decode_slots", (PyCFunction)(void (*)(void))decode_slots, METH_FASTCALL, decode_slots_doc},
+    {"decode_rows", (PyCFunction)(void (*)(void))decode_rows, METH_FASTCALL, decode_rows_doc},
+    {"lower_step", (PyCFunction)(void (*)(void))lower_step, METH_FASTCALL, lower_step_doc},
+    {"lower_users", (PyCFunction)lower_users, METH_O, lower_users_doc},
     {"paged_kv_counts", (PyCFunction)(void (*)(void))paged_kv_counts, METH_FASTCALL, paged_kv_counts_doc},
     {"gather_pages", (PyCFunction)(void (*)(void))gather_pages, METH_FASTCALL, gather_pages_doc},
+    {"paged_kv", (PyCFunction)(void (*)(void))paged_kv, METH_FASTCALL, paged_kv_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "attnsync._native",
-    "The compiled twin of five hot numpy steps (see attnsync/_accel.py).", -1, methods,
+    "The compiled twin of attnsync's hot numpy steps (see attnsync/_accel.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 /* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
  * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
-#define ATTNSYNC_NATIVE_VERSION 2
+#define ATTNSYNC_NATIVE_VERSION 3
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

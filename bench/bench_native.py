@@ -2,7 +2,7 @@
 
     python bench/bench_native.py --out DIR [--quick]
 
-`attnsync/_native.c` (see `attnsync/_accel.py`) stands in for five hot numpy steps. This script
+`attnsync/_native.c` (see `attnsync/_accel.py`) stands in for attnsync's hot numpy steps. This script
 times the paths it touches in ONE process, switching `attnsync._accel.native` between the
 module and None (the numpy forms) block by block: the hosts' speed drifts from second to second
 (results/2026-11-27-h100, runs 46-47), so only blocks taken side by side compare. Per round and

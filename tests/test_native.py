@@ -9,6 +9,7 @@ fails here rather than skipping, since CI always has a compiler.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -153,6 +154,40 @@ def test_decode_slots_refuse_what_would_read_outside_the_table():
         native.decode_slots(table, np.array([0, 1], np.int32), 0, out)
 
 
+@settings(max_examples=200, deadline=None)
+@given(case=tables(min_width=1))
+def test_decode_rows_equal_the_numpy_forms(case):
+    """decode_rows: seq_lens - 1 then each row's slot, in one [2R] array."""
+    table, page, rng = case
+    (rows, width) = table.shape
+    seq = rng.integers(1, width * page + 1, rows).astype(np.int32)
+    out = np.full(2 * rows, 7, np.int32)
+    native.decode_rows(table, seq, page, out)
+    np.testing.assert_array_equal(out[:rows], seq - 1)
+    np.testing.assert_array_equal(out[rows:], without_native(_decode_slots, table, seq - 1, page))
+
+
+def test_decode_rows_refusals():
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    out = np.empty(4, np.int32)
+    with pytest.raises(IndexError, match="row 1: position 48 is outside its 3 pages of 16"):
+        native.decode_rows(table, np.array([1, 49], np.int32), 16, out)
+    with pytest.raises(IndexError, match="row 0: position -1"):  # a row without its new token
+        native.decode_rows(table, np.array([0, 1], np.int32), 16, out)
+    with pytest.raises(ValueError, match="out 2R"):
+        native.decode_rows(table, np.array([1, 1], np.int32), 16, np.empty(3, np.int32))
+    with pytest.raises(TypeError, match="seq_lens: expected a C-contiguous int32 array"):
+        native.decode_rows(table, np.array([1, 1], np.int64), 16, out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kwargs=batch_kwargs(kinds=("decode",), max_decode_query=1, padding=False, prefilling=False))
+def test_decode_steps_with_inexact_rows_build_as_the_numpy_forms_do(kwargs):
+    """The fused decode path (decode_rows) marks inexact rows' slots as padding, as numpy does."""
+    batch = attnsync.Batch(**kwargs)
+    assert_same_metadata(attnsync.build(batch), without_native(attnsync.build, batch))
+
+
 # --------------------------------------------------------------------------------------------
 # paged_kv_counts and gather_pages
 
@@ -201,6 +236,53 @@ def test_paged_kv_refusals():
         native.gather_pages(table, np.array([0, 2, 1], np.int32), np.empty(1, np.int32))
     with pytest.raises(TypeError, match="out: expected a C-contiguous int32 array"):
         native.gather_pages(table, np.array([0, 1, 2], np.int32), np.empty(2, np.int64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=tables(min_width=0), room=st.integers(0, 3))
+def test_paged_kv_in_one_block_equals_the_two_calls(case, room):
+    table, page, rng = case
+    (rows, width) = table.shape
+    seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
+    indptr, last = np.empty(rows + 1, np.int32), np.empty(rows, np.int32)
+    total = native.paged_kv_counts(seq, page, indptr, last)
+    pages = np.empty(total, np.int32)
+    native.gather_pages(table, indptr, pages)
+    block = np.full(2 * rows + 1 + total + room, -9, np.int32)
+    assert native.paged_kv(seq, table, page, block) == total
+    np.testing.assert_array_equal(block[: rows + 1], indptr)
+    np.testing.assert_array_equal(block[rows + 1 : 2 * rows + 1], last)
+    np.testing.assert_array_equal(block[2 * rows + 1 : 2 * rows + 1 + total], pages)
+    assert (block[2 * rows + 1 + total :] == -9).all()  # nothing written past the pages
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=tables(min_width=0), compiled=st.booleans())
+def test_frozen_paged_kv_is_read_only_and_equal_on_every_path(case, compiled):
+    """The builder's form (`frozen=True`: one block, or the two calls for wide tables, or
+    numpy) against the public writeable form."""
+    table, page, rng = case
+    (rows, width) = table.shape
+    seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
+    want = without_native(fi_backend.paged_kv_arrays, seq, table, page)
+    got = (fi_backend._paged_kv(seq, None, table, page, frozen=True) if compiled
+           else without_native(lambda: fi_backend._paged_kv(seq, None, table, page, frozen=True)))
+    for g, w in zip(got[:3], want):
+        assert not g.flags.writeable and w.flags.writeable and g.dtype == np.int32
+        np.testing.assert_array_equal(g, w)
+    assert got[3] == int(want[0][-1])
+
+
+def test_paged_kv_block_refusals():
+    table = np.zeros((2, 3), np.int32)
+    with pytest.raises(ValueError, match="row 1 has length -3"):
+        native.paged_kv(np.array([4, -3], np.int32), table, 16, np.empty(10, np.int32))
+    with pytest.raises(ValueError, match=r"row 1 \(length 49\) needs 4 pages: more than its 3 columns"):
+        native.paged_kv(np.array([4, 49], np.int32), table, 16, np.empty(20, np.int32))
+    with pytest.raises(ValueError, match=r"row 0 \(length 17\) needs 2 pages: .* or the 1 entries left in out"):
+        native.paged_kv(np.array([17, 4], np.int32), table, 16, np.empty(6, np.int32))
+    with pytest.raises(ValueError, match="out at least 2R\\+1 entries"):
+        native.paged_kv(np.array([4, 4], np.int32), table, 16, np.empty(4, np.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,3 +490,179 @@ def test_a_stale_build_is_set_aside_with_a_warning():
     assert first == "None [10] [2]"
     assert f"is version 1, this attnsync calls version {_accel.NATIVE_VERSION}" in second
     assert "python -m attnsync._native_build" in second
+
+
+# --------------------------------------------------------------------------------------------
+# lower_step: a reused torch lowering's step in one call (attnsync/adapters/torch.py)
+
+_MEMCPY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                           ctypes.c_void_p)
+_RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_QUERY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+_GET_DEVICE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int))
+_LAST_ERROR = ctypes.CFUNCTYPE(ctypes.c_int)
+_ERROR_STRING = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int)
+
+
+class FakeRuntime:
+    """The six CUDA runtime calls lower_step makes, as C callbacks that log their arguments."""
+
+    def __init__(self, *, query=0, device=3, memcpy=0, record=0):
+        self.calls = []
+        self._message = ctypes.create_string_buffer(b"a fake CUDA failure")
+
+        def log(name, result):
+            def call(*args):
+                self.calls.append((name, *args))
+                return result
+            return call
+
+        def get_device(out):
+            self.calls.append(("cudaGetDevice",))
+            out[0] = device
+            return 0
+
+        self._callbacks = (  # kept alive as long as the addresses are used
+            _MEMCPY(log("cudaMemcpyAsync", memcpy)), _RECORD(log("cudaEventRecord", record)),
+            _QUERY(log("cudaEventQuery", query)), _GET_DEVICE(get_device),
+            _LAST_ERROR(log("cudaGetLastError", 0)),
+            _ERROR_STRING(lambda status: ctypes.addressof(self._message)),
+        )
+        self.addresses = tuple(ctypes.cast(c, ctypes.c_void_p).value for c in self._callbacks)
+
+
+class Lowered:  # stands in for a lowered dataclass: an object with a __dict__
+    pass
+
+
+def fast_tuple(targets, sources, scalars, runtime=None):
+    """A `_Reusable.fast`-shaped tuple over plain objects (its baseline still to take)."""
+    lowered = Lowered()
+    held = [object(), object()]
+    cuda = None
+    if runtime is not None:  # copy 0xD0 <- 0x40, 512 bytes, stream 0x57, event 0xE0, device 3
+        cuda = runtime.addresses + (0xD0, 0x40, 512, 0x57, 0xE0, 3)
+    return (lowered, held, (11, 12), lambda storage: storage * 2, [0], targets, sources, scalars,
+            lowered.__dict__, cuda)
+
+
+def step_case(runtime=None):
+    targets = [np.zeros(3, np.int32), np.zeros(2, np.int64)]
+    values = {"a": np.arange(3, dtype=np.int32), "b": np.array([-5, 6], np.int32), "n": 4, "flag": True}
+    fast = fast_tuple(targets, ("a", "b"), ("n", "flag"), runtime)
+    fast[4][0] = native.lower_users(fast)  # once the builder's locals are gone, as rebaseline
+    return fast, targets, values
+
+
+def test_lower_step_runs_the_cuda_calls_in_the_python_steps_order():
+    runtime = FakeRuntime()
+    fast, targets, values = step_case(runtime)
+    assert native.lower_step(fast, values) == -2
+    assert targets[0].tolist() == [0, 1, 2] and targets[1].tolist() == [-5, 6]  # int32 widened
+    assert fast[0].__dict__ == {"n": 4, "flag": True}
+    assert runtime.calls == [("cudaEventQuery", 0xE0), ("cudaGetDevice",),
+                             ("cudaMemcpyAsync", 0xD0, 0x40, 512, 1, 0x57), ("cudaEventRecord", 0xE0, 0x57)]
+
+
+def test_lower_step_without_cuda_packs_and_sets_the_scalars():
+    fast, targets, values = step_case()
+    assert native.lower_step(fast, values) == -2
+    assert targets[0].tolist() == [0, 1, 2] and fast[0].__dict__ == {"n": 4, "flag": True}
+
+
+@pytest.mark.parametrize("hold", ["lowered", "held tensor"])
+def test_lower_step_leaves_a_held_entry_alone(hold):
+    runtime = FakeRuntime()
+    fast, targets, values = step_case(runtime)
+    kept = fast[0] if hold == "lowered" else fast[1][1]  # one more reference, as a caller's
+    assert native.lower_users(fast) == fast[4][0] + 1
+    assert native.lower_step(fast, values) == -1
+    assert not targets[0].any() and not fast[0].__dict__ and runtime.calls == []
+    del kept
+    assert native.lower_step(fast, values) == -2
+
+
+def test_lower_step_counts_storage_users():
+    fast, _, values = step_case()
+    counts = {11: 1, 12: 1}
+    fast = fast[:3] + (counts.__getitem__,) + fast[4:]
+    fast[4][0] = native.lower_users(fast)
+    counts[12] = 2  # a view of the buffer's memory somewhere
+    assert native.lower_step(fast, values) == -1
+
+
+def test_lower_step_waits_for_nothing_when_the_copy_is_pending():
+    runtime = FakeRuntime(query=600)  # cudaErrorNotReady
+    fast, targets, values = step_case(runtime)
+    assert native.lower_step(fast, values) == -1
+    assert runtime.calls == [("cudaEventQuery", 0xE0), ("cudaGetLastError",)]  # cleared, as torch does
+    assert not targets[0].any() and not fast[0].__dict__
+
+
+def test_lower_step_leaves_the_copy_to_torch_when_another_device_is_current():
+    runtime = FakeRuntime(device=0)
+    fast, targets, values = step_case(runtime)
+    assert native.lower_step(fast, values) == 2  # both fields packed, then nothing
+    assert targets[0].tolist() == [0, 1, 2] and not fast[0].__dict__
+    assert [c[0] for c in runtime.calls] == ["cudaEventQuery", "cudaGetDevice", "cudaGetLastError"]
+
+
+def test_lower_step_stops_at_a_pair_pack_does_not_handle():
+    fast, targets, values = step_case(FakeRuntime())
+    values["b"] = np.array([1, 2], np.int16)
+    assert native.lower_step(fast, values) == 1
+    assert targets[0].tolist() == [0, 1, 2] and not targets[1].any() and not fast[0].__dict__
+
+
+@pytest.mark.parametrize("failing", ["cudaMemcpyAsync", "cudaEventRecord", "cudaEventQuery"])
+def test_lower_step_names_a_failed_cuda_call_and_clears_its_error(failing):
+    runtime = FakeRuntime(**{{"cudaMemcpyAsync": "memcpy", "cudaEventRecord": "record",
+                              "cudaEventQuery": "query"}[failing]: 700})
+    fast, _, values = step_case(runtime)
+    with pytest.raises(RuntimeError, match=rf"{failing} failed with CUDA error 700 \(a fake CUDA failure\) "
+                                           r"while lowering attnsync metadata"):
+        native.lower_step(fast, values)
+    assert runtime.calls[-1] == ("cudaGetLastError",)
+
+
+def test_lower_step_refuses_what_is_not_a_fast_tuple():
+    fast, _, values = step_case()
+    with pytest.raises(TypeError, match="not a reusable lowering's fast tuple"):
+        native.lower_step(fast[:-1], values)
+    with pytest.raises(TypeError, match="values must be a dict"):
+        native.lower_step(fast, list(values.items()))
+    with pytest.raises(KeyError, match="'a'"):
+        native.lower_step(fast, {"b": values["b"]})
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(batch_kwargs(inexact=False), min_size=1, max_size=3), repeats=st.integers(2, 4))
+def test_repeated_lowerings_take_the_compiled_step_and_equal_numpy(steps, repeats):
+    """Steps repeated through one stager reuse their lowerings (the compiled lower_step);
+    every lowering equals the numpy path's, and each entry reads free afterwards."""
+    torch = pytest.importorskip("torch")
+    from attnsync.adapters import torch as ast
+
+    stager = ast.Stager("cpu")
+    mds = []
+    for kwargs in steps:
+        batch = attnsync.reorder(attnsync.Batch(**kwargs))[1]
+        for backend in ("common", "flashinfer"):
+            try:
+                mds.append(attnsync.build(batch, backend))
+            except attnsync.SpecError:
+                pass
+    for _ in range(repeats):
+        for md in mds:
+            got = ast.lower(md, "cpu", stager=stager)
+            want = without_native(lambda md=md: ast.lower(md, "cpu", stager=ast.Stager("cpu")))
+            for name, value in want.__dict__.items():
+                other = got.__dict__[name]
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == other.dtype and torch.equal(value, other), name
+                else:
+                    assert value == other, name
+            del got, want
+    entries = [e for pool in stager._pools for e in pool[1:3] if e is not None]
+    assert entries and all(e.fast is not None for e in entries)
+    assert all(e.users() == e.baseline and native.lower_users(e.fast) == e.fast[4][0] for e in entries)

@@ -40,6 +40,19 @@ class Runtime:
         self._error_string = lib.cudaGetErrorString
         self._error_string.argtypes = [c_int]
         self._error_string.restype = ctypes.c_char_p
+        # The addresses of the calls a reused lowering's step makes, for the compiled step
+        # (attnsync._native.lower_step), in the order it reads them: copy, event record, event
+        # query, current device, clear last error, error string.
+        # None where they cannot be had (a runtime without these symbols, a test's stand-in
+        # library): lowerings then take the Python step.
+        try:
+            self.addresses: tuple[int, ...] | None = tuple(
+                ctypes.cast(getattr(lib, name), void_p).value
+                for name in ("cudaMemcpyAsync", "cudaEventRecord", "cudaEventQuery", "cudaGetDevice",
+                             "cudaGetLastError", "cudaGetErrorString")
+            )
+        except (AttributeError, TypeError, ctypes.ArgumentError):
+            self.addresses = None
 
     def copy_to_device(self, device_ptr: int, host_ptr: int, nbytes: int, stream_ptr: int) -> None:
         """Queue `nbytes` from pinned `host_ptr` to `device_ptr` on the stream; no wait."""

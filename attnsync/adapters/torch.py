@@ -533,7 +533,7 @@ class _Reusable:
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "num_staged",
                  "pinned", "event", "stream", "copy_args", "room", "shapes",
                  "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
-                 "pack_pairs", "pack_targets", "pack_sources", "pack_index")
+                 "pack_pairs", "pack_targets", "pack_sources", "pack_index", "fast")
 
     def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
@@ -551,6 +551,10 @@ class _Reusable:
             # the direct copy's arguments (see _cudart): this entry's fixed memory and stream
             self.copy_args = (self.device_buffer.data_ptr(), self.pinned.data_ptr(), room.device_nbytes,
                               self.stream.cuda_stream)
+            # torch creates an event when it first records it; the compiled step (`fast`) needs its
+            # handle from the start. Recorded on the entry's stream, where this step's copy goes
+            # next: the caller does not wait for this record (nothing was copied from the entry yet).
+            self.event.record(self.stream)
         else:  # the device buffer is host memory: values are packed straight into it
             self.pinned = self.event = self.stream = self.copy_args = None
             self.host = self.device_buffer.numpy()
@@ -574,7 +578,29 @@ class _Reusable:
         # if no view of a buffer survives (it adds no storage use: the tensors exist already).
         self.watched = (mirror_buffer,) if stager.persistent else (self.device_buffer, mirror_buffer)
         self.storages = tuple(t.untyped_storage()._cdata for t in self.watched)
-        self.baseline = -1  # set by the caller once this constructor's locals are gone
+        self.baseline = -1  # set by `rebaseline` once this constructor's locals are gone
+        self.fast: tuple | None = None
+
+    def rebaseline(self, plan: _Plan, stager: Stager) -> None:
+        """Take the users count of a lowering that only attnsync holds (its constructor's locals
+        gone, or its lists just remade) as the baseline, and make the compiled step's `fast`
+        tuple where attnsync._native is in use: the same objects the Python step reads (the
+        lists by reference, so a reshape that keeps them keeps the tuple), and the CUDA calls'
+        addresses and arguments. The compiled step takes its own count (its offsets differ
+        from `sys.getrefcount`'s), always taken here next to `baseline`."""
+        native = _accel.native
+        self.fast = None
+        if native is not None and (not stager._cuda or (stager._direct is not None and stager._direct.addresses)):
+            cuda = None
+            if stager._cuda:
+                cuda = stager._direct.addresses + self.copy_args[:3] + (
+                    self.stream.cuda_stream, self.event.cuda_event, stager._device_index)
+            self.fast = (self.lowered, self.held, self.storages, _storage_use_count, [0], self.pack_targets,
+                         tuple(name for name, _ in self.pack_pairs), plan.scalar_names, self.lowered.__dict__,
+                         cuda)
+        self.baseline = self.users()
+        if self.fast is not None:
+            self.fast[4][0] = native.lower_users(self.fast)
 
     def reshape(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Give each field the shape of this step (`shapes`: of `plan.arrays_of(values)`),
@@ -742,20 +768,35 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
             pool = _pool_for(plan, stager, key, (plan, dtypes, stream), arrays, shapes)
         turn = pool[0] = 3 - pool[0]
         entry = pool[turn]
-        if entry is None or entry.users() != entry.baseline:
-            if entry is not None:
-                _retire((entry,))  # held by the caller: its pinned buffer may still be in a copy
-            entry = pool[turn] = _Reusable(plan, stager, pool[3], arrays, stream)
-            entry.baseline = entry.users()
-        elif entry.shapes != shapes and entry.reshape(shapes):
-            entry.baseline = entry.users()  # a field turned empty or non-empty: lists remade
-        if cuda and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
-            stager._ring.stats.event_waits += 1
-            entry.event.synchronize()
-        # Staged fields (into the pinned buffer on CUDA, the buffer itself on the CPU) and host
-        # mirrors: one compiled call where attnsync._native is in use, numpy for what it leaves.
         native = _accel.native
-        done = native.pack(entry.pack_targets, entry.pack_sources(values)) if native is not None else 0
+        # The whole step in one compiled call where it can (attnsync._native.lower_step: the
+        # checks, pack, copy, event record and scalars below, in that order); -1: the entry is
+        # held or its copy pending, and nothing was done; k >= 0: k fields packed, the rest
+        # below.
+        done = -1
+        if native is not None and entry is not None and entry.fast is not None and entry.shapes == shapes:
+            done = native.lower_step(entry.fast, values)
+            if done == -2:
+                if cuda or stager.persistent:
+                    stager._ring.stats.copies += 1
+                return entry.lowered
+        if done == -1:
+            fresh = entry is None or entry.users() != entry.baseline
+            if fresh:
+                if entry is not None:
+                    _retire((entry,))  # held by the caller: its pinned buffer may still be in a copy
+                entry = pool[turn] = _Reusable(plan, stager, pool[3], arrays, stream)
+                entry.rebaseline(plan, stager)
+            elif entry.shapes != shapes and entry.reshape(shapes):
+                entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
+            # (a fresh entry's pinned buffer was never copied from: no wait, even though its
+            # constructor recorded the event behind whatever the stream has queued)
+            if cuda and not fresh and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
+                stager._ring.stats.event_waits += 1
+                entry.event.synchronize()
+            # Staged fields (into the pinned buffer on CUDA, the buffer itself on the CPU) and host
+            # mirrors: one compiled call where attnsync._native is in use, numpy for what it leaves.
+            done = native.pack(entry.pack_targets, entry.pack_sources(values)) if native is not None else 0
         for name, target in entry.pack_pairs[done:]:
             np.copyto(target, values[name], casting="unsafe")
         if cuda:
