@@ -770,12 +770,16 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
         entry = pool[turn]
         native = _accel.native
         # The whole step in one compiled call where it can (attnsync._native.lower_step: the
-        # checks, pack, copy, event record and scalars below, in that order); -1: the entry is
-        # held or its copy pending, and nothing was done; k >= 0: k fields packed, the rest
-        # below.
+        # checks, pack, copy, event record and scalars below, in that order; a step whose
+        # shapes drifted within the pool's room is reshaped first); -1: the entry is held or
+        # its copy pending, and nothing was done; k >= 0: k fields packed, the rest below.
         done = -1
-        if native is not None and entry is not None and entry.fast is not None and entry.shapes == shapes:
-            done = native.lower_step(entry.fast, values)
+        if native is not None and entry is not None and entry.fast is not None:
+            if entry.shapes != shapes and native.lower_users(entry.fast) == entry.fast[4][0] and entry.reshape(shapes):
+                # (reshaped only when nothing outside holds it: the same check as below)
+                entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
+            if entry.shapes == shapes:
+                done = native.lower_step(entry.fast, values)
             if done == -2:
                 if cuda or stager.persistent:
                     stager._ring.stats.copies += 1
