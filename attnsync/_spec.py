@@ -224,7 +224,9 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
     against 0.2 us for one `__dict__.update` (`bench/host_primitives.py`), and builders run
     once per step. Metadata classes have no `__post_init__` to skip; the field names are
     checked, so a builder that forgets a field fails here, not at a later attribute read.
-    Only builders call this, with arrays derived from a validated `Batch`.
+    Only builders call this, with arrays derived from a validated `Batch`. The caller hands
+    `values` over: it becomes the instance's attribute dict (no copy), so pass a dict nothing
+    else keeps.
     """
     names = _field_names(cls)
     # A forgotten field makes the count differ (a full key comparison costs 2.5 us a step on
@@ -233,10 +235,10 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
         missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
         raise AssertionError(f"{cls.__name__}: fields missing {missing}, unknown {extra}")
     md = object.__new__(cls)
-    md.__dict__.update(values)
     # Trusted by the adapters' `check_lowerable`: `dataclasses.replace` and hand-made instances
     # go through `__init__` and carry no mark, so edited metadata is still checked.
-    md.__dict__[BUILT_MARK] = True
+    values[BUILT_MARK] = True
+    object.__setattr__(md, "__dict__", values)  # (past the frozen class's own __setattr__)
     return md
 
 
