@@ -233,33 +233,43 @@ static PyObject *decode_slots(PyObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 PyDoc_STRVAR(decode_rows_doc,
-"decode_rows(block_table, seq_lens, page, out) -> None\n\n"
-"A one-token-per-row batch's two per-row arrays in one int32 [2R] `out`: out[:R] = seq_lens - 1\n"
-"(each row's computed tokens, which is also its new token's position) and out[R:] its slot,\n"
-"block_table[r, p // page] * page + p % page with p = seq_lens[r] - 1 (int32 [R, W], int32 [R],\n"
-"page >= 1). Raises IndexError for a row whose length is below 1 or whose position is outside\n"
-"its row's table.");
+"decode_rows(block_table, seq_lens, page, out, pages=False) -> int\n\n"
+"A one-token-per-row batch's per-row arrays in one int32 array `out` (int32 [R, W], int32 [R],\n"
+"page >= 1): out[:R] = seq_lens - 1 (each row's computed tokens, which is also its new token's\n"
+"position) and out[R:2R] its slot, block_table[r, p // page] * page + p % page with\n"
+"p = seq_lens[r] - 1. With pages true, FlashInfer's page arrays follow, as paged_kv writes\n"
+"them: out[2R:3R+1] indptr, out[3R+1:4R+1] last_page_len, the page list from out[4R+1]; `out`\n"
+"then needs 4R+1 entries and room for the pages. Returns the page total (0 without pages).\n"
+"Raises IndexError for a row whose length is below 1 or whose position is outside its row's\n"
+"table, ValueError where out is too short.");
 
 static PyObject *decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     static const int32_arg specs[3] = {{0, 2, 0, "decode_rows: block_table"},
                                        {1, 1, 0, "decode_rows: seq_lens"},
                                        {3, 1, 1, "decode_rows: out"}};
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "decode_rows(block_table, seq_lens, page, out)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "decode_rows(block_table, seq_lens, page, out, pages=False)");
         return NULL;
     }
+    int pages_too = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (pages_too < 0) return NULL;
     long page = page_arg(args[2], "decode_rows");
     Py_buffer views[3];
     if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1];
+    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1], size = views[2].shape[0];
+    int64_t total = 0;
     int failed = 0;
-    if (views[1].shape[0] != rows || views[2].shape[0] != 2 * rows) {
-        PyErr_SetString(PyExc_ValueError, "decode_rows: seq_lens must have R entries and out 2R");
+    if (views[1].shape[0] != rows || (pages_too ? size < 4 * rows + 1 : size != 2 * rows)) {
+        PyErr_SetString(PyExc_ValueError, pages_too ? "decode_rows: seq_lens must have R entries and out at least 4R+1"
+                                                    : "decode_rows: seq_lens must have R entries and out 2R");
         failed = 1;
     } else {
         const int32_t *t = (const int32_t *)views[0].buf, *s = (const int32_t *)views[1].buf;
         int32_t *computed = (int32_t *)views[2].buf, *slots = computed + rows;
+        int32_t *offsets = slots + rows, *fill = offsets + rows + 1, *pages_out = fill + rows;
+        Py_ssize_t room = pages_too ? size - (4 * rows + 1) : 0;
+        if (pages_too) offsets[0] = 0;
         for (Py_ssize_t r = 0; r < rows; r++) {
             int64_t position = (int64_t)s[r] - 1;
             int64_t column = position / page;
@@ -272,11 +282,23 @@ static PyObject *decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
             computed[r] = (int32_t)position;
             /* int32 arithmetic, as decode_slots (Batch refused slots that do not fit) */
             slots[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
+            if (pages_too) {  /* a row of length s >= 1 has column + 1 pages, its last holding p % page + 1 */
+                if (total + column + 1 > room) {
+                    PyErr_Format(PyExc_ValueError, "decode_rows: row %zd's %lld pages do not fit the %zd "
+                                 "entries left in out", r, (long long)(column + 1), (Py_ssize_t)(room - total));
+                    failed = 1;
+                    break;
+                }
+                fill[r] = (int32_t)(position % page + 1);
+                memcpy(pages_out + total, t + r * width, (size_t)(column + 1) * sizeof(int32_t));
+                total += column + 1;
+                offsets[r + 1] = (int32_t)total;  /* the caller keeps R*W within int32 */
+            }
         }
     }
     release_all(views, 3);
     if (failed) return NULL;
-    Py_RETURN_NONE;
+    return PyLong_FromLongLong(total);
 }
 
 PyDoc_STRVAR(paged_kv_counts_doc,

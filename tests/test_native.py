@@ -318,6 +318,43 @@ def test_builds_are_the_same_with_and_without_the_compiled_module(kwargs, decode
         assert_same_metadata(attnsync.build(attnsync.reorder(batch)[1], backend), want)
 
 
+@settings(max_examples=300, deadline=None)
+@given(kwargs=batch_kwargs(min_reqs=1, kinds=("decode",), max_decode_query=1, inexact=False, prefilling=False,
+                           padding=False, max_extra_width=40, block_sizes=(1, 2, 16, 64)),
+       threshold=st.integers(1, 3))
+def test_flashinfer_decode_steps_build_in_one_call_as_the_general_path_does(kwargs, threshold):
+    """FlashInfer's decode-step path (`_decode_step`, one decode_rows call) against the general
+    path with the numpy forms, field for field, types included; and against the general path
+    with the compiled module (a table too large for the one-call path)."""
+    batch = attnsync.Batch(**kwargs)
+    assert batch.max_query_len == 1 and batch.num_tokens == batch.num_reqs  # the path's own case
+    got = attnsync.build(batch, "flashinfer", decode_threshold=threshold)
+    assert_same_metadata(got, without_native(
+        lambda: attnsync.build(batch, "flashinfer", decode_threshold=threshold)))
+    saved = fi_backend._ONE_BLOCK_ENTRIES
+    fi_backend._ONE_BLOCK_ENTRIES = -1  # every table too large: the general path, compiled pieces
+    try:
+        assert_same_metadata(got, attnsync.build(batch, "flashinfer", decode_threshold=threshold))
+    finally:
+        fi_backend._ONE_BLOCK_ENTRIES = saved
+
+
+def test_decode_rows_with_pages_equals_paged_kv():
+    rng = np.random.default_rng(5)
+    table = rng.integers(0, 1000, (6, 5)).astype(np.int32)
+    seq = np.array([1, 16, 17, 80, 33, 5], np.int32)
+    out = np.full(4 * 6 + 1 + 30, -9, np.int32)
+    total = native.decode_rows(table, seq, 16, out, True)
+    block = np.empty(2 * 6 + 1 + 30, np.int32)
+    assert native.paged_kv(seq, table, 16, block) == total == 13
+    np.testing.assert_array_equal(out[12 : 12 + 13 + total], block[: 13 + total])
+    np.testing.assert_array_equal(out[:6], seq - 1)
+    with pytest.raises(ValueError, match="row 3's 5 pages do not fit the 2 entries left in out"):
+        native.decode_rows(table, seq, 16, np.empty(4 * 6 + 1 + 6, np.int32), True)
+    with pytest.raises(ValueError, match="out at least 4R\\+1"):
+        native.decode_rows(table, seq, 16, np.empty(24, np.int32), True)
+
+
 @settings(max_examples=150, deadline=None)
 @given(steps=st.lists(batch_kwargs(inexact=False), min_size=1, max_size=5))
 def test_torch_lowerings_are_the_same_with_and_without_the_compiled_module(steps):
