@@ -279,7 +279,8 @@ def test_paged_kv_block_refusals():
         native.paged_kv(np.array([4, -3], np.int32), table, 16, np.empty(10, np.int32))
     with pytest.raises(ValueError, match=r"row 1 \(length 49\) needs 4 pages: more than its 3 columns"):
         native.paged_kv(np.array([4, 49], np.int32), table, 16, np.empty(20, np.int32))
-    with pytest.raises(ValueError, match=r"row 0 \(length 17\) needs 2 pages: .* or the 1 entries left in out"):
+    with pytest.raises(ValueError,
+                       match=r"row 0 \(length 17\) needs 2 pages: .* or the 1 entries left in out"):
         native.paged_kv(np.array([17, 4], np.int32), table, 16, np.empty(6, np.int32))
     with pytest.raises(ValueError, match="out at least 2R\\+1 entries"):
         native.paged_kv(np.array([4, 4], np.int32), table, 16, np.empty(4, np.int32))

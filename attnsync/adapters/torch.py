@@ -590,10 +590,11 @@ class _Reusable:
         from `sys.getrefcount`'s), always taken here next to `baseline`."""
         native = _accel.native
         self.fast = None
-        if native is not None and (not stager._cuda or (stager._direct is not None and stager._direct.addresses)):
+        direct = stager._direct
+        if native is not None and (not stager._cuda or (direct is not None and direct.addresses)):
             cuda = None
             if stager._cuda:
-                cuda = stager._direct.addresses + self.copy_args[:3] + (
+                cuda = direct.addresses + self.copy_args[:3] + (
                     self.stream.cuda_stream, self.event.cuda_event, stager._device_index)
             self.fast = (self.lowered, self.held, self.storages, _storage_use_count, [0], self.pack_targets,
                          tuple(name for name, _ in self.pack_pairs), plan.scalar_names, self.lowered.__dict__,
@@ -775,8 +776,9 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
         # its copy pending, and nothing was done; k >= 0: k fields packed, the rest below.
         done = -1
         if native is not None and entry is not None and entry.fast is not None:
-            if entry.shapes != shapes and native.lower_users(entry.fast) == entry.fast[4][0] and entry.reshape(shapes):
-                # (reshaped only when nothing outside holds it: the same check as below)
+            # (reshaped only when nothing outside holds it: the same check as below)
+            if (entry.shapes != shapes and native.lower_users(entry.fast) == entry.fast[4][0]
+                    and entry.reshape(shapes)):
                 entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
             if entry.shapes == shapes:
                 done = native.lower_step(entry.fast, values)
@@ -795,7 +797,8 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                 entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
             # (a fresh entry's pinned buffer was never copied from: no wait, even though its
             # constructor recorded the event behind whatever the stream has queued)
-            if cuda and not fresh and not _event_query(entry.event):  # its last copy has not read the pinned buffer yet
+            # (its last copy may not have read the pinned buffer yet)
+            if cuda and not fresh and not _event_query(entry.event):
                 stager._ring.stats.event_waits += 1
                 entry.event.synchronize()
             # Staged fields (into the pinned buffer on CUDA, the buffer itself on the CPU) and host

@@ -176,9 +176,8 @@ class FlashInferMetadata:
 
 
 # The common fields (attnsync._spec.common_fields) FlashInfer's metadata does not carry.
-_COMMON_NOT_CARRIED = tuple(sorted(
-    {f.name for f in dataclasses.fields(CommonMetadata)} - {f.name for f in dataclasses.fields(FlashInferMetadata)}
-))
+_COMMON_NOT_CARRIED = tuple(sorted({f.name for f in dataclasses.fields(CommonMetadata)}
+                                    - {f.name for f in dataclasses.fields(FlashInferMetadata)}))
 
 
 def paged_kv_arrays(
