@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from strategies import batch_kwargs
 
 import attnsync
+from attnsync import _accel
 from attnsync.testing import brute_force_common, naive_common_torch
 
 torch = pytest.importorskip("torch")
@@ -258,6 +259,10 @@ def test_drifting_shapes_reuse_a_pool_with_room_and_stay_exact():
             # right through in-place reshapes), or the next step would make a fresh lowering
             entries = [e for pool in stager._pools for e in pool[1:3] if e is not None]
             assert all(e.users() == e.baseline for e in entries)
+            # and the compiled step's own count and baseline agree (attnsync._native.lower_step)
+            native = _accel.native
+            assert all(native.lower_users(e.fast) == e.fast[4][0] for e in entries if e.fast is not None)
+            assert native is None or all(e.fast is not None for e in entries)
     finally:
         ast._Reusable.__init__ = original
     assert len(made) <= 2 * len(stager._pools) and len(stager._pools) <= 4, (len(made), len(stager._pools))
