@@ -797,9 +797,9 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                 entry.rebaseline(plan, stager)
             elif entry.shapes != shapes and entry.reshape(shapes):
                 entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
-            # (a fresh entry's pinned buffer was never copied from: no wait, even though its
-            # constructor recorded the event behind whatever the stream has queued)
-            # (its last copy may not have read the pinned buffer yet)
+            # Wait while its last copy may not have read the pinned buffer yet; not for a fresh
+            # entry, never copied from (its constructor recorded the event behind whatever the
+            # stream has queued, which this step need not wait for).
             if cuda and not fresh and not _event_query(entry.event):
                 stager._ring.stats.event_waits += 1
                 entry.event.synchronize()
