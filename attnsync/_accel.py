@@ -8,8 +8,9 @@ steps) do in the builders, the torch lowering and `Batch`:
   padding, its computed-token count beside it, in one array);
 - `paged_kv_counts`, `gather_pages`, `paged_kv`: FlashInfer's page offsets, last-page fills
   and page list (`paged_kv`: all three in one array for the builder);
-- `check_batch`: `Batch`'s copies and length checks of plain int32 input (it only accepts: on
-  anything it would refuse it returns None and the numpy checks run and name the problem);
+- `check_batch`: `Batch`'s copies and length checks of plain int32 input, and the table's
+  largest page id found while copying it where the CPU has AVX2 (it only accepts: on anything
+  it would refuse it returns None and the numpy checks run and name the problem);
 - `lower_step`, `lower_users`: a reused torch lowering's whole step (users count, event
   query, pack, copy, event record, scalar fields) through the CUDA runtime calls torch loaded
   (attnsync.adapters._cudart), in the order the Python step makes them.
@@ -32,7 +33,7 @@ import warnings
 from types import ModuleType
 
 # The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
-NATIVE_VERSION = 3
+NATIVE_VERSION = 4
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):

@@ -47,8 +47,8 @@ _INT32 = np.dtype(np.int32)
 
 def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple | None:
     """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
-    pass (copies, total tokens, the longest query and sequence); None otherwise, and the numpy
-    checks run (and name any problem)."""
+    pass (copies, total tokens, the longest query and sequence, the table's largest entry as
+    uint32 or None); None otherwise, and the numpy checks run (and name any problem)."""
     native = _accel.native
     if native is None or not (_plain_int32(query_lens, 1) and _plain_int32(seq_lens, 1)
                               and _plain_int32(block_table, 2)):
@@ -124,17 +124,18 @@ class Batch:
             # The compiled happy path (attnsync/_accel.py): the three arrays copied, lengths
             # checked >= 0 and query_len <= seq_len, in one call. Everything else is checked
             # below, the same way for both paths.
-            query_lens, seq_lens, block_table, total_tokens, max_query_len, max_seq_len = checked
+            query_lens, seq_lens, block_table, total_tokens, max_query_len, max_seq_len, max_page = checked
             num_reqs = query_lens.shape[0]
         else:
             query_lens, seq_lens, block_table, total_tokens, max_seq_len = self._check_arrays()
             num_reqs = query_lens.shape[0]
             max_query_len = int(query_lens.max()) if num_reqs else 0
-        # Seen as uint32, a negative page id is >= 2**31: one max() finds both the largest page
-        # and any negative one (the table is the biggest input: R x W, 512 KB at 256 x 512).
-        # numpy's, on both paths: its runtime-dispatched AVX2 took 3 us for 512 KB on the CPU
-        # host where a scalar C loop took 62 (baseline x86-64 has no unsigned 32-bit vector max).
-        max_page = int(block_table.view(np.uint32).max()) if block_table.size else 0
+            max_page = None
+        if max_page is None:
+            # Seen as uint32, a negative page id is >= 2**31: one max() finds both the largest
+            # page and any negative one (the table is the biggest input: R x W, 512 KB at 256 x
+            # 512). The compiled check finds it while copying the table, where the CPU has AVX2.
+            max_page = int(block_table.view(np.uint32).max()) if block_table.size else 0
         if total_tokens > INT32_MAX:
             raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
         width = block_table.shape[1]

@@ -425,9 +425,30 @@ def test_check_batch_accepts_exactly_what_the_numpy_checks_accept(rows, width, s
         assert got is None
         return
     want = (int(q.sum()), int(q.max(initial=0)), int(s.max(initial=0)))
-    assert got == want
+    assert got[:3] == want
+    # the table's largest entry seen as uint32 (a negative id is >= 2**31), found while copying
+    assert got[3] is None or got[3] == int(t.view(np.uint32).max(initial=0))
     for out, source in zip(outs, (q, s, t)):
         np.testing.assert_array_equal(out, source)
+
+
+@pytest.mark.parametrize("entries", [1, 15, 16, 17, 31, 33, 1000, 256 * 512])
+@pytest.mark.parametrize("plant", ["none", "largest", "negative"])
+def test_check_batch_finds_the_largest_page_id_while_copying(entries, plant):
+    """The vector copy-and-max (16 entries a pass, then a tail) against numpy's uint32 max, with
+    the largest or a negative id planted anywhere, the last entry included."""
+    rng = np.random.default_rng(entries)
+    rows = 256 if entries % 256 == 0 else 1
+    t = rng.integers(0, 1 << 20, entries).astype(np.int32).reshape(rows, -1)
+    for position in (0, entries - 1, int(rng.integers(entries))):
+        table = t.copy()
+        if plant != "none":
+            table.flat[position] = (1 << 30) if plant == "largest" else -3
+        q = np.zeros(rows, np.int32)
+        outs = (np.empty_like(q), np.empty_like(q), np.empty_like(table))
+        got = native.check_batch(q, q.copy(), table, *outs)
+        np.testing.assert_array_equal(outs[2], table)
+        assert got[3] is None or got[3] == int(table.view(np.uint32).max())
 
 
 def test_check_batch_leaves_what_is_not_plain_int32_to_numpy():
