@@ -36,22 +36,15 @@ def _uniform_flags(length: int, value: bool) -> np.ndarray:
     return freeze(np.full(length, value, dtype=bool))
 
 
-def _plain_int32(value: Any, ndim: int) -> bool:
-    """A C-contiguous int32 numpy array of `ndim` dimensions (what a scheduler hands over)."""
-    return (type(value) is np.ndarray and value.dtype == _INT32 and value.ndim == ndim
-            and value.flags.c_contiguous)
-
-
-_INT32 = np.dtype(np.int32)
-
-
 def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple | None:
     """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
     pass (copies, total tokens, the longest query and sequence, the table's largest entry as
     uint32 or None); None otherwise, and the numpy checks run (and name any problem)."""
     native = _accel.native
-    if native is None or not (_plain_int32(query_lens, 1) and _plain_int32(seq_lens, 1)
-                              and _plain_int32(block_table, 2)):
+    # numpy arrays of any dtype and layout: their copies below have the same dtype and shape,
+    # and the compiled check itself returns None unless all three are C-contiguous int32 of
+    # the right dimensions (lists and other inputs go to the numpy checks directly).
+    if native is None or not type(query_lens) is type(seq_lens) is type(block_table) is np.ndarray:
         return None
     copies = (np.empty_like(query_lens), np.empty_like(seq_lens), np.empty_like(block_table))
     found = native.check_batch(query_lens, seq_lens, block_table, *copies)
@@ -118,7 +111,9 @@ class Batch:
     any_prefilling: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        block_size = as_int(self.block_size, "block_size", minimum=1, maximum=INT32_MAX)
+        block_size = self.block_size
+        if not (type(block_size) is int and 1 <= block_size <= INT32_MAX):  # (the common case inline)
+            block_size = as_int(block_size, "block_size", minimum=1, maximum=INT32_MAX)
         checked = _checked_natively(self.query_lens, self.seq_lens, self.block_table)
         if checked is not None:
             # The compiled happy path (attnsync/_accel.py): the three arrays copied, lengths
