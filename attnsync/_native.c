@@ -8,6 +8,7 @@
  *   pack(targets, sources)                 the lowering's per-field np.copyto loop
  *   decode_slots(table, positions, page, out)   attnsync._spec._decode_slots
  *   decode_rows(table, seq_lens, page, out)     a decode step's computed counts and slots
+ *   token_slots(...), split_regions(...)   any batch's per-token rows and slots; its split
  *   paged_kv_counts(seq_lens, page, indptr, last) -> total    FlashInfer's indptr/last_page_len
  *   gather_pages(table, indptr, out)       FlashInfer's paged_kv_indices
  *   paged_kv(seq_lens, table, page, out) -> total   the last two into one array
@@ -452,6 +453,153 @@ static PyObject *paged_kv(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLongLong(total);
 }
 
+/* A bool array's buffer (numpy's '?', one byte an element) of `length`, C-contiguous, or 0
+ * with TypeError set. */
+static int bool_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t length, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) return 0;
+    if (kind_of(view) != 'b' || view->itemsize != 1 || view->ndim != 1 || view->shape[0] != length) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous bool array of %zd entries", what, length);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(split_regions_doc,
+"split_regions(query_lens, seq_lens, is_prefilling, threshold) -> (rows, tokens, decode_first)\n\n"
+"The decode-first split of attnsync._spec._split in one pass: each row's region (0 decode:\n"
+"query_len <= threshold and not prefilling; 1 short extend: <= threshold and prefilling; 2 long\n"
+"extend: > threshold with context; 3 prefill: > threshold, seq_len <= query_len), then rows and\n"
+"tokens per region as two 4-tuples of ints, and whether no decode row follows a non-decode\n"
+"row. query_lens and seq_lens int32 [R]; is_prefilling bool [R] or None; threshold >= 1.");
+
+static PyObject *split_regions(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[2] = {{0, 1, 0, "split_regions: query_lens"},
+                                       {1, 1, 0, "split_regions: seq_lens"}};
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "split_regions(query_lens, seq_lens, is_prefilling, threshold)");
+        return NULL;
+    }
+    long threshold = PyLong_AsLong(args[3]);
+    if (threshold == -1 && PyErr_Occurred()) return NULL;
+    if (threshold < 1) {
+        PyErr_SetString(PyExc_ValueError, "split_regions: threshold must be >= 1");
+        return NULL;
+    }
+    Py_buffer views[2], flags;
+    if (int32_buffers(args, specs, 2, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0];
+    int have_flags = args[2] != Py_None;
+    if (views[1].shape[0] != rows) {
+        release_all(views, 2);
+        PyErr_SetString(PyExc_ValueError, "split_regions: query_lens and seq_lens differ in length");
+        return NULL;
+    }
+    if (have_flags && !bool_buffer(args[2], &flags, rows, "split_regions: is_prefilling")) {
+        release_all(views, 2);
+        return NULL;
+    }
+    const int32_t *q = (const int32_t *)views[0].buf, *s = (const int32_t *)views[1].buf;
+    const uint8_t *prefilling = have_flags ? (const uint8_t *)flags.buf : NULL;
+    long long count[4] = {0, 0, 0, 0}, tokens[4] = {0, 0, 0, 0};
+    int decode_first = 1, seen_other = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        int region;
+        if (q[r] <= threshold) {
+            region = prefilling != NULL && prefilling[r] ? 1 : 0;
+        } else {
+            region = s[r] <= q[r] ? 3 : 2;
+        }
+        count[region] += 1;
+        tokens[region] += q[r];
+        if (region != 0) {
+            seen_other = 1;
+        } else if (seen_other) {
+            decode_first = 0;
+        }
+    }
+    if (have_flags) PyBuffer_Release(&flags);
+    release_all(views, 2);
+    return Py_BuildValue("((LLLL)(LLLL)O)", count[0], count[1], count[2], count[3], tokens[0], tokens[1],
+                         tokens[2], tokens[3], decode_first ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(token_slots_doc,
+"token_slots(query_lens, num_computed, block_table, page, exact, token_to_req, slots) -> None\n\n"
+"The per-token fields of a batch with any query lengths: for row r's i-th new token (rows in\n"
+"order, tokens in order), token_to_req = r and, at position p = num_computed[r] + i, slot =\n"
+"block_table[r, p // page] * page + p % page, or -1 where exact is given and exact[r] is False.\n"
+"query_lens, num_computed int32 [R]; block_table int32 [R', W] with R' >= R; exact bool [R] or\n"
+"None; token_to_req and slots int32 [sum(query_lens)]. Raises IndexError for a position outside\n"
+"its row's table, ValueError for lengths that do not agree.");
+
+static PyObject *token_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[5] = {{0, 1, 0, "token_slots: query_lens"},
+                                       {1, 1, 0, "token_slots: num_computed"},
+                                       {2, 2, 0, "token_slots: block_table"},
+                                       {5, 1, 1, "token_slots: token_to_req"},
+                                       {6, 1, 1, "token_slots: slots"}};
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "token_slots(query_lens, num_computed, block_table, page, exact, token_to_req, slots)");
+        return NULL;
+    }
+    long page = page_arg(args[3], "token_slots");
+    Py_buffer views[5], flags;
+    if (page < 0 || int32_buffers(args, specs, 5, views) != 0) return NULL;
+    Py_ssize_t rows = views[0].shape[0], width = views[2].shape[1], tokens = views[3].shape[0];
+    int have_flags = args[4] != Py_None;
+    if (have_flags && !bool_buffer(args[4], &flags, rows, "token_slots: exact")) {
+        release_all(views, 5);
+        return NULL;
+    }
+    int failed = 0;
+    if (views[1].shape[0] != rows || views[2].shape[0] < rows || views[4].shape[0] != tokens) {
+        PyErr_SetString(PyExc_ValueError, "token_slots: num_computed must have R entries, block_table at least "
+                                          "R rows, and token_to_req and slots one length");
+        failed = 1;
+    } else {
+        const int32_t *q = (const int32_t *)views[0].buf, *done = (const int32_t *)views[1].buf;
+        const int32_t *t = (const int32_t *)views[2].buf;
+        int32_t *owner = (int32_t *)views[3].buf, *out = (int32_t *)views[4].buf;
+        const uint8_t *exact = have_flags ? (const uint8_t *)flags.buf : NULL;
+        Py_ssize_t k = 0;
+        for (Py_ssize_t r = 0; r < rows && !failed; r++) {
+            if (q[r] < 0 || k + q[r] > tokens) {
+                PyErr_Format(PyExc_ValueError, "token_slots: row %zd's %d tokens do not fit the %zd outputs",
+                             r, (int)q[r], tokens);
+                failed = 1;
+                break;
+            }
+            int keep = exact == NULL || exact[r];
+            for (int32_t i = 0; i < q[r]; i++, k++) {
+                int64_t position = (int64_t)done[r] + i;
+                int64_t column = position / page;
+                if (position < 0 || column >= width) {
+                    PyErr_Format(PyExc_IndexError, "token_slots: row %zd: position %lld is outside its %zd "
+                                 "pages of %ld", r, (long long)position, width, page);
+                    failed = 1;
+                    break;
+                }
+                owner[k] = (int32_t)r;
+                /* int32 arithmetic, as decode_slots (Batch refused slots that do not fit) */
+                out[k] = keep ? (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page
+                                          + (uint32_t)(position % page)) : -1;
+            }
+        }
+        if (!failed && k != tokens) {
+            PyErr_Format(PyExc_ValueError, "token_slots: the rows hold %zd tokens, the outputs %zd", k, tokens);
+            failed = 1;
+        }
+    }
+    if (have_flags) PyBuffer_Release(&flags);
+    release_all(views, 5);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* The block table's copy and its largest entry seen as uint32 (a negative page id is >= 2**31),
  * in one pass over the table: with AVX2 where the CPU has it (baseline x86-64 has no unsigned
  * 32-bit vector max, and a scalar loop took 62 us for 512 KB on the CPU host where numpy's
@@ -749,6 +897,8 @@ static PyMethodDef methods[] = {
     {"paged_kv_counts", (PyCFunction)(void (*)(void))paged_kv_counts, METH_FASTCALL, paged_kv_counts_doc},
     {"gather_pages", (PyCFunction)(void (*)(void))gather_pages, METH_FASTCALL, gather_pages_doc},
     {"paged_kv", (PyCFunction)(void (*)(void))paged_kv, METH_FASTCALL, paged_kv_doc},
+    {"split_regions", (PyCFunction)(void (*)(void))split_regions, METH_FASTCALL, split_regions_doc},
+    {"token_slots", (PyCFunction)(void (*)(void))token_slots, METH_FASTCALL, token_slots_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -760,7 +910,7 @@ static struct PyModuleDef module = {
 
 /* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
  * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
-#define ATTNSYNC_NATIVE_VERSION 4
+#define ATTNSYNC_NATIVE_VERSION 5
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

@@ -373,15 +373,19 @@ def _arange(length: int) -> np.ndarray:
     return _ARANGE[:length]
 
 
-def _split(batch: Batch, threshold: int, query_start_loc: np.ndarray) -> tuple[list[int], list[int], bool]:
+def _split(batch: Batch, threshold: int, query_start_loc: np.ndarray) -> tuple[Any, Any, bool]:
     """Rows and tokens per region (decode, short extend, long extend, prefill) and whether the
     decodes come first; host numpy (bincount and tolist read no device).
 
     A batch already in region order (what `reorder` makes, and what every backend that needs
     decode-first order gets) has each region as one run of rows, so its tokens are differences
     of `query_start_loc`: no weighted bincount (float weights, 2.6 us at 256 rows on the CPU
-    host, a third of the split's cost).
+    host, a third of the split's cost). With attnsync's compiled twin, one pass in C
+    (`split_regions`) gives the same values; the numpy form below is the reference.
     """
+    native = _accel.native
+    if native is not None:  # the same in one compiled pass (tests/test_native.py compares them)
+        return native.split_regions(batch.query_lens, batch.seq_lens, batch.is_prefilling, threshold)
     region = batch.regions(threshold)  # numpy on the host: no .tolist() below reads a device
     rows = np.bincount(region, minlength=4).tolist()
     n = batch.num_reqs
@@ -496,17 +500,24 @@ def common_fields(batch: Batch, threshold: int, slots: bool = True) -> dict[str,
         # last). Position of token i of row r is num_computed[r] + i
         # = arange(t) + (num_computed - qsl)[r].
         token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
-        token_to_req[:t] = np.repeat(_arange(n), q)
         made.append(token_to_req)
-        if slots:
-            positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
-            positions += _arange(t)
-            column, offset = np.divmod(positions, page)
-            token_slots = block_table[token_to_req[:t], column] if t else positions
-            token_slots *= page
-            token_slots += offset
-            if not all_exact:
-                token_slots[~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
+        if slots and native is not None and block_table.flags.c_contiguous:
+            # both per-token arrays in one compiled call (the numpy form below: two repeats, a
+            # divmod, a gather and the arithmetic), inexact rows' slots -1 as below
+            token_slots = np.empty(t, dtype=np.int32)
+            native.token_slots(q, num_computed[:n], block_table, page,
+                               None if all_exact else batch.seq_lens_exact, token_to_req[:t], token_slots)
+        else:
+            token_to_req[:t] = np.repeat(_arange(n), q)
+            if slots:
+                positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
+                positions += _arange(t)
+                column, offset = np.divmod(positions, page)
+                token_slots = block_table[token_to_req[:t], column] if t else positions
+                token_slots *= page
+                token_slots += offset
+                if not all_exact:
+                    token_slots[~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
     if slot_mapping is None:
         slot_mapping = token_slots
         made.append(slot_mapping)

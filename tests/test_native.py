@@ -287,6 +287,56 @@ def test_paged_kv_block_refusals():
 
 
 # --------------------------------------------------------------------------------------------
+# split_regions and token_slots: batches with any query lengths
+
+
+@settings(max_examples=300, deadline=None)
+@given(kwargs=batch_kwargs(), threshold=st.integers(1, 5))
+def test_split_regions_equals_the_numpy_split(kwargs, threshold):
+    """Rows and tokens per region and the decode-first flag, ordered or not, with and without
+    is_prefilling, against attnsync._spec._split's numpy form."""
+    from attnsync._spec import _split
+
+    batch = attnsync.Batch(**kwargs)
+    qsl = np.concatenate([[0], np.cumsum(batch.query_lens)]).astype(np.int32)
+    got = _split(batch, threshold, qsl)
+    want = without_native(_split, batch, threshold, qsl)
+    assert [list(got[0]), list(got[1]), got[2]] == [list(want[0]), list(want[1]), want[2]]
+    assert all(type(v) is int for v in (*got[0], *got[1])) and type(got[2]) is bool
+    ordered = attnsync.reorder(batch, decode_threshold=threshold)[1]
+    assert _split(ordered, threshold, qsl)[2] is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(kwargs=batch_kwargs())
+def test_token_slots_equal_the_numpy_forms(kwargs):
+    """Every token's row and slot (-1 for inexact rows), from the whole common build with the
+    compiled module on and off: mixed, padded, inexact and empty rows."""
+    batch = attnsync.Batch(**kwargs)
+    assert_same_metadata(attnsync.build(batch), without_native(attnsync.build, batch))
+
+
+def test_token_slots_refusals():
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    q, done = np.array([2, 1], np.int32), np.array([0, 48], np.int32)
+    owner, out = np.empty(3, np.int32), np.empty(3, np.int32)
+    with pytest.raises(IndexError, match="row 1: position 48 is outside its 3 pages of 16"):
+        native.token_slots(q, done, table, 16, None, owner, out)
+    with pytest.raises(ValueError, match="the rows hold 3 tokens, the outputs 4"):
+        native.token_slots(q, np.zeros(2, np.int32), table, 16, None, np.empty(4, np.int32), np.empty(4, np.int32))
+    with pytest.raises(ValueError, match="row 0's 2 tokens do not fit the 1 outputs"):
+        native.token_slots(q, np.zeros(2, np.int32), table, 16, None, np.empty(1, np.int32), np.empty(1, np.int32))
+    with pytest.raises(TypeError, match="exact: expected a C-contiguous bool array of 2 entries"):
+        native.token_slots(q, np.zeros(2, np.int32), table, 16, np.ones(3, bool), owner, out)
+    native.token_slots(q, np.array([0, 16], np.int32), table, 16, np.array([True, False]), owner, out)
+    assert owner.tolist() == [0, 0, 1] and out.tolist() == [0, 1, -1]
+    with pytest.raises(ValueError, match="threshold must be >= 1"):
+        native.split_regions(q, q, None, 0)
+    with pytest.raises(TypeError, match="is_prefilling: expected a C-contiguous bool array"):
+        native.split_regions(q, q, np.zeros(2, np.int32), 1)
+
+
+# --------------------------------------------------------------------------------------------
 # builders and the torch lowering, compiled module on and off
 
 
