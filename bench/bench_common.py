@@ -109,6 +109,36 @@ def measure(fn: Callable[[], Any], drain: Callable[[], None], *, reps: int, warm
             "reps": reps}
 
 
+def side_by_side(fns: dict[str, Callable[[], Any]], drain: Callable[[], None], *, rounds: int,
+                 calls: int) -> dict[str, float]:
+    """Median host us of each of `fns` over `rounds` rounds of one warm block each (3 untimed
+    calls, then `calls` timed ones, drained before each), the blocks alternating within a round
+    and their order reversed every other round. Readings taken this way compare with each other
+    even where the host's speed drifts from minute to minute (results/2026-11-27-h100, session 7:
+    the numpy-add probe read 1.06 and 1.98 us on one H100 within ten minutes)."""
+    names = list(fns)
+    blocks: dict[str, list[float]] = {name: [] for name in names}
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                fn = fns[name]
+                for _ in range(3):
+                    fn()
+                samples = []
+                for _ in range(calls):
+                    drain()
+                    t0 = time.perf_counter_ns()
+                    fn()
+                    samples.append((time.perf_counter_ns() - t0) / 1e3)
+                blocks[name].append(statistics.median(samples))
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in blocks.items()}
+
+
 def _warm_process(fns: dict[str, Callable[[], Any] | None], drain: Callable[[], None], *,
                   seconds: float) -> None:
     """Run every variant for a while first: the first size would otherwise pay for clock ramp-up,
@@ -240,6 +270,12 @@ def run(*, quick: bool) -> dict[str, Any]:
         }
         all_decode = {name: measure(fn, drain, reps=reps, warmup=warmup, budget_s=budget_s)["median"]
                       for name, fn in decode_fns.items()}
+        # the same target again, in blocks alternating with the host-speed probe, so the report
+        # says how fast the host was while the target was measured
+        small = np.arange(256, dtype=np.int32)
+        probed = side_by_side({"numpy add, 256 int32": lambda: small + 1,
+                               "build+torch": decode_fns["build+torch"]},
+                              drain, rounds=4 if quick else 10, calls=30 if quick else 100)
     by_size = {row["num_reqs"]: row["median_us"] for row in rows}
     growth = {name: _ratio(by_size[1024][name], by_size[256][name]) for name in VARIANTS}
     at_target = by_size[TARGET_REQS]["build+torch"]
@@ -274,6 +310,7 @@ def run(*, quick: bool) -> dict[str, Any]:
             "median_us": all_decode,
             "measured_us": all_decode["build+torch"],
             "met": None if cpu_only else all_decode["build+torch"] < TARGET_US,
+            "side_by_side_with_probe_us": probed,
         },
     }
 
@@ -318,6 +355,10 @@ def markdown(report: dict[str, Any]) -> str:
         parts = ", ".join(f"{name} {_cell(value)}" for name, value in decode["median_us"].items())
         lines += [f"Target: {decode['what']} < {decode['limit_us']:.0f} us: measured "
                   f"{_cell(decode['measured_us'])} us, {verdict} ({parts})."]
+        probed = decode.get("side_by_side_with_probe_us")
+        if probed:
+            lines.append("Measured again in blocks alternating with the host probe: " + ", ".join(
+                f"{name} {_cell(value, 2)} us" for name, value in probed.items()) + ".")
     disagree = [row["num_reqs"] for row in report["results"] if row["naive_agrees"] is False]
     if disagree:
         lines.append(f"WARNING: naive and attnsync values differ at sizes {disagree}.")

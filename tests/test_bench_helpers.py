@@ -55,3 +55,27 @@ def test_bench_native_times_both_modes_and_restores_the_module(tmp_path, monkeyp
     assert report["status"] == "ok" and len(report["results"]) == 6
     for row in report["results"].values():
         assert row["native_us"] > 0 and row["numpy_us"] > 0 and row["numpy_over_native"] > 0
+
+
+def test_bench_common_side_by_side_alternates_warm_blocks_with_the_probe():
+    import bench_common
+
+    calls, drains = [], []
+    result = bench_common.side_by_side({"probe": lambda: calls.append("probe"),
+                                        "target": lambda: calls.append("target")},
+                                       lambda: drains.append(1), rounds=3, calls=2)
+    block = 3 + 2  # warm calls, then timed ones
+    assert calls == (["probe"] * block + ["target"] * block + ["target"] * block + ["probe"] * block
+                     + ["probe"] * block + ["target"] * block)
+    assert len(drains) == 3 * 2 * 2  # before every timed call only
+    assert set(result) == {"probe", "target"} and all(value >= 0 for value in result.values())
+
+
+def test_bench_common_reports_the_target_next_to_the_probe(tmp_path):
+    import bench_common
+
+    assert bench_common.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_common.json").read_text())
+    probed = report["target_all_decode"]["side_by_side_with_probe_us"]
+    assert set(probed) == {"numpy add, 256 int32", "build+torch"}
+    assert all(value > 0 for value in probed.values())
