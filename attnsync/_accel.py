@@ -8,8 +8,8 @@ steps) do in the builders, the torch lowering and `Batch`:
   padding, its computed-token count beside it, in one array);
 - `token_slots`, `split_regions`: a batch with any query lengths: every token's row and slot,
   and the decode-first split (rows and tokens per region, decode-first or not);
-- `paged_kv_counts`, `gather_pages`, `paged_kv`: FlashInfer's page offsets, last-page fills
-  and page list (`paged_kv`: all three in one array for the builder);
+- `paged_kv_counts`, `gather_pages`: FlashInfer's page offsets, last-page fills and page list
+  (`decode_rows` writes all three for a decode step);
 - `check_batch`: `Batch`'s copies and length checks of plain int32 input, and the table's
   largest page id found while copying it where the CPU has AVX2 (it only accepts: on anything
   it would refuse it returns None and the numpy checks run and name the problem);
@@ -35,7 +35,7 @@ import warnings
 from types import ModuleType
 
 # The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
-NATIVE_VERSION = 5
+NATIVE_VERSION = 6
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):

@@ -11,7 +11,6 @@
  *   token_slots(...), split_regions(...)   any batch's per-token rows and slots; its split
  *   paged_kv_counts(seq_lens, page, indptr, last) -> total    FlashInfer's indptr/last_page_len
  *   gather_pages(table, indptr, out)       FlashInfer's paged_kv_indices
- *   paged_kv(seq_lens, table, page, out) -> total   the last two into one array
  *   check_batch(...)                       attnsync.Batch's checks and copies, happy path only
  *   lower_step(fast, values), lower_users(fast)   a reused torch lowering's step
  *
@@ -238,8 +237,9 @@ PyDoc_STRVAR(decode_rows_doc,
 "A one-token-per-row batch's per-row arrays in one int32 array `out` (int32 [R, W], int32 [R],\n"
 "page >= 1): out[:R] = seq_lens - 1 (each row's computed tokens, which is also its new token's\n"
 "position) and out[R:2R] its slot, block_table[r, p // page] * page + p % page with\n"
-"p = seq_lens[r] - 1. With pages true, FlashInfer's page arrays follow, as paged_kv writes\n"
-"them: out[2R:3R+1] indptr, out[3R+1:4R+1] last_page_len, the page list from out[4R+1]; `out`\n"
+"p = seq_lens[r] - 1. With pages true, FlashInfer's page arrays follow (paged_kv_counts' and\n"
+"gather_pages' values): out[2R:3R+1] indptr, out[3R+1:4R+1] last_page_len, the page list from\n"
+"out[4R+1]; `out`\n"
 "then needs 4R+1 entries and room for the pages. Returns the page total (0 without pages).\n"
 "Raises IndexError for a row whose length is below 1 or whose position is outside its row's\n"
 "table, ValueError where out is too short.");
@@ -395,62 +395,6 @@ static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t 
     release_all(views, 3);
     if (failed) return NULL;
     Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(paged_kv_doc,
-"paged_kv(seq_lens, block_table, page, out) -> int\n\n"
-"paged_kv_counts and gather_pages into one int32 array `out` of at least 2R+1 entries:\n"
-"out[:R+1] = indptr, out[R+1:2R+1] = last_page_len, then the page list from out[2R+1]\n"
-"(int32 [R], int32 [R, W], page >= 1). Returns the page total. Raises ValueError for a negative\n"
-"length, a row needing more than W pages, or pages beyond out's end.");
-
-static PyObject *paged_kv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[3] = {{0, 1, 0, "paged_kv: seq_lens"},
-                                       {1, 2, 0, "paged_kv: block_table"},
-                                       {3, 1, 1, "paged_kv: out"}};
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "paged_kv(seq_lens, block_table, page, out)");
-        return NULL;
-    }
-    long page = page_arg(args[2], "paged_kv");
-    Py_buffer views[3];
-    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[1].shape[1], size = views[2].shape[0];
-    int64_t total = 0;
-    int failed = 0;
-    if (views[1].shape[0] != rows || size < 2 * rows + 1) {
-        PyErr_SetString(PyExc_ValueError, "paged_kv: block_table must have R rows and out at least 2R+1 entries");
-        failed = 1;
-    } else {
-        const int32_t *s = (const int32_t *)views[0].buf, *t = (const int32_t *)views[1].buf;
-        int32_t *offsets = (int32_t *)views[2].buf, *fill = offsets + rows + 1, *pages_out = offsets + 2 * rows + 1;
-        Py_ssize_t room = size - (2 * rows + 1);
-        offsets[0] = 0;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            int64_t length = s[r];
-            int64_t pages = length > 0 ? (length - 1) / page + 1 : 0;
-            if (length < 0) {
-                PyErr_Format(PyExc_ValueError, "paged_kv: row %zd has length %lld", r, (long long)length);
-                failed = 1;
-                break;
-            }
-            if (pages > width || total + pages > room) {
-                PyErr_Format(PyExc_ValueError, "paged_kv: row %zd (length %lld) needs %lld pages: more "
-                             "than its %zd columns or the %zd entries left in out", r, (long long)length,
-                             (long long)pages, width, (Py_ssize_t)(room - total));
-                failed = 1;
-                break;
-            }
-            fill[r] = (int32_t)(length ? length - (pages - 1) * page : 0);
-            memcpy(pages_out + total, t + r * width, (size_t)pages * sizeof(int32_t));
-            total += pages;
-            offsets[r + 1] = (int32_t)total;  /* total <= room < size, which fits Py_ssize_t; */
-        }                                      /* the caller keeps R*W within int32 */
-    }
-    release_all(views, 3);
-    if (failed) return NULL;
-    return PyLong_FromLongLong(total);
 }
 
 /* A bool array's buffer (numpy's '?', one byte an element) of `length`, C-contiguous, or 0
@@ -896,7 +840,6 @@ static PyMethodDef methods[] = {
     {"lower_users", (PyCFunction)lower_users, METH_O, lower_users_doc},
     {"paged_kv_counts", (PyCFunction)(void (*)(void))paged_kv_counts, METH_FASTCALL, paged_kv_counts_doc},
     {"gather_pages", (PyCFunction)(void (*)(void))gather_pages, METH_FASTCALL, gather_pages_doc},
-    {"paged_kv", (PyCFunction)(void (*)(void))paged_kv, METH_FASTCALL, paged_kv_doc},
     {"split_regions", (PyCFunction)(void (*)(void))split_regions, METH_FASTCALL, split_regions_doc},
     {"token_slots", (PyCFunction)(void (*)(void))token_slots, METH_FASTCALL, token_slots_doc},
     {NULL, NULL, 0, NULL},
@@ -910,7 +853,7 @@ static struct PyModuleDef module = {
 
 /* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
  * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
-#define ATTNSYNC_NATIVE_VERSION 5
+#define ATTNSYNC_NATIVE_VERSION 6
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

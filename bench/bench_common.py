@@ -116,6 +116,8 @@ def side_by_side(fns: dict[str, Callable[[], Any]], drain: Callable[[], None], *
     and their order reversed every other round. Readings taken this way compare with each other
     even where the host's speed drifts from minute to minute (results/2026-11-27-h100, session 7:
     the numpy-add probe read 1.06 and 1.98 us on one H100 within ten minutes)."""
+    from bench_native import block  # one warm timed block, the device drained before each call
+
     names = list(fns)
     blocks: dict[str, list[float]] = {name: [] for name in names}
     gc_enabled = gc.isenabled()
@@ -123,16 +125,7 @@ def side_by_side(fns: dict[str, Callable[[], Any]], drain: Callable[[], None], *
     try:
         for r in range(rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                fn = fns[name]
-                for _ in range(3):
-                    fn()
-                samples = []
-                for _ in range(calls):
-                    drain()
-                    t0 = time.perf_counter_ns()
-                    fn()
-                    samples.append((time.perf_counter_ns() - t0) / 1e3)
-                blocks[name].append(statistics.median(samples))
+                blocks[name].append(block(fns[name], drain, calls=calls, warmup=3))
     finally:
         if gc_enabled:
             gc.enable()

@@ -238,54 +238,6 @@ def test_paged_kv_refusals():
         native.gather_pages(table, np.array([0, 1, 2], np.int32), np.empty(2, np.int64))
 
 
-@settings(max_examples=200, deadline=None)
-@given(case=tables(min_width=0), room=st.integers(0, 3))
-def test_paged_kv_in_one_block_equals_the_two_calls(case, room):
-    table, page, rng = case
-    (rows, width) = table.shape
-    seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
-    indptr, last = np.empty(rows + 1, np.int32), np.empty(rows, np.int32)
-    total = native.paged_kv_counts(seq, page, indptr, last)
-    pages = np.empty(total, np.int32)
-    native.gather_pages(table, indptr, pages)
-    block = np.full(2 * rows + 1 + total + room, -9, np.int32)
-    assert native.paged_kv(seq, table, page, block) == total
-    np.testing.assert_array_equal(block[: rows + 1], indptr)
-    np.testing.assert_array_equal(block[rows + 1 : 2 * rows + 1], last)
-    np.testing.assert_array_equal(block[2 * rows + 1 : 2 * rows + 1 + total], pages)
-    assert (block[2 * rows + 1 + total :] == -9).all()  # nothing written past the pages
-
-
-@settings(max_examples=100, deadline=None)
-@given(case=tables(min_width=0), compiled=st.booleans())
-def test_frozen_paged_kv_is_read_only_and_equal_on_every_path(case, compiled):
-    """The builder's form (`frozen=True`: one block, or the two calls for wide tables, or
-    numpy) against the public writeable form."""
-    table, page, rng = case
-    (rows, width) = table.shape
-    seq = rng.integers(0, width * page + 1, rows).astype(np.int32)
-    want = without_native(fi_backend.paged_kv_arrays, seq, table, page)
-    got = (fi_backend._paged_kv(seq, None, table, page, frozen=True) if compiled
-           else without_native(lambda: fi_backend._paged_kv(seq, None, table, page, frozen=True)))
-    for g, w in zip(got[:3], want):
-        assert not g.flags.writeable and w.flags.writeable and g.dtype == np.int32
-        np.testing.assert_array_equal(g, w)
-    assert got[3] == int(want[0][-1])
-
-
-def test_paged_kv_block_refusals():
-    table = np.zeros((2, 3), np.int32)
-    with pytest.raises(ValueError, match="row 1 has length -3"):
-        native.paged_kv(np.array([4, -3], np.int32), table, 16, np.empty(10, np.int32))
-    with pytest.raises(ValueError, match=r"row 1 \(length 49\) needs 4 pages: more than its 3 columns"):
-        native.paged_kv(np.array([4, 49], np.int32), table, 16, np.empty(20, np.int32))
-    with pytest.raises(ValueError,
-                       match=r"row 0 \(length 17\) needs 2 pages: .* or the 1 entries left in out"):
-        native.paged_kv(np.array([17, 4], np.int32), table, 16, np.empty(6, np.int32))
-    with pytest.raises(ValueError, match="out at least 2R\\+1 entries"):
-        native.paged_kv(np.array([4, 4], np.int32), table, 16, np.empty(4, np.int32))
-
-
 # --------------------------------------------------------------------------------------------
 # split_regions and token_slots: batches with any query lengths
 
@@ -396,9 +348,12 @@ def test_decode_rows_with_pages_equals_paged_kv():
     seq = np.array([1, 16, 17, 80, 33, 5], np.int32)
     out = np.full(4 * 6 + 1 + 30, -9, np.int32)
     total = native.decode_rows(table, seq, 16, out, True)
-    block = np.empty(2 * 6 + 1 + 30, np.int32)
-    assert native.paged_kv(seq, table, 16, block) == total == 13
-    np.testing.assert_array_equal(out[12 : 12 + 13 + total], block[: 13 + total])
+    indptr, indices, last, want_total = without_native(fi_backend._paged_kv, seq, None, table, 16)
+    assert want_total == total == 13
+    np.testing.assert_array_equal(out[12:19], indptr)
+    np.testing.assert_array_equal(out[19:25], last)
+    np.testing.assert_array_equal(out[25 : 25 + total], indices)
+    assert (out[25 + total :] == -9).all()  # nothing written past the pages
     np.testing.assert_array_equal(out[:6], seq - 1)
     with pytest.raises(ValueError, match="row 3's 5 pages do not fit the 2 entries left in out"):
         native.decode_rows(table, seq, 16, np.empty(4 * 6 + 1 + 6, np.int32), True)

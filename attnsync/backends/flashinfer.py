@@ -205,28 +205,16 @@ def paged_kv_arrays(
 
 
 def _paged_kv(
-    seq_lens: np.ndarray, seq_lens_minus_one: np.ndarray | None, block_table: np.ndarray, block_size: int,
-    *, frozen: bool = False,
+    seq_lens: np.ndarray, seq_lens_minus_one: np.ndarray | None, block_table: np.ndarray, block_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """`paged_kv_arrays` plus the page total, for a caller that may already hold `seq_lens - 1`.
 
     `seq_lens_minus_one`, when given, must equal `seq_lens - 1` with every seq_len >= 1 (a
     batch of one-token rows without padding: the common metadata's `num_computed_tokens`).
     It saves the subtraction and the clamp of empty rows, 0.7 us of the decode step.
-    `frozen`: return read-only arrays (what the builder keeps).
     """
     num_rows, width = block_table.shape
     native = _accel.native
-    if (frozen and native is not None and num_rows * width <= _ONE_BLOCK_ENTRIES
-            and block_table.flags.c_contiguous):
-        # One compiled call into one allocation with room for every page of the table, read
-        # as three read-only views (indptr, last_page_len, pages): two allocations, a call and
-        # two read-only flags fewer than below. The unused room is at most R*W entries.
-        block = np.empty(2 * num_rows + 1 + num_rows * width, dtype=np.int32)
-        total = native.paged_kv(seq_lens, block_table, block_size, block)
-        block.setflags(write=False)
-        start = 2 * num_rows + 1
-        return block[: num_rows + 1], block[start : start + total], block[num_rows + 1 : start], total
     if native is not None and num_rows * width <= INT32_MAX and block_table.flags.c_contiguous:
         # two compiled calls for the eight numpy calls below (attnsync/_accel.py); the total
         # is at most R*W, so within int32
@@ -235,7 +223,7 @@ def _paged_kv(
         total = native.paged_kv_counts(seq_lens, block_size, indptr, last)
         indices = np.empty(total, dtype=np.int32)
         native.gather_pages(block_table, indptr, indices)
-        return _frozen(frozen, indptr, indices, last, total)
+        return indptr, indices, last, total
     # With d, m = divmod(seq - 1, block_size): pages = d + 1 = ceil(seq / block_size) and the
     # last page holds m + 1 tokens, for seq >= 1. An empty row gives d = -1 (0 pages) and
     # m + 1 = block_size, which the minimum with seq (0) turns into FlashInfer's 0. No
@@ -274,22 +262,12 @@ def _paged_kv(
         flat = np.repeat(shift, pages)
         flat += np.arange(total, dtype=np.int64)
         indices = block_table.reshape(-1).take(flat)
-    return _frozen(frozen, indptr, indices, last, total)
-
-
-def _frozen(frozen: bool, indptr: np.ndarray, indices: np.ndarray, last: np.ndarray,
-            total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """`_paged_kv`'s result, its arrays made read-only when `frozen`."""
-    if frozen:
-        freeze(indptr)
-        freeze(indices)
-        freeze(last)
     return indptr, indices, last, total
 
 
-# Tables of up to this many entries (256 KiB of int32) get FlashInfer's page arrays in one
-# allocation with room for every page (`_paged_kv`); above it the unused room would cost more
-# than the calls it saves (a fresh large allocation maps new pages each step).
+# Tables of up to this many entries (256 KiB of int32) let a decode step get its arrays in one
+# allocation with room for every page of the table (`_decode_step`); above it the unused room
+# would cost more than the calls it saves (a fresh large allocation maps new pages each step).
 _ONE_BLOCK_ENTRIES = 1 << 16
 
 
@@ -353,8 +331,11 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
     n = common["num_scheduled_reqs"]
     indptr, indices, last, num_pages = _paged_kv(
         common["seq_lens"], _seq_lens_minus_one(common) if _accel.native is None else None,  # (numpy's only)
-        common["block_table"], page, frozen=True,
+        common["block_table"], page,
     )
+    freeze(indptr)
+    freeze(indices)
+    freeze(last)
     nd = common["num_decodes"]
     decode_pages = num_pages if nd == n else indptr.item(nd)
     if nd == n:  # no prefill rows (decode steps): both prefill offsets are [0]
