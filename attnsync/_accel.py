@@ -35,7 +35,7 @@ import warnings
 from types import ModuleType
 
 # The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
-NATIVE_VERSION = 6
+NATIVE_VERSION = 7
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):

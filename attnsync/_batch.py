@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,6 +36,17 @@ def _uniform_flags(length: int, value: bool) -> np.ndarray:
     return freeze(np.full(length, value, dtype=bool))
 
 
+# Where `Batch` copies a block table of at least PINNED_TABLE_MIN_BYTES: numpy's allocator while
+# this is None, which it is until a CUDA lowering installs its pool of pinned blocks
+# (attnsync.adapters.torch._PinnedTables). A reused CUDA lowering then copies such a table to
+# the device straight from the batch's own copy instead of packing it first: the pack of a
+# 256 x 512 table was most of a 256-decode lowering on the H100 host (a 512 KB copy is 17-27 us
+# there, results/2026-11-27-h100 run 66 and prof27). Called with the table's shape, it returns
+# a writable C-contiguous int32 array of that shape, or None (numpy's allocator, then).
+table_memory: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
+PINNED_TABLE_MIN_BYTES = 1 << 16  # smaller tables pack in a few microseconds
+
+
 def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple | None:
     """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
     pass (copies, total tokens, the longest query and sequence, the table's largest entry as
@@ -46,7 +57,12 @@ def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple
     # the right dimensions (lists and other inputs go to the numpy checks directly).
     if native is None or not type(query_lens) is type(seq_lens) is type(block_table) is np.ndarray:
         return None
-    copies = (np.empty_like(query_lens), np.empty_like(seq_lens), np.empty_like(block_table))
+    table_copy = None
+    if (table_memory is not None and block_table.nbytes >= PINNED_TABLE_MIN_BYTES
+            and block_table.dtype == np.int32 and block_table.ndim == 2):
+        table_copy = table_memory(block_table.shape)
+    copies = (np.empty_like(query_lens), np.empty_like(seq_lens),
+              np.empty_like(block_table) if table_copy is None else table_copy)
     found = native.check_batch(query_lens, seq_lens, block_table, *copies)
     return None if found is None else (*copies, *found)
 

@@ -89,9 +89,11 @@ static int copy_pair(Py_buffer *dst, const Py_buffer *src) {
     return 0;
 }
 
-/* Copy `source` into `target` as copy_pair does; 0 (no error set) where either is not a
- * C-contiguous buffer or the pair is not one copy_pair handles. */
-static int pack_one(PyObject *target, PyObject *source) {
+/* Copy `source` into `target` as copy_pair does, or (shift != 0) into the bytes `shift` past
+ * target's, which must lie inside [lo, hi); 0 (no error set) where either is not a
+ * C-contiguous buffer or the pair is not one copy_pair handles, -1 (ValueError set) where a
+ * shifted target would leave [lo, hi). */
+static int pack_shifted(PyObject *target, PyObject *source, intptr_t shift, uintptr_t lo, uintptr_t hi) {
     Py_buffer dst, src;
     if (PyObject_GetBuffer(target, &dst, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
         PyErr_Clear();
@@ -102,10 +104,24 @@ static int pack_one(PyObject *target, PyObject *source) {
         PyBuffer_Release(&dst);
         return 0;
     }
-    int copied = copy_pair(&dst, &src);
+    int copied;
+    void *own = dst.buf;
+    uintptr_t start = (uintptr_t)dst.buf + (uintptr_t)shift;
+    if (shift != 0 && (start < lo || start > hi || (uintptr_t)dst.len > hi - start)) {
+        PyErr_SetString(PyExc_ValueError, "lower_step: a field would be packed outside the pinned table's block");
+        copied = -1;
+    } else {
+        dst.buf = (void *)start;
+        copied = copy_pair(&dst, &src);
+        dst.buf = own;  /* released as it was received */
+    }
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return copied;
+}
+
+static int pack_one(PyObject *target, PyObject *source) {
+    return pack_shifted(target, source, 0, 0, 0);
 }
 
 PyDoc_STRVAR(pack_doc,
@@ -757,22 +773,44 @@ static PyObject *cuda_failed(const uintptr_t *fn, const char *call, int status) 
 }
 
 PyDoc_STRVAR(lower_step_doc,
-"lower_step(fast, values) -> int\n\n"
+"lower_step(fast, values[, table]) -> int\n\n"
 "One reused lowering's step (attnsync/adapters/torch.py, _Reusable.fast): when its users count\n"
 "equals the baseline and (on CUDA) its event has completed, pack values[sources[k]] into\n"
 "targets[k] (as pack does), then on CUDA queue the copy and record the event, and set the\n"
 "scalar fields. Returns -2 when all of that is done; -1 when the entry is held or its copy\n"
 "pending (nothing done); k >= 0 when it packed k pairs and did nothing after (a pair it does\n"
-"not handle, or another device current): the caller does the rest.");
+"not handle, or another device current): the caller does the rest.\n\n"
+"table = (address, capacity, num_staged, skip), CUDA only: the block table already lies at\n"
+"`address`, the start of a pinned block of `capacity` bytes (attnsync's pinned tables). The\n"
+"first num_staged targets (in the entry's pinned buffer) are packed at the same offsets in that\n"
+"block instead, pair `skip` (the table) is not packed, and the copy reads the block; the entry's\n"
+"event is not waited for (its pinned buffer is not written). Here every\n"
+"outcome but -2 is -1: the caller then lowers the usual way, and nothing it reads was changed.");
 
 static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "lower_step(fast, values): values must be a dict");
+    if (nargs < 2 || nargs > 3 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "lower_step(fast, values[, table]): values must be a dict");
         return NULL;
     }
     PyObject *fast = args[0], *values = args[1];
     if (!fast_tuple(fast)) return NULL;
+    /* the pinned table's block: where the staged fields go and the copy reads from */
+    int on_table = nargs == 3 && args[2] != Py_None;
+    uintptr_t block = 0, capacity = 0;
+    Py_ssize_t num_staged = 0, skip = -1;
+    if (on_table) {
+        PyObject *table = args[2];
+        if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) != 4 || PyTuple_GET_ITEM(fast, FAST_CUDA) == Py_None) {
+            PyErr_SetString(PyExc_TypeError, "lower_step: table must be (address, capacity, num_staged, skip), on CUDA only");
+            return NULL;
+        }
+        block = address_of(table, 0);
+        capacity = address_of(table, 1);
+        num_staged = PyLong_AsSsize_t(PyTuple_GET_ITEM(table, 2));
+        skip = PyLong_AsSsize_t(PyTuple_GET_ITEM(table, 3));
+        if (PyErr_Occurred()) return NULL;
+    }
     long long users = users_of(fast);
     if (users < 0) return NULL;
     long long baseline = PyLong_AsLongLong(PyList_GET_ITEM(PyTuple_GET_ITEM(fast, FAST_BASELINE), 0));
@@ -784,12 +822,18 @@ static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (cuda != Py_None) {
         for (int k = 0; k < CUDA_SIZE; k++) fn[k] = address_of(cuda, k);
         if (PyErr_Occurred()) return NULL;
-        int status = ((cuda_event_query_t)fn[CUDA_QUERY])((void *)fn[CUDA_EVENT]);
+        /* On a pinned table the entry's pinned buffer is not written, so its last copy need not be
+         * done: the block's own guard is its caller's (attnsync/adapters/_pinned_tables.py). */
+        int status = on_table ? CUDA_SUCCESS_ : ((cuda_event_query_t)fn[CUDA_QUERY])((void *)fn[CUDA_EVENT]);
         if (status == CUDA_ERROR_NOT_READY_) {  /* its last copy may still read the pinned buffer */
             ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();  /* (not an error; torch clears it too) */
             return PyLong_FromLong(-1);
         }
         if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaEventQuery", status);
+        if (on_table && fn[CUDA_NBYTES] > capacity) {
+            PyErr_SetString(PyExc_ValueError, "lower_step: the entry's copy is larger than the pinned table's block");
+            return NULL;
+        }
     }
 
     PyObject *targets = PyTuple_GET_ITEM(fast, FAST_TARGETS), *sources = PyTuple_GET_ITEM(fast, FAST_SOURCES);
@@ -800,7 +844,16 @@ static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t na
             if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, PyTuple_GET_ITEM(sources, k));
             return NULL;
         }
-        if (!pack_one(PyList_GET_ITEM(targets, k), source)) return PyLong_FromSsize_t(k);
+        if (!on_table) {
+            if (!pack_one(PyList_GET_ITEM(targets, k), source)) return PyLong_FromSsize_t(k);
+            continue;
+        }
+        if (k == skip) continue;  /* the table, in place already */
+        int copied = k < num_staged
+            ? pack_shifted(PyList_GET_ITEM(targets, k), source, (intptr_t)(block - fn[CUDA_SRC]), block, block + capacity)
+            : pack_one(PyList_GET_ITEM(targets, k), source);  /* host mirrors: their own memory */
+        if (copied < 0) return NULL;
+        if (copied == 0) return PyLong_FromLong(-1);
     }
 
     if (cuda != Py_None) {
@@ -808,9 +861,10 @@ static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t na
         if (((cuda_get_device_t)fn[CUDA_GET_DEVICE])(&device) != CUDA_SUCCESS_ || device != (int)fn[CUDA_DEVICE]) {
             /* another device current: torch's copy_ (which sets its own device guard) does it */
             ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();
-            return PyLong_FromSsize_t(count);
+            return PyLong_FromSsize_t(on_table ? -1 : count);
         }
-        int status = ((cuda_memcpy_async_t)fn[CUDA_MEMCPY])((void *)fn[CUDA_DST], (const void *)fn[CUDA_SRC],
+        int status = ((cuda_memcpy_async_t)fn[CUDA_MEMCPY])((void *)fn[CUDA_DST],
+                                                           (const void *)(on_table ? block : fn[CUDA_SRC]),
                                                            (size_t)fn[CUDA_NBYTES], 1 /* host to device */,
                                                            (void *)fn[CUDA_STREAM]);
         if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaMemcpyAsync", status);
@@ -853,7 +907,7 @@ static struct PyModuleDef module = {
 
 /* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
  * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
-#define ATTNSYNC_NATIVE_VERSION 6
+#define ATTNSYNC_NATIVE_VERSION 7
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

@@ -44,7 +44,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
-from attnsync import _accel
+from attnsync import _accel, _batch
 from attnsync.testing import naive_common_torch
 
 SIZES = (1, 8, 32, 128, 256, 512, 1024)
@@ -264,11 +264,34 @@ def run(*, quick: bool) -> dict[str, Any]:
         all_decode = {name: measure(fn, drain, reps=reps, warmup=warmup, budget_s=budget_s)["median"]
                       for name, fn in decode_fns.items()}
         # the same target again, in blocks alternating with the host-speed probe, so the report
-        # says how fast the host was while the target was measured
+        # says how fast the host was while the target was measured; next to it the same step
+        # with the table in numpy memory (a batch made while no pinned-table pool is installed:
+        # the lowering packs the table, as before attnsync/adapters/_pinned_tables.py), and
+        # the whole step from the scheduler's arrays both ways
         small = np.arange(256, dtype=np.int32)
+        pool = _batch.table_memory
+        _batch.table_memory = None
+        try:
+            numpy_batch = attnsync.Batch(**decode_inputs)
+        finally:
+            _batch.table_memory = pool
+
+        def whole_step_numpy_table():
+            _batch.table_memory = None
+            try:
+                return torch_adapter.lower(attnsync.build(attnsync.Batch(**decode_inputs)), device)
+            finally:
+                _batch.table_memory = pool
+
         probed = side_by_side({"numpy add, 256 int32": lambda: small + 1,
-                               "build+torch": decode_fns["build+torch"]},
+                               "build+torch": decode_fns["build+torch"],
+                               "build+torch, table in numpy memory":
+                                   lambda: torch_adapter.lower(attnsync.build(numpy_batch), device),
+                               "batch+build+torch":
+                                   lambda: torch_adapter.lower(attnsync.build(attnsync.Batch(**decode_inputs)), device),
+                               "batch+build+torch, table in numpy memory": whole_step_numpy_table},
                               drain, rounds=4 if quick else 10, calls=30 if quick else 100)
+        table_pinned = None if pool is None else pool.block_of(decode_batch.block_table, 0) is not None
     by_size = {row["num_reqs"]: row["median_us"] for row in rows}
     growth = {name: _ratio(by_size[1024][name], by_size[256][name]) for name in VARIANTS}
     at_target = by_size[TARGET_REQS]["build+torch"]
@@ -304,6 +327,7 @@ def run(*, quick: bool) -> dict[str, Any]:
             "measured_us": all_decode["build+torch"],
             "met": None if cpu_only else all_decode["build+torch"] < TARGET_US,
             "side_by_side_with_probe_us": probed,
+            "table_in_pinned_block": table_pinned,
         },
     }
 
@@ -346,8 +370,10 @@ def markdown(report: dict[str, Any]) -> str:
     if decode is not None:
         verdict = {True: "met", False: "NOT met", None: "not judged (CPU-only run)"}[decode["met"]]
         parts = ", ".join(f"{name} {_cell(value)}" for name, value in decode["median_us"].items())
+        where = {True: "the batch's table in a pinned block", False: "the batch's table in numpy memory",
+                 None: "no pinned-table pool here"}[decode.get("table_in_pinned_block")]
         lines += [f"Target: {decode['what']} < {decode['limit_us']:.0f} us: measured "
-                  f"{_cell(decode['measured_us'])} us, {verdict} ({parts})."]
+                  f"{_cell(decode['measured_us'])} us, {verdict} ({parts}; {where})."]
         probed = decode.get("side_by_side_with_probe_us")
         if probed:
             lines.append("Measured again in blocks alternating with the host probe: " + ", ".join(

@@ -16,7 +16,9 @@ Cases (host microseconds, lowerings to CUDA when there is a GPU, else to the CPU
 - `FlashInfer build + lower, 32 decodes`: one batch again and again;
 - `FlashInfer build + lower, 32 decode steps`: successive steps, contexts one token longer
   each time (the page list changes length as rows cross page boundaries);
-- `common build + lower, 256 decodes`: 512-page-wide table (the core issue's target case);
+- `common build + lower, 256 decodes`: 512-page-wide table (the core issue's target case); on
+  CUDA the batch's table lies in a pinned block (attnsync/adapters/_pinned_tables.py), which
+  the compiled step copies from, and the numpy forms pack;
 - `Batch + FlashInfer build + lower, 32 decode steps`: what a decode loop pays per step.
 
 Writes DIR/bench_native.json and prints a markdown table. Without the compiled module (not
@@ -54,7 +56,11 @@ MODES = ("native", "numpy")
 
 def cases(device: str, rng: np.random.Generator) -> dict[str, Callable[[], Any]]:
     """The timed calls, each a zero-argument function (lowering to `device`)."""
+    from attnsync.adapters import _pinned_tables
     from attnsync.adapters import torch as ast
+
+    if device == "cuda":  # as a CUDA stager would: the 256-decode case's table goes to a pinned block
+        _pinned_tables.install()
 
     seq = rng.integers(200, 2001, 32).astype(np.int32)
     table = rng.integers(0, 1 << 16, (32, int(-(-(seq.max() + 400) // PAGE)))).astype(np.int32)

@@ -77,5 +77,8 @@ def test_bench_common_reports_the_target_next_to_the_probe(tmp_path):
     assert bench_common.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_common.json").read_text())
     probed = report["target_all_decode"]["side_by_side_with_probe_us"]
-    assert set(probed) == {"numpy add, 256 int32", "build+torch"}
+    assert set(probed) == {"numpy add, 256 int32", "build+torch", "build+torch, table in numpy memory",
+                           "batch+build+torch", "batch+build+torch, table in numpy memory"}
     assert all(value > 0 for value in probed.values())
+    # no CUDA stager here, so no pool: the report says so instead of claiming a pinned table
+    assert report["target_all_decode"]["table_in_pinned_block"] is None

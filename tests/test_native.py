@@ -699,6 +699,80 @@ def test_lower_step_refuses_what_is_not_a_fast_tuple():
         native.lower_step(fast, {"b": values["b"]})
 
 
+def table_case():
+    """An entry whose pinned buffer (`host`, 256 bytes) holds a 4 x 4 table at 0, field a at 64
+    and b (int64) at 128, plus a host mirror of a; and a pinned table's block (512 bytes) whose
+    first 64 bytes are the batch's table."""
+    runtime = FakeRuntime()
+    host = np.zeros(256, np.uint8)
+    table_view = np.ndarray((4, 4), np.int32, host, 0)
+    targets = [table_view, np.ndarray(3, np.int32, host, 64), np.ndarray(2, np.int64, host, 128),
+               np.zeros(3, np.int32)]
+    block = np.zeros(512, np.uint8)
+    table = np.ndarray((4, 4), np.int32, block, 0)
+    table[:] = np.arange(16).reshape(4, 4) + 100
+    values = {"t": table, "a": np.arange(3, dtype=np.int32) + 7, "b": np.array([-5, 6], np.int32), "n": 4}
+    fast = fast_tuple(targets, ("t", "a", "b", "a"), ("n",), runtime)
+    fast = fast[:9] + (runtime.addresses + (0xD0, host.ctypes.data, 256, 0x57, 0xE0, 3),)
+    fast[4][0] = native.lower_users(fast)
+    spec = (block.ctypes.data, block.nbytes, 3, 0)  # 3 staged fields, the table first
+    return runtime, fast, values, host, block, targets, spec
+
+
+def test_lower_step_on_a_pinned_table_packs_after_it_and_copies_the_block():
+    runtime, fast, values, host, block, targets, spec = table_case()
+    before = block[:64].copy()
+    assert native.lower_step(fast, values, spec) == -2
+    assert not host.any()  # the entry's own buffer is not written
+    assert (block[:64] == before).all()  # the table is not packed again
+    assert np.ndarray(3, np.int32, block, 64).tolist() == [7, 8, 9]
+    assert np.ndarray(2, np.int64, block, 128).tolist() == [-5, 6]  # widened, at b's offset
+    assert targets[3].tolist() == [7, 8, 9]  # the host mirror, in its own memory
+    assert fast[0].__dict__ == {"n": 4}
+    assert runtime.calls == [("cudaGetDevice",),  # no wait: the entry's own buffer is not written
+                             ("cudaMemcpyAsync", 0xD0, block.ctypes.data, 256, 1, 0x57), ("cudaEventRecord", 0xE0, 0x57)]
+
+
+def test_lower_step_on_a_pinned_table_does_not_wait_for_the_entrys_last_copy():
+    runtime, fast, values, host, block, targets, spec = table_case()
+    pending = FakeRuntime(query=600)
+    fast = fast[:9] + (pending.addresses + fast[9][6:],)
+    fast[4][0] = native.lower_users(fast)
+    assert native.lower_step(fast, values, spec) == -2
+    assert "cudaEventQuery" not in [c[0] for c in pending.calls]
+    assert native.lower_step(fast, values) == -1  # the entry's own buffer: its copy is pending
+
+
+@pytest.mark.parametrize("case", ["pair it does not handle", "another device", "held"])
+def test_lower_step_on_a_pinned_table_declines_everything_but_the_whole_step(case):
+    runtime, fast, values, host, block, targets, spec = table_case()
+    kept = None
+    if case == "pair it does not handle":
+        values["b"] = np.array([1, 2], np.int16)
+    elif case == "another device":
+        runtime = FakeRuntime(device=0)
+        fast = fast[:9] + (runtime.addresses + fast[9][6:],)
+    else:
+        kept = fast[0]
+    assert native.lower_step(fast, values, spec) == -1  # the caller lowers the usual way
+    assert "cudaMemcpyAsync" not in [c[0] for c in runtime.calls] and not fast[0].__dict__
+    del kept
+
+
+def test_lower_step_on_a_pinned_table_refuses_a_block_too_small_or_a_bad_spec():
+    _, fast, values, _, block, _, spec = table_case()
+    with pytest.raises(ValueError, match="larger than the pinned table's block"):
+        native.lower_step(fast, values, (spec[0], 200, 3, 0))  # the entry copies 256 bytes
+    with pytest.raises(TypeError, match=r"\(address, capacity, num_staged, skip\), on CUDA only"):
+        native.lower_step(fast, values, spec[:3])
+    cpu_fast = fast[:9] + (None,)
+    with pytest.raises(TypeError, match="on CUDA only"):
+        native.lower_step(cpu_fast, values, spec)
+    _, fast, values, host, block, _, _ = table_case()
+    assert native.lower_step(fast, values, None) == -2  # None: the entry's own buffer
+    assert np.ndarray(3, np.int32, host, 64).tolist() == [7, 8, 9] and not block[64:].any()
+
+
 @settings(max_examples=60, deadline=None)
 @given(steps=st.lists(batch_kwargs(inexact=False), min_size=1, max_size=3), repeats=st.integers(2, 4))
 def test_repeated_lowerings_take_the_compiled_step_and_equal_numpy(steps, repeats):

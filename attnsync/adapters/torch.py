@@ -24,7 +24,7 @@ from .. import _accel
 from .._spec import BUILT_MARK, array_fields, check_lowerable, fields_getter, scalar_fields
 from .._staging import ALIGN_BYTES, PackedLayout, SlotRing, _round_up, pack, plan_layout, unpack
 from .._validate import SpecError
-from . import _cudart
+from . import _cudart, _pinned_tables
 
 # The torch dtype each numpy dtype becomes; the core speaks numpy only (style lesson 13).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -94,6 +94,7 @@ class Stager:
         self._direct = _cudart.runtime() if self._cuda and _USE_DIRECT_CALLS else None
         if self._cuda:  # a dropped stager's pinned buffers wait for their copies (see _retire)
             weakref.finalize(self, _retire_pools, self._pools).atexit = False
+            _pinned_tables.install()  # large block tables of later batches go to pinned memory
         if self.device.type == "cuda":
             self._events = [torch.cuda.Event() for _ in range(num_slots)]
             self._ring = SlotRing(
@@ -468,8 +469,10 @@ class _Room:
         index_of = {f: i for i, f in enumerate(plan.array_names)}
         slots, ends = [], [0, 0]
         checks: list[list[tuple[int, int]]] = [[] for _ in arrays]
-        roles = ([(f, name, False) for f, name in plan.device_names]
-                 + [(f, name, True) for f, name in plan.host_names])
+        # The block table is the first device field, at offset 0: a batch whose table lies in a
+        # pinned block (attnsync/adapters/_pinned_tables.py) has the other fields packed after it.
+        device_roles = sorted(((f, name, False) for f, name in plan.device_names), key=lambda r: r[0] != "block_table")
+        roles = device_roles + [(f, name, True) for f, name in plan.host_names]
         for field_name, name, mirror in roles:
             i = index_of[field_name]
             array = arrays[i]
@@ -535,7 +538,7 @@ class _Reusable:
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "num_staged",
                  "pinned", "event", "stream", "copy_args", "room", "shapes",
                  "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
-                 "pack_pairs", "pack_targets", "pack_sources", "pack_index", "fast")
+                 "pack_pairs", "pack_targets", "pack_sources", "pack_index", "fast", "table_position")
 
     def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
@@ -655,6 +658,12 @@ class _Reusable:
             # where each slot sits in those lists (-1: not packed)
             position = {id(view): j for j, (_, view) in enumerate(self.pack_pairs)}
             self.pack_index = [position.get(id(views[k][1]), -1) for k in range(len(slots))]
+            # Where the block table is packed, when a pinned table can stand in for it: the first
+            # staged field, at the start of a CUDA entry's buffer (-1: never; see _lower_reusing).
+            self.table_position = -1
+            if (self.copy_args is not None and staged and staged[0][0] == "block_table"
+                    and slots[0][0] == "block_table" and slots[0][3] == 0):
+                self.table_position = 0
             return True
         pairs, packed, held, index = self.pack_pairs, self.pack_targets, self.held, self.pack_index
         for k in redo:
@@ -783,7 +792,21 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                     and entry.reshape(shapes)):
                 entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
             if entry.shapes == shapes:
-                done = native.lower_step(entry.fast, values)
+                tables = _pinned_tables.POOL
+                if tables is not None and entry.table_position >= 0:
+                    # A table in a pinned block: pack the other fields after it, copy the block
+                    # (one copy still; the table is not written again). Under the pool's lock:
+                    # another stager may be lowering the same batch.
+                    with tables.lock:
+                        block = tables.block_of(arrays[plan.table_index], entry.copy_args[2])
+                        if block is not None:
+                            done = native.lower_step(entry.fast, values, (
+                                block.address, block.capacity, entry.num_staged, entry.table_position))
+                            if done == -2:
+                                block.event = entry.event  # recorded after the copy that read it
+                                tables.copies += 1
+                if done == -1:  # no such block, or it declined: the entry's own buffer
+                    done = native.lower_step(entry.fast, values)
             if done == -2:
                 if cuda or stager.persistent:
                     stager._ring.stats.copies += 1
@@ -842,6 +865,8 @@ class _Plan:
         self.array_names = self.device_fields + tuple(
             f for f, _ in self.host_names if f not in self.device_fields)
         self.arrays_of = fields_getter(self.array_names)
+        # the block table among those arrays, where it is staged (-1: not a device field)
+        self.table_index = self.array_names.index("block_table") if "block_table" in self.device_fields else -1
         names = {f.name for f in dataclasses.fields(md_class)}
         self.has_slot_flag = "slot_mapping_exact" in names
         self.has_slot_mapping = "slot_mapping" in names
