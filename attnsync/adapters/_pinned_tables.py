@@ -44,11 +44,17 @@ MAX_BYTES = 256 << 20  # pinned bytes the pool may hold
 
 
 def block_bytes(table_nbytes: int) -> int:
-    """A block's size for a table of `table_nbytes`: the table, then as much again (at least
-    64 KB) for the lowering's other fields. FlashInfer's page list is at most the table's size;
-    a lowering that needs more than the block holds packs the table the usual way."""
+    """A block's size for a table of `table_nbytes`: three times the table (at least 64 KB more).
+
+    A lowering reuses a pool whose slots are up to twice (plus 4 KB) what a step needs
+    (`attnsync.adapters.torch._Room.fits`), so its other fields may start as far as twice the
+    table's size into the buffer; FlashInfer's page list then needs up to the table's size
+    again. A lowering that needs more than its block holds packs the table the usual way.
+    (bench_common on an H100, run 71: the 256-decode target reused the pool its 512-request
+    size had made, 1.05 MB, and a block of twice the table did not hold it.)
+    """
     table = _round_up(table_nbytes, 4096)
-    return table + max(table, 1 << 16)
+    return 2 * table + max(table, 1 << 16)
 
 
 class _Block:

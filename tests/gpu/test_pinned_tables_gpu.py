@@ -99,21 +99,24 @@ def test_one_copy_no_sync_no_stall_with_a_pinned_table(cuda):
 
 
 def run_delayed(cuda, steps: int) -> tuple[int, int]:
-    """`steps` new batches, each lowered behind ~0.5 ms of queued GPU work and dropped at once;
-    every step's device values compared in stream order with an upload made before the loop.
-    Returns (mismatching values, lowerings that copied a block)."""
+    """`steps` batches made from arrays prepared before the loop (so the host outruns the GPU),
+    each lowered behind ~1 ms of queued GPU work and dropped at once; every step's device values
+    compared in stream order with an upload made before the loop. Returns (mismatching values,
+    lowerings that copied a block)."""
     pool = _pinned_tables.POOL
-    batches = [decode_batch(1000 + k) for k in range(steps)]
-    expected = torch.from_numpy(np.stack([expected_of(attnsync.build(b)) for b in batches])).to(cuda)
-    # the batches are remade in the loop: each table lands in a block while earlier copies are queued
-    del batches
-    cycles = int(cycles_per_ms() * 0.5)
+    inputs = []
+    for k in range(steps):
+        b = decode_batch(1000 + k)
+        inputs.append(dict(query_lens=np.array(b.query_lens), seq_lens=np.array(b.seq_lens),
+                           block_table=np.array(b.block_table), block_size=PAGE))
+    expected = torch.from_numpy(np.stack([expected_of(attnsync.build(attnsync.Batch(**i))) for i in inputs])).to(cuda)
+    cycles = int(cycles_per_ms() * 1.0)
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
     copies = pool.copies
     torch.cuda.synchronize()
     for k in range(steps):
         torch.cuda._sleep(cycles)
-        out = ast.lower(attnsync.build(decode_batch(1000 + k)), cuda)
+        out = ast.lower(attnsync.build(attnsync.Batch(**inputs[k])), cuda)
         mismatches += (got_of(out) != expected[k]).sum()
         del out
     torch.cuda.synchronize()
@@ -122,9 +125,12 @@ def run_delayed(cuda, steps: int) -> tuple[int, int]:
 
 @pytest.mark.gpu
 def test_pinned_tables_under_a_delayed_stream(cuda):
+    pool = _pinned_tables.POOL
+    declined = pool.declined
     wrong, copied = run_delayed(cuda, 120)
     assert wrong == 0
     assert copied > 0, "some lowerings copied a block while earlier copies were queued"
+    assert pool.declined > declined, "the host ran ahead: every block's copy was pending at some point"
 
 
 @pytest.mark.gpu
