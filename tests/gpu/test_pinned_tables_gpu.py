@@ -143,3 +143,20 @@ def test_without_the_copy_guard_the_same_loop_corrupts(cuda, monkeypatch):
     wrong, copied = run_delayed(cuda, 120)
     assert copied > 0
     assert wrong > 0, "the unguarded pool must corrupt, or the guarded test proves nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_a_pinned_table_lowers_to_two_devices(cuda):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    for step in range(6):  # the pools' entries reused from the third step on
+        md = attnsync.build(decode_batch(500 + step))
+        outs = ast.lower_replicated(md, devices)
+        for device, out in zip(devices, outs):
+            assert out.block_table_tensor.device == device
+            np.testing.assert_array_equal(got_of(out).cpu().numpy(), expected_of(md), err_msg=f"{device} step {step}")
+        with torch.cuda.device(1):  # cuda:1 current: its stager's compiled step may run
+            out = ast.lower(md, devices[1])
+            np.testing.assert_array_equal(got_of(out).cpu().numpy(), expected_of(md))
