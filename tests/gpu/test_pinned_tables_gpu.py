@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import attnsync
-from attnsync.testing import assert_no_host_stall, count_h2d_copies, no_sync
+from attnsync.testing import _calibrated_cycles, assert_no_host_stall, count_h2d_copies, no_sync
 
 torch = pytest.importorskip("torch")
 from attnsync.adapters import _pinned_tables  # noqa: E402
@@ -47,16 +47,6 @@ def expected_of(md) -> np.ndarray:
 def got_of(out) -> torch.Tensor:
     return torch.cat([out.query_start_loc.long(), out.seq_lens.long(), out.block_table_tensor.reshape(-1).long(),
                       out.slot_mapping])
-
-
-def cycles_per_ms() -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(2_000_000)
-    end.record()
-    end.synchronize()
-    return 2_000_000 / max(start.elapsed_time(end), 1e-3)
 
 
 @pytest.mark.gpu
@@ -110,7 +100,7 @@ def run_delayed(cuda, steps: int) -> tuple[int, int]:
         inputs.append(dict(query_lens=np.array(b.query_lens), seq_lens=np.array(b.seq_lens),
                            block_table=np.array(b.block_table), block_size=PAGE))
     expected = torch.from_numpy(np.stack([expected_of(attnsync.build(attnsync.Batch(**i))) for i in inputs])).to(cuda)
-    cycles = int(cycles_per_ms() * 1.0)
+    cycles = _calibrated_cycles(torch, 1.0)  # the stall probe's own calibration
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
     copies = pool.copies
     torch.cuda.synchronize()
