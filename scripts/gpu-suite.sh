@@ -230,7 +230,7 @@ def parse_junit(xml_path, log_path):
                     kind = "skipped"
             counts = files.setdefault(test_file(case), {"passed": 0, "failed": 0, "skipped": 0})
             counts[kind] += 1
-            for prop in case.iter("property"):  # record_property: JIT times, errors per dtype
+            for prop in case.iter("property"):  # record_property: JIT times, errors per dtype, stall times
                 measured.append({"test": name, "name": prop.get("name"), "value": prop.get("value")})
         source = "junit"
     else:
@@ -349,7 +349,7 @@ for run, res in tests.items():
         md += ["", "Failures:"] + [f"- `{x['test']}`: {x['message'].splitlines()[0] if x['message'] else ''}"
                                    for x in res["failures"][:40]]
     if res.get("measured"):
-        md += ["", "Measured by the tests (record_property: first-use JIT seconds, relative errors per dtype):", "",
+        md += ["", "Measured by the tests (record_property: first-use JIT seconds, relative errors per dtype, host ms while a sleep kernel keeps the GPU busy):", "",
                "| test | quantity | value |", "|---|---|---:|"]
         md += [f"| `{x['test']}` | {x['name']} | {x['value']} |" for x in res["measured"]]
 demo_ran = os.path.exists(os.path.join(out, "demo.json"))  # the tests-only part runs no demo

@@ -21,6 +21,7 @@ from attnsync.testing import (
     assert_no_host_stall,
     brute_force_common,
     count_h2d_copies,
+    host_time_under_busy_gpu,
     naive_common_torch,
     no_sync,
 )
@@ -124,7 +125,7 @@ class RecordingStager(ast.Stager):
 
 
 @pytest.mark.gpu
-def test_guards_catch_a_sync_ful_builder(cuda):
+def test_guards_catch_a_sync_ful_builder(cuda, record_property):
     """The guards used below do fail on the naive builder (device lists, .item())."""
     batch = attnsync.Batch(**MIXED)
     naive_common_torch(batch, cuda)  # warm-up
@@ -133,10 +134,13 @@ def test_guards_catch_a_sync_ful_builder(cuda):
     torch.cuda.synchronize()
     with pytest.raises(AssertionError, match="host stalled"):
         assert_no_host_stall(lambda: naive_common_torch(batch, cuda), budget_ms=5.0)
+    elapsed, _ = host_time_under_busy_gpu(lambda: naive_common_torch(batch, cuda))
+    record_property("naive_host_ms_under_50ms_busy_gpu", round(elapsed, 3))  # the GPU report's stall table
+    assert elapsed > 25.0, "the naive builder waits for the queued kernel"
 
 
 @pytest.mark.gpu
-def test_build_and_torch_lower_without_sync_or_stall(cuda):
+def test_build_and_torch_lower_without_sync_or_stall(cuda, record_property):
     batch = attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16)
 
     def step():
@@ -148,6 +152,8 @@ def test_build_and_torch_lower_without_sync_or_stall(cuda):
     torch.cuda.synchronize()
     out = stall_free(step, budget_ms=2.0)
     torch.cuda.synchronize()
+    elapsed, _ = host_time_under_busy_gpu(step)
+    record_property("host_ms_under_50ms_busy_gpu", round(elapsed, 3))  # the GPU report's stall table
     md = attnsync.build(batch)
     assert_torch_matches(md, out, cuda)
     assert out.slot_mapping[:10].tolist() == MIXED_SLOTS
@@ -174,7 +180,7 @@ def test_torch_lower_with_device_seq_lens_without_sync_or_stall(cuda):
 
 
 @pytest.mark.gpu
-def test_jax_lower_without_sync_or_stall(jax_gpu):
+def test_jax_lower_without_sync_or_stall(jax_gpu, record_property):
     jax, asj, device = jax_gpu
     batch = attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16)
 
@@ -189,6 +195,9 @@ def test_jax_lower_without_sync_or_stall(jax_gpu):
     # far below the 100 ms sleep a stall would cost
     out = stall_free(step, budget_ms=15.0, sleep_ms=100.0)
     jax.block_until_ready(out)
+    elapsed, ready = host_time_under_busy_gpu(step, sleep_ms=100.0)
+    jax.block_until_ready(ready)
+    record_property("host_ms_under_100ms_busy_gpu", round(elapsed, 3))  # the GPU report's stall table
     md = attnsync.build(batch)
     for name in JAX_FIELDS:
         leaf = getattr(out, name)
