@@ -60,9 +60,10 @@ def block_bytes(table_nbytes: int) -> int:
 class _Block:
     """One pinned block: `whole` (uint8 numpy over all of it), its address and capacity, the
     users count of `whole` when nothing views it (`baseline`), a weak reference to the table
-    handed out last, and the event recorded after the last copy that read the block."""
+    handed out last, the event recorded after the last copy that read the block, and the
+    block's own events, one per device (an event is recorded on streams of its device only)."""
 
-    __slots__ = ("pinned", "whole", "address", "capacity", "baseline", "table", "event", "__weakref__")
+    __slots__ = ("pinned", "whole", "address", "capacity", "baseline", "table", "event", "events", "__weakref__")
 
     def __init__(self, capacity: int, pin_memory: bool) -> None:
         self.pinned = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin_memory)
@@ -72,6 +73,7 @@ class _Block:
         self.baseline = sys.getrefcount(self.whole)  # the same expression as in `free`
         self.table: weakref.ref | None = None
         self.event: torch.cuda.Event | None = None
+        self.events: dict[int, torch.cuda.Event] = {}
 
     def free(self) -> bool:
         """Whether no array views the block and no copy may still read it."""

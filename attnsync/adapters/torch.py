@@ -803,7 +803,14 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                             done = native.lower_step(entry.fast, values, (
                                 block.address, block.capacity, entry.num_staged, entry.table_position))
                             if done == -2:
-                                block.event = entry.event  # recorded after the copy that read it
+                                # the block's own event, recorded after the copy that read it (not
+                                # the entry's: a later step re-records that one, which would keep
+                                # the block looking busy and send its next lowering the slow way)
+                                event = block.events.get(stager._device_index)
+                                if event is None:  # torch makes it on the stream's device at first record
+                                    event = block.events[stager._device_index] = torch.cuda.Event()
+                                _event_record(event, entry.stream)
+                                block.event = event
                                 tables.copies += 1
                 if done == -1:  # no such block, or it declined: the entry's own buffer
                     done = native.lower_step(entry.fast, values)

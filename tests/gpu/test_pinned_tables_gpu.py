@@ -91,6 +91,9 @@ def test_one_copy_no_sync_no_stall_with_a_pinned_table(cuda, record_property):
             ast.lower(attnsync.build(b), cuda)
 
     with no_sync():
+        # twice: a block's guard must be its own copy, not the entry's event, which the next
+        # lowering re-records (the second call stalled 50 ms when blocks shared it: run 77)
+        assert_no_host_stall(step, budget_ms=5.0)
         assert_no_host_stall(step, budget_ms=5.0)
         elapsed, _ = host_time_under_busy_gpu(step)
     # four 256-decode build + torch lowerings of pinned tables, for the GPU report's stall table
