@@ -9,9 +9,12 @@ themselves are checked on a GPU (tests/gpu/test_pinned_tables_gpu.py).
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnsync
 from attnsync import _accel, _batch
@@ -176,3 +179,61 @@ def test_install_is_switched_off_by_the_environment(monkeypatch):
     assert pool is not None and _batch.table_memory is pool and _pinned_tables.install() is pool
     _pinned_tables.uninstall()
     assert _batch.table_memory is None and _pinned_tables.POOL is None
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["make", "drop", "view", "unview"]), st.integers(0, 7),
+                              st.sampled_from([64, 128, 256])), min_size=1, max_size=30))
+def test_live_tables_never_share_a_block_and_keep_their_values(ops):
+    """Any order of making batches, dropping them and holding row views: every live table keeps
+    its values, no two live tables share a block, and the pool stays within its limits."""
+    pool = _pinned_tables.PinnedTables(pin_memory=False, max_blocks=4, max_bytes=8 << 20)
+    saved = _batch.table_memory
+    _batch.table_memory = pool
+    try:
+        live: dict[int, tuple[attnsync.Batch, np.ndarray]] = {}
+        views: dict[int, np.ndarray] = {}
+        for step, (op, slot, rows) in enumerate(ops):
+            if op == "make":
+                batch = decode_batch(step, rows=rows)
+                live[slot] = (batch, batch.block_table.copy())
+            elif op == "drop":
+                live.pop(slot, None)
+            elif op == "view" and slot in live:
+                views[slot] = live[slot][0].block_table[slot % rows]
+            elif op == "unview":
+                views.pop(slot, None)
+            blocks = [pool.block_of(batch.block_table, 0) for batch, _ in live.values()]
+            placed = [id(b) for b in blocks if b is not None]
+            assert len(placed) == len(set(placed)), "two live tables in one block"
+            for batch, expected in live.values():
+                np.testing.assert_array_equal(batch.block_table, expected)
+            assert len(pool.blocks) <= pool.max_blocks
+            assert sum(b.capacity for b in pool.blocks) <= pool.max_bytes
+    finally:
+        _batch.table_memory = saved
+
+
+@needs_native
+def test_batches_made_in_threads_get_their_own_blocks(pool):
+    pool.max_blocks = 8
+    made: dict[int, attnsync.Batch] = {}
+    errors: list[BaseException] = []
+
+    def make(k: int) -> None:
+        try:
+            made[k] = decode_batch(50 + k, rows=64)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    blocks = [pool.block_of(made[k].block_table, 0) for k in range(8)]
+    assert all(b is not None for b in blocks) and len({id(b) for b in blocks}) == 8
+    for k in range(8):
+        np.testing.assert_array_equal(made[k].block_table, decode_batch(50 + k, rows=64).block_table)
