@@ -38,7 +38,7 @@ def _uniform_flags(length: int, value: bool) -> np.ndarray:
 
 # Where `Batch` copies a block table of at least PINNED_TABLE_MIN_BYTES: numpy's allocator while
 # this is None, which it is until a CUDA lowering installs its pool of pinned blocks
-# (attnsync.adapters.torch._PinnedTables). A reused CUDA lowering then copies such a table to
+# (attnsync.adapters._pinned_tables.PinnedTables). A reused CUDA lowering then copies such a table to
 # the device straight from the batch's own copy instead of packing it first: the pack of a
 # 256 x 512 table was most of a 256-decode lowering on the H100 host (a 512 KB copy is 17-27 us
 # there, results/2026-11-27-h100 run 66 and prof27). Called with the table's shape, it returns

@@ -36,8 +36,10 @@ import torch
 from .. import _batch
 from .._staging import _round_up
 
-# The C method under torch.cuda.Event.query (absent from CPU builds, where no block is made).
+# The C methods under torch.cuda.Event's query and record (absent from CPU builds, where no
+# block is copied from): as cheap as the adapter's own calls of them (attnsync/adapters/torch.py).
 _event_query = getattr(getattr(torch._C, "_CudaEventBase", None), "query", None)
+_event_record = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None)
 
 MAX_BLOCKS = 16  # beyond this many tables alive at once, Batch uses numpy's allocator
 MAX_BYTES = 256 << 20  # pinned bytes the pool may hold
@@ -92,7 +94,7 @@ class PinnedTables:
         self._by_whole: dict[int, _Block] = {}
         self.handed_out = 0  # tables placed in pinned memory (tests and benches read these)
         self.declined = 0  # tables left to numpy's allocator: the pool was full
-        self.copies = 0  # lowerings that copied a block (attnsync.adapters.torch._lower_reusing counts)
+        self.copies = 0  # lowerings that copied a block (`copied` counts them)
 
     def __call__(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """A writable C-contiguous int32 array of `shape` at the start of a free block, or None."""
@@ -129,6 +131,19 @@ class PinnedTables:
         self.blocks.append(block)
         self._by_whole[id(block.whole)] = block
         return block
+
+    def copied(self, block: _Block, stream: torch.cuda.Stream, device_index: int) -> None:
+        """Record, on `stream` after the copy just queued from `block`, the block's own event
+        for that device: its guard from now on. Not the lowering entry's event, which a later
+        step re-records: the block would look busy then, and its next lowering would take the
+        entry's own buffer and wait (results/2026-11-27-h100, run 77: 50 ms behind a queued
+        kernel). Call under `lock`."""
+        event = block.events.get(device_index)
+        if event is None:  # torch makes it on the stream's device when first recorded
+            event = block.events[device_index] = torch.cuda.Event()
+        _event_record(event, stream)
+        block.event = event
+        self.copies += 1
 
     def block_of(self, table: np.ndarray, nbytes: int) -> _Block | None:
         """The block whose table `table` is, if a lowering copying `nbytes` from the block's

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import threading
 import weakref
@@ -538,7 +537,7 @@ class _Reusable:
     __slots__ = ("lowered", "held", "watched", "storages", "baseline", "device_buffer", "num_staged",
                  "pinned", "event", "stream", "copy_args", "room", "shapes",
                  "views", "host", "typed", "mirror_typed", "mirror_host", "replaced", "tensor_names",
-                 "pack_pairs", "pack_targets", "pack_sources", "pack_index", "fast", "table_position")
+                 "pack_pairs", "pack_targets", "pack_sources", "pack_index", "fast", "table_first")
 
     def __init__(self, plan: _Plan, stager: Stager, room: _Room, arrays: tuple[np.ndarray, ...],
                  stream: tuple[int, int, int] | None) -> None:
@@ -658,12 +657,11 @@ class _Reusable:
             # where each slot sits in those lists (-1: not packed)
             position = {id(view): j for j, (_, view) in enumerate(self.pack_pairs)}
             self.pack_index = [position.get(id(views[k][1]), -1) for k in range(len(slots))]
-            # Where the block table is packed, when a pinned table can stand in for it: the first
-            # staged field, at the start of a CUDA entry's buffer (-1: never; see _lower_reusing).
-            self.table_position = -1
-            if (self.copy_args is not None and staged and staged[0][0] == "block_table"
-                    and slots[0][0] == "block_table" and slots[0][3] == 0):
-                self.table_position = 0
+            # Whether a pinned table can stand in for the block table (see _lower_reusing): it is
+            # the first staged field, at the start of a CUDA entry's buffer (_Room puts it there;
+            # a persistent stager's fixed layout may not).
+            self.table_first = (self.copy_args is not None and bool(staged) and staged[0][0] == "block_table"
+                                and slots[0][3] == 0)
             return True
         pairs, packed, held, index = self.pack_pairs, self.pack_targets, self.held, self.pack_index
         for k in redo:
@@ -793,7 +791,7 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                 entry.rebaseline(plan, stager)  # a field turned empty or non-empty: lists remade
             if entry.shapes == shapes:
                 tables = _pinned_tables.POOL
-                if tables is not None and entry.table_position >= 0:
+                if tables is not None and entry.table_first:
                     # A table in a pinned block: pack the other fields after it, copy the block
                     # (one copy still; the table is not written again). Under the pool's lock:
                     # another stager may be lowering the same batch.
@@ -801,17 +799,9 @@ def _lower_reusing(plan: _Plan, stager: Stager, values: dict[str, Any]) -> Any:
                         block = tables.block_of(arrays[plan.table_index], entry.copy_args[2])
                         if block is not None:
                             done = native.lower_step(entry.fast, values, (
-                                block.address, block.capacity, entry.num_staged, entry.table_position))
+                                block.address, block.capacity, entry.num_staged, 0))  # the table: pair 0
                             if done == -2:
-                                # the block's own event, recorded after the copy that read it (not
-                                # the entry's: a later step re-records that one, which would keep
-                                # the block looking busy and send its next lowering the slow way)
-                                event = block.events.get(stager._device_index)
-                                if event is None:  # torch makes it on the stream's device at first record
-                                    event = block.events[stager._device_index] = torch.cuda.Event()
-                                _event_record(event, entry.stream)
-                                block.event = event
-                                tables.copies += 1
+                                tables.copied(block, entry.stream, stager._device_index)
                 if done == -1:  # no such block, or it declined: the entry's own buffer
                     done = native.lower_step(entry.fast, values)
             if done == -2:
@@ -911,7 +901,7 @@ def _layout_of(plan: _Plan, staged: dict[str, np.ndarray]) -> PackedLayout:
             (name, value.shape, _TORCH_DEVICE_DTYPE.get(name, np.int32 if value.dtype.kind in "iu" else value.dtype))
             for name, value in staged.items()
         )
-        layout = plan.layouts[key] = _layout(fields)
+        layout = plan.layouts[key] = plan_layout(fields)
     return layout
 
 
@@ -1023,11 +1013,6 @@ def _as_device(device: Any) -> torch.device:
             f"Fix: lower to 'cpu', or run on a host with that GPU."
         )
     return dev
-
-
-@functools.lru_cache(maxsize=256)
-def _layout(fields: tuple[tuple[str, tuple[int, ...], Any], ...]) -> PackedLayout:
-    return plan_layout(fields)
 
 
 def lower_replicated(md: Any, devices: Any, *, stagers: Any = None) -> tuple[Any, ...]:

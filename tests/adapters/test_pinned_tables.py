@@ -26,11 +26,15 @@ from attnsync.adapters import torch as ast  # noqa: E402
 needs_native = pytest.mark.skipif(_accel.native is None, reason="Batch copies into the pool through attnsync._native")
 
 
-def decode_batch(seed: int, *, rows: int = 256, width: int = 512, page: int = 16) -> attnsync.Batch:
+def decode_inputs(seed: int, *, rows: int = 256, width: int = 512, page: int = 16) -> dict:
     rng = np.random.default_rng(seed)
     seq = rng.integers(1, width * page + 1, rows).astype(np.int32)
     table = rng.integers(0, 1 << 20, (rows, width)).astype(np.int32)
-    return attnsync.Batch(query_lens=np.ones(rows, np.int32), seq_lens=seq, block_table=table, block_size=page)
+    return dict(query_lens=np.ones(rows, np.int32), seq_lens=seq, block_table=table, block_size=page)
+
+
+def decode_batch(seed: int, **shape: int) -> attnsync.Batch:
+    return attnsync.Batch(**decode_inputs(seed, **shape))
 
 
 @pytest.fixture
@@ -48,13 +52,12 @@ def block_of_batch(pool, batch):
 
 @needs_native
 def test_a_large_table_is_copied_into_a_block(pool):
-    batch = decode_batch(0)
+    inputs = decode_inputs(0)
+    batch = attnsync.Batch(**inputs)
     block = block_of_batch(pool, batch)
     assert block is not None and pool.handed_out == 1 and len(pool.blocks) == 1
     assert batch.block_table.base is block.whole and not batch.block_table.flags.writeable
-    expected = np.random.default_rng(0)
-    expected.integers(1, 512 * 16 + 1, 256)
-    np.testing.assert_array_equal(batch.block_table, expected.integers(0, 1 << 20, (256, 512)).astype(np.int32))
+    np.testing.assert_array_equal(batch.block_table, inputs["block_table"])
     assert block.capacity >= _pinned_tables.block_bytes(batch.block_table.nbytes)
 
 
@@ -237,3 +240,23 @@ def test_batches_made_in_threads_get_their_own_blocks(pool):
     assert all(b is not None for b in blocks) and len({id(b) for b in blocks}) == 8
     for k in range(8):
         np.testing.assert_array_equal(made[k].block_table, decode_batch(50 + k, rows=64).block_table)
+
+
+@needs_native
+def test_a_copied_block_is_guarded_by_its_own_event_per_device(pool, monkeypatch):
+    recorded = []
+
+    class Event:  # torch.cuda.Event's stand-in: CPU builds cannot make one
+        pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(_pinned_tables, "_event_record", lambda event, stream: recorded.append((event, stream)))
+    block = block_of_batch(pool, batch := decode_batch(0))
+    pool.copied(block, "stream 0", 0)
+    pool.copied(block, "stream 0b", 0)
+    pool.copied(block, "stream 1", 1)
+    (first, s0), (again, s0b), (other, s1) = recorded
+    assert first is again and first is not other and isinstance(other, Event) and block.event is other
+    assert (s0, s0b, s1) == ("stream 0", "stream 0b", "stream 1")
+    assert set(block.events) == {0, 1} and pool.copies == 3
+    del batch

@@ -9,6 +9,8 @@ corrupts: the test can fail).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -139,8 +141,7 @@ def test_pinned_tables_under_a_delayed_stream(cuda):
 def test_without_the_copy_guard_the_same_loop_corrupts(cuda, monkeypatch):
     # A block handed out again as soon as nothing views it, its last copy pending or not: the
     # next batch's table overwrites memory a queued copy has still to read.
-    monkeypatch.setattr(_pinned_tables._Block, "free", lambda block: __import__("sys").getrefcount(block.whole)
-                        == block.baseline)
+    monkeypatch.setattr(_pinned_tables._Block, "free", lambda block: sys.getrefcount(block.whole) == block.baseline)
     monkeypatch.setattr(_pinned_tables, "_event_query", lambda event: True)
     wrong, copied = run_delayed(cuda, 120)
     assert copied > 0
