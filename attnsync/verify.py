@@ -562,7 +562,7 @@ def probe_frameworks(wanted: Sequence[str]) -> dict[str, _Framework]:
 
 def _torch_lower(backend: str) -> Callable[..., Any]:
     if backend == "flex":
-        from .adapters import flex_torch
+        from .integrations import flex_torch
 
         return flex_torch.lower
     from .adapters import torch as torch_adapter
@@ -830,7 +830,7 @@ def _kernel_flex(case: _Case, fw: _Framework, lowered: Any) -> tuple[float, floa
     q, k, v = _attention_inputs(case)
     ref = _reference(case, q, k, v)
     if fw.name.startswith("torch"):
-        from .adapters import flex_torch
+        from .integrations import flex_torch
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
@@ -967,7 +967,7 @@ def _kernel_flashinfer(case: _Case, fw: _Framework, lowered: Any) -> tuple[float
         raise _Skip("flashinfer is not installed", _error_text(exc)) from None
     import torch
 
-    from .adapters.flashinfer_plan import plan, run, workspace_buffer
+    from .integrations.flashinfer import plan, run, workspace_buffer
 
     md = case.md
     if md.num_decode_tokens != md.num_decodes:
@@ -1115,7 +1115,7 @@ def _fake_paths(case: _Case) -> list[tuple[str, Callable[..., Any], dict[str, An
 
         paths.append(("slot_mapping recompute (torch adapter)", slots, inputs, want))
     if case.backend == "flex":
-        from .adapters import flex_torch
+        from .integrations import flex_torch
 
         exact = case.twin_md if case.inexact else md
         total = md.num_scheduled_tokens

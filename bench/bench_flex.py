@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 
 import attnsync  # noqa: E402
-from attnsync.adapters import flex_torch as ft  # noqa: E402
+from attnsync.integrations import flex_torch as ft  # noqa: E402
 
 PAGE = 16
 Q_BLOCK = 16

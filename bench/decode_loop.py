@@ -12,7 +12,7 @@ step's metadata, in one process, interleaved per repeat (medians of the repeats)
   field, `.item()` for the maxima, and FlashInfer's `plan()` handed CUDA indptr/last_page_len,
   which it copies back to the host (a blocking device-to-host copy, i.e. a sync per step);
 - `attnsync`: `attnsync.Batch` -> `attnsync.build` -> `attnsync.adapters.torch.lower` (one
-  pinned non_blocking copy) -> `attnsync.adapters.flashinfer_plan.plan` with host arrays;
+  pinned non_blocking copy) -> `attnsync.integrations.flashinfer.plan` with host arrays;
 - `once`: the metadata of step 0 built and planned before the loop; the loop only launches
   kernels. The upper limit: what the loop would run at with free metadata.
 
@@ -168,7 +168,7 @@ def flashinfer_modes(w: Workload, split: dict[str, list[float]]) -> dict[str, Ca
     import torch
 
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import plan, workspace_buffer
+    from attnsync.integrations.flashinfer import plan, workspace_buffer
 
     # One wrapper per mode, so no mode inherits another's plan state.
     wrappers = {m: flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace_buffer("cuda"), "NHD") for m in MODES}

@@ -5,14 +5,14 @@
 The workload of bench/decode_loop.py (28 layers, 16 query heads, 8 KV heads, head dim 128, bf16,
 pages of 16 tokens, 32 requests at contexts 200-2000 decoding one token per step), with every
 step's attention (all 28 layers) captured once as a CUDA graph for its bucket
-(`attnsync.adapters.graphs`) and replayed. Two kernels, three modes each, interleaved per repeat
+(`attnsync.integrations.graphs`) and replayed. Two kernels, three modes each, interleaved per repeat
 (medians of the repeats):
 
 - `attnsync`: every step `attnsync.Batch` -> `BucketLadder.pad` -> `attnsync.build` -> one
   pinned non_blocking copy (Triton: into the bucket's fixed buffers; FlashInfer: the page ids,
   which `plan()` copies into the wrapper's fixed buffers) -> FlashInfer only: `plan()` of
   every bucket row -> `graph.replay()`;
-- `overlapped`: the same per-step work through `attnsync.adapters.graphs.OverlappedSteps`:
+- `overlapped`: the same per-step work through `attnsync.integrations.graphs.OverlappedSteps`:
   two captures of the step used in turn, each step's copy and plan uploads on a side stream
   while the other capture replays, so they no longer sit between replays on one stream;
 - `once`: the metadata of the loop's middle step built, lowered and planned before the loop;
@@ -123,7 +123,7 @@ def _parts() -> dict[str, list[float]]:
 
 def _overlapped_mode(loop: Loop, make: Callable[[], Any]) -> Callable[[int], None]:
     """The `overlapped` mode: `OverlappedSteps` over two captures made by `make`."""
-    from attnsync.adapters.graphs import OverlappedSteps
+    from attnsync.integrations.graphs import OverlappedSteps
 
     overlapped = OverlappedSteps(make)
 
@@ -134,7 +134,7 @@ def _overlapped_mode(loop: Loop, make: Callable[[], Any]) -> Callable[[int], Non
 
 
 def triton_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[str, Callable[[int], None]], dict]:
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
 
     dl = loop.dl
 
@@ -180,8 +180,8 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
     import torch
 
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import _ROTATIONS
-    from attnsync.adapters.graphs import FlashInferDecodeGraph, plan_padded_decode
+    from attnsync.integrations.flashinfer import _ROTATIONS
+    from attnsync.integrations.graphs import FlashInferDecodeGraph, plan_padded_decode
 
     dl = loop.dl
 

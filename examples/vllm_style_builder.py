@@ -10,7 +10,7 @@ mirrors (`query_start_loc_cpu`, `seq_lens_cpu_upper_bound`) and host ints (`num_
 and returns attnsync's metadata for the chosen backend, lowered to torch with vLLM's field
 names:
 
-1. `attnsync.adapters.torch.batch_from_vllm` reads only the host fields. The block table lives
+1. `attnsync.integrations.vllm.batch_from_vllm` reads only the host fields. The block table lives
    on the GPU in vLLM, so the builder takes the runner's host copy of it (vLLM keeps one per
    kv-cache group: `input_batch.block_table[group].get_numpy_array()`); it never copies a
    device tensor back.
@@ -19,7 +19,7 @@ names:
    into fixed buffers per bucket (CUDA-graph replay), and the host scalars are the bucket's
    bounds.
 
-For FlashInfer, plan the wrappers from the result with `attnsync.adapters.flashinfer_plan.plan`
+For FlashInfer, plan the wrappers from the result with `attnsync.integrations.flashinfer.plan`
 (host arrays in, no sync); for Triton, pass it to
 `attnsync.kernels.triton_attention.paged_attention_from_metadata`.
 """
@@ -39,7 +39,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import attnsync
 from attnsync import BucketLadder
 from attnsync.adapters import torch as ast
-from attnsync.adapters.graphs import PersistentLadder
+from attnsync.integrations.graphs import PersistentLadder
+from attnsync.integrations.vllm import batch_from_vllm
 
 
 class AttnsyncMetadataBuilder:
@@ -104,7 +105,7 @@ class AttnsyncMetadataBuilder:
                 "these backends. Fix: pass 0."
             )
         table = block_table_cpu if block_table_cpu is not None else self.host_block_table()
-        batch = ast.batch_from_vllm(common_attn_metadata, block_size=self.block_size, block_table_cpu=table)
+        batch = batch_from_vllm(common_attn_metadata, block_size=self.block_size, block_table_cpu=table)
         if self.persistent is None:
             md = attnsync.build(batch, self.backend, **self.options)
             return ast.lower(md, self.device)

@@ -374,7 +374,7 @@ def test_persistent_cpu_stager_keeps_addresses_and_refuses_another_layout_before
 
 
 def test_persistent_ladder_has_one_stager_per_bucket():
-    from attnsync.adapters.graphs import PersistentLadder, PersistentLowering
+    from attnsync.integrations.graphs import PersistentLadder, PersistentLowering
 
     lad = ladder()
     lowerings = PersistentLadder(lad, "cpu")
@@ -396,6 +396,6 @@ def test_persistent_ladder_has_one_stager_per_bucket():
 
 
 def test_graphs_docstring_examples():
-    import attnsync.adapters.graphs as graphs
+    import attnsync.integrations.graphs as graphs
 
     assert doctest.testmod(graphs).failed == 0

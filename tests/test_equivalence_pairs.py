@@ -296,7 +296,7 @@ def test_p05_left_pack_jax_drop_mode_and_the_negative_index_trap():
 
 
 def test_p05_builder_left_pack_equals():
-    flex_torch = backend("attnsync.adapters.flex_torch")
+    flex_torch = backend("attnsync.integrations.flex_torch")
     rng = np.random.default_rng(55)
     for x in [np.array(WORKED_X)] + [rng.integers(0, 7, (3, 6)) for _ in range(10)]:
         packed, counts = flex_torch.left_pack_device(torch.tensor(x), int(x.max()) if x.size else 0)
@@ -365,7 +365,7 @@ def test_p06_builder_doc_ids_equal():
                            padded_num_tokens=8)
     md = attnsync.build(batch, backend="flex", num_cache_pages=4)
     assert md.doc_ids[:5].tolist() == [0, 0, 2, 2, 2]
-    flex_torch = backend("attnsync.adapters.flex_torch")
+    flex_torch = backend("attnsync.integrations.flex_torch")
     qsl = torch.from_numpy(np.array(md.query_start_loc))
     assert flex_torch.doc_ids_device(qsl, 5, padded_tokens=8).tolist() == md.doc_ids.tolist()
     assert flex_torch.doc_ids_static_device(qsl, 8).tolist() == md.doc_ids.tolist()
@@ -934,7 +934,7 @@ def test_p20_inverse_block_table(device):
 
 def test_p20_builder_inverse_block_table():
     flex = backend("attnsync.backends.flex")
-    flex_torch = backend("attnsync.adapters.flex_torch")
+    flex_torch = backend("attnsync.integrations.flex_torch")
     rng = np.random.default_rng(201)
     for table, seq, block_size, pages in random_tables(rng):
         want = inverse_host_dict(table.tolist(), seq.tolist(), block_size, pages)

@@ -295,7 +295,7 @@ def test_fuzz_torch_lower_edited_metadata(case):
     name, field, md = case
     refused(f"lower torch {name}", lambda: ast.lower(md, "cpu"), (field,))
     if name == "flex":
-        from attnsync.adapters import flex_torch
+        from attnsync.integrations import flex_torch
 
         refused("lower flex_torch", lambda: flex_torch.lower(md, "cpu"), (field,))
 
@@ -339,7 +339,7 @@ def test_lowering_a_lowered_object_is_refused():
         refused("lower a lowered object", lambda lowered=lowered: ast.lower(lowered, "cpu"), ("lower",))
         refused("lower a lowered object", lambda lowered=lowered: asj.lower(lowered), ("lower",))
         if name != "flex" and "flex" in BACKENDS:
-            from attnsync.adapters import flex_torch
+            from attnsync.integrations import flex_torch
 
             refused("flex_torch.lower other md", lambda md=MD[name]: flex_torch.lower(md, "cpu"), ("lower", "Flex"))
 

@@ -6,7 +6,7 @@ of each request's last page (`paged_kv_last_page_len`); only the page ids themse
 (`paged_kv_indices`) are read on the device. Handing it device arrays makes it copy them back
 (one blocking device-to-host copy each: vllm-backends.md 2.1, reference C1). This module builds
 all of them on the host, in vectorised numpy, from an `attnsync.Batch`; the torch adapter stages
-the device fields in one copy and `attnsync.adapters.flashinfer_plan.plan` feeds the host ones
+the device fields in one copy and `attnsync.integrations.flashinfer.plan` feeds the host ones
 to FlashInfer. Nothing here imports a framework.
 
 Phase: plan (host only, allocating; never inside a CUDA graph).
@@ -118,7 +118,7 @@ class FlashInferMetadata:
             num_decode_pages`: page offsets into the prefill slice of the indices,
             `paged_kv_indices[num_decode_pages : num_pages]`. Host (`prefill_paged_kv_indptr_cpu`).
             Rebased rather than absolute so the prefill sub-batch is self-contained, as its
-            `qo_indptr` must be (see `attnsync.adapters.flashinfer_plan`).
+            `qo_indptr` must be (see `attnsync.integrations.flashinfer`).
         num_reqs, num_actual_tokens: R and T (padded sizes).
         num_scheduled_reqs, num_scheduled_tokens: the real request and token counts.
         max_query_len, max_seq_len: longest query and sequence over the real rows (exact).
@@ -282,7 +282,7 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
     Returns:
         A `FlashInferMetadata` of read-only arrays; lower it with
         `attnsync.adapters.torch.lower(md, device)` and plan FlashInfer with
-        `attnsync.adapters.flashinfer_plan.plan`.
+        `attnsync.integrations.flashinfer.plan`.
 
     Raises:
         TypeError: `batch` is not an `attnsync.Batch`, or an option has the wrong type.

@@ -15,7 +15,7 @@ decides per (token, slot) pair whether the slot holds a key the token may see:
               & lb >= 0 & logical < seq_lens[r]           # the page is r's, the key exists
               & logical <= decode_offset[r] + q - query_start_loc[r]   # causal
 
-Everything here is host numpy (the "plan" phase); `attnsync.adapters.flex_torch` turns the
+Everything here is host numpy (the "plan" phase); `attnsync.integrations.flex_torch` turns the
 result into a torch ``BlockMask`` and runs flex attention, `attnsync.kernels.flex_jax` is a JAX
 reference driven by the same fields.
 
@@ -32,7 +32,7 @@ host inverse table are built from the host upper bound: a larger bound only adds
 end of a row, so every page the exact lengths need is still listed, and the mask reads the exact
 lengths on the device. The per-row values that must be exact for the mask (``decode_offset``,
 ``num_blocks_per_seq``, ``physical_to_logical``) are then recomputed on the device from exact
-device ``seq_lens`` by `attnsync.adapters.flex_torch.lower(md, device, seq_lens=...)`, which is
+device ``seq_lens`` by `attnsync.integrations.flex_torch.lower(md, device, seq_lens=...)`, which is
 required for such a batch (the block-mask helpers refuse a lowering that still holds bounds).
 The JAX lowering accepts exact batches only.
 

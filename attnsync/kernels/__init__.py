@@ -19,7 +19,7 @@ Backend-specific consumers, each checked against its own float64 reference:
   consumer, and ``tree_paged_attention_triton`` (the Triton kernel above with the tree bias).
   :mod:`attnsync.kernels.tree_jax` is the JAX consumer.
 * :mod:`attnsync.kernels.flex_jax` -- JAX reference attention driven by the ``flex`` backend's
-  block-sparse metadata (the torch side is :mod:`attnsync.adapters.flex_torch`).
+  block-sparse metadata (the torch side is :mod:`attnsync.integrations.flex_torch`).
 * :mod:`attnsync.kernels.mamba_reference` / :mod:`attnsync.kernels.mamba_jax` -- Mamba2 chunked
   scan (SSD) and varlen causal conv1d driven by the ``mamba`` metadata, with float64
   sequential oracles.

@@ -1,6 +1,6 @@
 """Integrations on the CPU: vLLM's CommonAttentionMetadata (a stand-in), the vLLM-style builder
 and JAX server examples, JAX metadata replicated over a mesh (two simulated CPU devices), and
-the captured-step classes of attnsync.adapters.graphs run eagerly (Triton through its
+the captured-step classes of attnsync.integrations.graphs run eagerly (Triton through its
 interpreter, FlashInfer through a stand-in CUDA-graph wrapper)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from attnsync.kernels.reference import paged_attention_reference, relative_error
 
 torch = pytest.importorskip("torch")
 from attnsync.adapters import torch as ast  # noqa: E402
+from attnsync.integrations.vllm import batch_from_vllm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,7 +141,7 @@ def host_table(rows: int, width: int = 8, seed: int = 0) -> np.ndarray:
 def test_batch_from_vllm_reads_host_fields_only():
     table = host_table(16)
     cam = stand_in([1, 1, 5], [33, 17, 5], prefilling=[False, False, True])
-    batch = ast.batch_from_vllm(cam, block_size=16, block_table_cpu=table)
+    batch = batch_from_vllm(cam, block_size=16, block_table_cpu=table)
     direct = attnsync.Batch(query_lens=[1, 1, 5], seq_lens=[33, 17, 5], block_table=table[:3], block_size=16,
                             is_prefilling=[False, False, True])
     for name in ("query_lens", "seq_lens", "block_table", "seq_lens_exact", "is_prefilling"):
@@ -157,7 +158,7 @@ def test_batch_from_vllm_reads_host_fields_only():
 def test_batch_from_vllm_keeps_vllm_cuda_graph_padding():
     table = host_table(16, seed=1)
     cam = stand_in([1, 1, 5], [33, 17, 5], pad_reqs=2, pad_tokens=1)  # 5 rows, 8 tokens
-    batch = ast.batch_from_vllm(cam, block_size=16, block_table_cpu=table)
+    batch = batch_from_vllm(cam, block_size=16, block_table_cpu=table)
     assert batch.num_reqs == 3 and batch.num_tokens == 7
     assert (batch.padded_num_reqs, batch.padded_num_tokens) == (5, 8)
     md = attnsync.build(batch)
@@ -170,37 +171,37 @@ def test_batch_from_vllm_keeps_vllm_cuda_graph_padding():
 
 def test_batch_from_vllm_marks_decode_rows_inexact_under_async_spec_decode():
     cam = stand_in([3, 3, 20], [40, 23, 20], prefilling=[False, False, True], async_spec=True)
-    batch = ast.batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4))
+    batch = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4))
     assert batch.seq_lens_exact.tolist() == [False, False, True]
     with pytest.raises(SpecError, match="needs exact sequence lengths"):
         attnsync.build(batch, backend="flashinfer")
-    exact = ast.batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4), seq_lens_exact=True)
+    exact = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4), seq_lens_exact=True)
     assert exact.seq_lens_exact.all()
 
 
 def test_batch_from_vllm_refuses_to_read_device_values():
     cam = stand_in([1, 1], [9, 17])
     with pytest.raises(TypeError, match=r"block_table_cpu: not given.*lives on meta.*synchronise.*Fix"):
-        ast.batch_from_vllm(cam, block_size=16)
+        batch_from_vllm(cam, block_size=16)
     on_device = dataclasses.replace(cam, query_start_loc_cpu=torch.zeros(3, dtype=torch.int32, device="meta"))
     with pytest.raises(TypeError, match=r"query_start_loc_cpu: expected a CPU tensor.*synchronise"):
-        ast.batch_from_vllm(on_device, block_size=16, block_table_cpu=host_table(2))
+        batch_from_vllm(on_device, block_size=16, block_table_cpu=host_table(2))
     # A CPU block_table_tensor (a CPU-only run) is host data: accepted.
     cpu_table = dataclasses.replace(cam, block_table_tensor=torch.from_numpy(host_table(2)))
-    assert ast.batch_from_vllm(cpu_table, block_size=16).block_table.shape == (2, 8)
+    assert batch_from_vllm(cpu_table, block_size=16).block_table.shape == (2, 8)
     with pytest.raises(SpecError, match="causal is False"):
-        ast.batch_from_vllm(dataclasses.replace(cam, causal=False), block_size=16, block_table_cpu=host_table(2))
+        batch_from_vllm(dataclasses.replace(cam, causal=False), block_size=16, block_table_cpu=host_table(2))
     no_bound = dataclasses.replace(cam, seq_lens_cpu_upper_bound=None, _seq_lens_cpu=None)
     with pytest.raises(SpecError, match="never reads the seq_lens_cpu property"):
-        ast.batch_from_vllm(no_bound, block_size=16, block_table_cpu=host_table(2))
+        batch_from_vllm(no_bound, block_size=16, block_table_cpu=host_table(2))
     bad = dataclasses.replace(cam, query_start_loc_cpu=torch.tensor([0, 2, 1], dtype=torch.int32))
     with pytest.raises(SpecError, match="non-decreasing"):
-        ast.batch_from_vllm(bad, block_size=16, block_table_cpu=host_table(2))
+        batch_from_vllm(bad, block_size=16, block_table_cpu=host_table(2))
     with pytest.raises(SpecError, match=r"block_table_cpu: expected a \[>= 2, W\] table"):
-        ast.batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(1))
+        batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(1))
     # Older vLLM without the bound: the exact host lengths are used.
     old = dataclasses.replace(cam, seq_lens_cpu_upper_bound=None)
-    assert ast.batch_from_vllm(old, block_size=16, block_table_cpu=host_table(2)).seq_lens.tolist() == [9, 17]
+    assert batch_from_vllm(old, block_size=16, block_table_cpu=host_table(2)).seq_lens.tolist() == [9, 17]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_vllm_style_builder_returns_attnsync_metadata_for_a_backend():
                                               host_block_table=lambda: table, **shape)
     cam = stand_in([1, 1, 5], [33, 17, 5], pad_reqs=1, prefilling=[False, False, True])
     tmd = builder.build(0, cam)
-    md = attnsync.build(ast.batch_from_vllm(cam, block_size=16, block_table_cpu=table), "triton", **shape)
+    md = attnsync.build(batch_from_vllm(cam, block_size=16, block_table_cpu=table), "triton", **shape)
     for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
         np.testing.assert_array_equal(getattr(tmd, name).numpy(), getattr(md, name), err_msg=name)
     assert tmd.num_reqs == 4 and tmd.max_seq_len == 33 and tmd.query_start_loc_cpu.device.type == "cpu"
@@ -387,7 +388,7 @@ def steps_of(rng, n, query_lens=None, max_context=50):
 @pytest.mark.triton_cpu
 @pytest.mark.parametrize("kind", ["split-kv decode", "2d mixed"])
 def test_triton_step_replays_new_metadata_in_fixed_buffers(kind):
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
 
     ladder = BucketLadder(max_num_reqs=8, max_num_tokens=16, max_model_len=64, block_size=PAGE)
     rng = np.random.default_rng(4)
@@ -418,7 +419,7 @@ def test_triton_step_replays_new_metadata_in_fixed_buffers(kind):
 
 @pytest.mark.triton_cpu
 def test_triton_step_refuses_a_batch_beyond_its_bucket_before_writing():
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
 
     ladder = BucketLadder(max_num_reqs=8, max_num_tokens=16, max_model_len=64, block_size=PAGE)
     rng = np.random.default_rng(5)
@@ -482,7 +483,7 @@ class StandInGraphDecodeWrapper:
 
 
 def test_flashinfer_decode_step_plans_every_bucket_row():
-    from attnsync.adapters.graphs import FlashInferDecodeGraph
+    from attnsync.integrations.graphs import FlashInferDecodeGraph
 
     ladder = BucketLadder(max_num_reqs=8, max_num_tokens=16, max_model_len=64, block_size=PAGE)
     rng = np.random.default_rng(6)
@@ -516,7 +517,7 @@ def test_flashinfer_decode_step_plans_every_bucket_row():
 
 
 def test_graph_ladder_makes_one_step_per_bucket():
-    from attnsync.adapters.graphs import GraphLadder
+    from attnsync.integrations.graphs import GraphLadder
 
     ladder = BucketLadder(max_num_reqs=8, max_num_tokens=16, max_model_len=64, block_size=PAGE)
     made = []

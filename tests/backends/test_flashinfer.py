@@ -1,7 +1,7 @@
 """The ``flashinfer`` backend: builder vs a per-row reference, refusals, lowerings, planning.
 
 The planning tests run FlashInfer's contract on the CPU: stand-in wrappers record what
-`attnsync.adapters.flashinfer_plan.plan` hands them and compute paged attention exactly as
+`attnsync.integrations.flashinfer.plan` hands them and compute paged attention exactly as
 FlashInfer defines it from those arrays (indptr/indices/last_page_len, causal alignment to
 the end of each sequence). Matching the float64 reference then proves the slicing and
 rebasing of the sub-batches without a GPU.
@@ -488,7 +488,7 @@ def test_import_pulls_in_no_framework():
 
 def test_plan_module_does_not_import_flashinfer():
     pytest.importorskip("torch")
-    code = "import sys, attnsync.adapters.flashinfer_plan; assert 'flashinfer' not in sys.modules"
+    code = "import sys, attnsync.integrations.flashinfer; assert 'flashinfer' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -565,7 +565,7 @@ PLAN_SHAPE = dict(num_qo_heads=4, num_kv_heads=2, head_dim=8)
 
 def test_plan_hands_flashinfer_host_arrays_and_device_indices():
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import plan
+    from attnsync.integrations.flashinfer import plan
 
     md, tmd = _plan_inputs(_mixed_padded_batch())
     dw, pw = _FakeWrapper("decode"), _FakeWrapper("prefill")
@@ -601,7 +601,7 @@ def test_plan_hands_flashinfer_host_arrays_and_device_indices():
 )
 def test_planned_contract_reproduces_reference_attention(query_lens, seq_lens, prefilling):
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import plan, run
+    from attnsync.integrations.flashinfer import plan, run
 
     batch = _batch(query_lens, seq_lens, block_size=4, is_prefilling=prefilling,
                    padded_num_reqs=len(query_lens) + 2, padded_num_tokens=sum(query_lens) + 3)
@@ -627,7 +627,7 @@ def test_planned_contract_reproduces_reference_attention(query_lens, seq_lens, p
 
 def test_plan_refuses_missing_wrappers():
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import plan
+    from attnsync.integrations.flashinfer import plan
 
     _, tmd = _plan_inputs(_mixed_padded_batch())
     with pytest.raises(attnsync.SpecError, match=r"decode_wrapper: the batch has 2 decode row\(s\).*BatchDecodeWithPagedKVCacheWrapper"):
@@ -642,7 +642,7 @@ def test_plan_refuses_missing_wrappers():
 def test_plan_refuses_multi_token_decode_rows():
     torch = pytest.importorskip("torch")
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import plan
+    from attnsync.integrations.flashinfer import plan
 
     md = attnsync.build(_batch([3, 2], [40, 41]), backend="flashinfer", decode_threshold=3)
     with pytest.raises(attnsync.SpecError, match="one query token per request.*decode_threshold=1"):
@@ -652,7 +652,7 @@ def test_plan_refuses_multi_token_decode_rows():
 
 def test_plan_refuses_unlowered_or_foreign_objects():
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import plan
+    from attnsync.integrations.flashinfer import plan
 
     md = attnsync.build(_batch([1], [5]), backend="flashinfer")
     with pytest.raises(TypeError, match="not lowered.*lower"):
@@ -670,7 +670,7 @@ def test_plan_refuses_unlowered_or_foreign_objects():
 
 def test_plan_refuses_a_wrapper_on_another_device():
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import plan
+    from attnsync.integrations.flashinfer import plan
 
     _, tmd = _plan_inputs(_batch([1], [5]))
     wrapper = _FakeWrapper("decode")
@@ -681,7 +681,7 @@ def test_plan_refuses_a_wrapper_on_another_device():
 
 def test_run_refuses_short_q():
     torch = pytest.importorskip("torch")
-    from attnsync.adapters.flashinfer_plan import run
+    from attnsync.integrations.flashinfer import run
 
     _, tmd = _plan_inputs(_batch([1, 4], [9, 4]))
     q = torch.zeros(3, 4, 8)
@@ -728,7 +728,7 @@ class _PinnedWrapper:
 @pytest.fixture
 def fake_cuda_events(monkeypatch):
     torch = pytest.importorskip("torch")
-    from attnsync.adapters import flashinfer_plan as fp
+    from attnsync.integrations import flashinfer as fp
 
     _FakeEvent.made = []
     monkeypatch.setattr(fp.torch.cuda, "Event", _FakeEvent)

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import (  # noqa: E402
     FakeTensorMode,
 )
 
-from attnsync.adapters import flex_torch as ft  # noqa: E402
+from attnsync.integrations import flex_torch as ft  # noqa: E402
 from attnsync.adapters import jax as asj  # noqa: E402
 from attnsync.adapters import torch as ast  # noqa: E402
 from attnsync.kernels import flex_jax as fj  # noqa: E402

@@ -48,7 +48,7 @@ def fi():
 @pytest.fixture(scope="module")
 def wrappers(fi):
     """(decode, prefill) wrappers per configuration name, made on first use and shared."""
-    from attnsync.adapters.flashinfer_plan import workspace_buffer
+    from attnsync.integrations.flashinfer import workspace_buffer
 
     made: dict[str, tuple] = {}
 
@@ -141,7 +141,7 @@ def random_q(md, name, seed=0):
 def flashinfer_step(batch, name, wrappers, caches, *, seed=0):
     """build -> lower -> plan -> run; returns (md, tmd, q, out)."""
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import plan, run
+    from attnsync.integrations.flashinfer import plan, run
 
     dw, pw = wrappers(name)
     md = attnsync.build(batch, backend="flashinfer")
@@ -245,7 +245,7 @@ def test_jax_dlpack_lowering_equals_torch_lowering():
 def test_build_lower_plan_run_do_not_sync(wrappers, caches):
     """Ground truth (stall probe) and attribution (sync debug mode) for one whole step."""
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import plan, run
+    from attnsync.integrations.flashinfer import plan, run
 
     name = "bf16-gqa"
     dw, pw = wrappers(name)
@@ -344,7 +344,7 @@ def test_back_to_back_plans_while_the_gpu_is_busy(wrappers, caches):
 def test_cuda_graph_decode_replays_with_new_metadata(fi, caches):
     """Capture one decode step, then replan and replay with other lengths (same batch size)."""
     from attnsync.adapters import torch as ast
-    from attnsync.adapters.flashinfer_plan import make_decode_cuda_graph_wrapper, plan, workspace_buffer
+    from attnsync.integrations.flashinfer import make_decode_cuda_graph_wrapper, plan, workspace_buffer
 
     name = "bf16-gqa"
     dtype, hq, _ = CONFIGS[name]

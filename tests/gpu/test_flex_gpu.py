@@ -21,7 +21,7 @@ import attnsync
 from attnsync.testing import assert_no_host_stall, no_sync
 
 torch = pytest.importorskip("torch")
-from attnsync.adapters import flex_torch as ft  # noqa: E402
+from attnsync.integrations import flex_torch as ft  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -288,7 +288,7 @@ def test_graph_capture_detects_a_hidden_sync():
     script = textwrap.dedent(
         """
         import torch
-        from attnsync.adapters import flex_torch as ft
+        from attnsync.integrations import flex_torch as ft
         x = torch.tensor([[3, 1, 0, 1, 2], [2, 2, 2, 0, 0]], device="cuda")
         results = {}
         for name, fn in (("sync_free", lambda: ft.left_pack_device(x, 3)), ("naive", lambda: ft._naive_left_pack(x))):

@@ -102,7 +102,7 @@ TRITON_CASES = {
 
 @pytest.mark.parametrize("case", sorted(TRITON_CASES))
 def test_triton_graph_replays_new_metadata_and_equals_eager(cuda, kv_caches, case):
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
     from attnsync.kernels.triton_attention import paged_attention_from_metadata
 
     spec = TRITON_CASES[case]
@@ -143,7 +143,7 @@ def test_triton_graph_replays_new_metadata_and_equals_eager(cuda, kv_caches, cas
 
 
 def test_triton_graph_refuses_a_batch_beyond_its_bucket_before_writing(cuda, kv_caches):
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
 
     lad = ladder()
     first, too_many_rows, fitting = batches(2, (6, 9, 2))
@@ -167,7 +167,7 @@ def test_triton_graph_refuses_a_batch_beyond_its_bucket_before_writing(cuda, kv_
 
 
 def test_triton_graph_step_has_one_copy_no_sync_and_no_stall(cuda, kv_caches):
-    from attnsync.adapters.graphs import TritonGraph
+    from attnsync.integrations.graphs import TritonGraph
 
     lad = ladder()
     steps = list(batches(3, (8, 7, 8, 6, 8, 8)))
@@ -186,7 +186,7 @@ def test_triton_graph_step_has_one_copy_no_sync_and_no_stall(cuda, kv_caches):
 
 
 def test_graph_ladder_captures_one_graph_per_bucket(cuda, kv_caches):
-    from attnsync.adapters.graphs import GraphLadder, TritonGraph
+    from attnsync.integrations.graphs import GraphLadder, TritonGraph
 
     lad = ladder()
     graphs = GraphLadder(lad, lambda b: TritonGraph(lad, b, kv_caches=kv_caches, num_q_heads=HQ, scale=SCALE))
@@ -211,8 +211,8 @@ def fi():
 
 
 def test_flashinfer_graph_replays_new_metadata_and_equals_eager(fi, cuda, kv_caches):
-    from attnsync.adapters.flashinfer_plan import plan, workspace_buffer
-    from attnsync.adapters.graphs import FlashInferDecodeGraph
+    from attnsync.integrations.flashinfer import plan, workspace_buffer
+    from attnsync.integrations.graphs import FlashInferDecodeGraph
 
     lad = ladder()
     steps = list(batches(5, (6, 8, 5, 7, 8)))  # 5..8 real rows in the 8-row bucket: padded rows vary
@@ -240,7 +240,7 @@ def test_flashinfer_graph_replays_new_metadata_and_equals_eager(fi, cuda, kv_cac
 
 
 def test_flashinfer_graph_refuses_before_writing_and_never_stalls(fi, cuda, kv_caches):
-    from attnsync.adapters.graphs import FlashInferDecodeGraph
+    from attnsync.integrations.graphs import FlashInferDecodeGraph
 
     lad = ladder()
     steps = list(batches(6, (8, 7, 8, 8)))
@@ -326,7 +326,7 @@ def test_jax_bucketed_lowering_on_gpu_compiles_once_per_bucket(cuda):
 
 @pytest.mark.parametrize("kernel", ["triton", "flashinfer"])
 def test_overlapped_steps_equal_the_reference_while_the_host_runs_ahead(cuda, kv_caches, kernel):
-    from attnsync.adapters.graphs import FlashInferDecodeGraph, OverlappedSteps, TritonGraph
+    from attnsync.integrations.graphs import FlashInferDecodeGraph, OverlappedSteps, TritonGraph
 
     lad = ladder()
     steps = list(batches(11, (6, 8, 5, 7, 8, 6, 7)))

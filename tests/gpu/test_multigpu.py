@@ -116,7 +116,7 @@ def test_one_build_lowered_to_two_devices_one_copy_each_without_sync(devices):
 
 
 def test_persistent_lowering_and_triton_graph_on_the_second_device(devices):
-    from attnsync.adapters.graphs import PersistentLowering, TritonGraph
+    from attnsync.integrations.graphs import PersistentLowering, TritonGraph
 
     second = devices[1]
     assert torch.cuda.current_device() == 0  # the second device is not the current one

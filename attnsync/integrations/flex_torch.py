@@ -44,7 +44,7 @@ from .._batch import Batch
 from .._validate import SpecError
 from ..backends.flex import FlexMetadata
 from ..backends.flex import _build as _build_flex
-from . import torch as torch_adapter
+from ..adapters import torch as torch_adapter
 
 __all__ = [
     "CapturedBlockLists",
@@ -365,7 +365,7 @@ def _require_exact(tmd: Any, what: str) -> None:
         raise SpecError(
             f"{what}: this lowering still holds host upper bounds for inexact rows, so the mask "
             f"would let a decode row's queries see its own later tokens. Fix: "
-            f"attnsync.adapters.flex_torch.lower(md, device, seq_lens=exact_int32_device_tensor)."
+            f"attnsync.integrations.flex_torch.lower(md, device, seq_lens=exact_int32_device_tensor)."
         )
 
 

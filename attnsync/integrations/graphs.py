@@ -48,7 +48,7 @@ import attnsync
 
 from .._buckets import Bucket, BucketLadder
 from .._validate import SpecError, as_int
-from . import torch as ast
+from ..adapters import torch as ast
 
 __all__ = [
     "FlashInferDecodeGraph",
@@ -402,9 +402,9 @@ def plan_padded_decode(
         tmd: `attnsync.adapters.torch.lower(attnsync.build(padded_batch, backend="flashinfer"))`.
         wrapper: a CUDA-graph `BatchDecodeWithPagedKVCacheWrapper` for `tmd.num_reqs` rows.
         num_qo_heads, num_kv_heads, head_dim, q_data_type, kv_data_type, sm_scale,
-        window_left, logits_soft_cap: as in `attnsync.adapters.flashinfer_plan.plan`.
+        window_left, logits_soft_cap: as in `attnsync.integrations.flashinfer.plan`.
     """
-    from .flashinfer_plan import _check_lowered, _check_wrapper_device, _guarded_plan
+    from .flashinfer import _check_lowered, _check_wrapper_device, _guarded_plan
 
     _check_lowered(tmd)
     nd, n = tmd.num_decodes, tmd.num_scheduled_reqs
@@ -502,7 +502,7 @@ class FlashInferDecodeGraph(_CapturedStep):
             window_left=window_left, logits_soft_cap=logits_soft_cap,
         )
         if wrapper is None:
-            from .flashinfer_plan import make_decode_cuda_graph_wrapper, workspace_buffer
+            from .flashinfer import make_decode_cuda_graph_wrapper, workspace_buffer
 
             wrapper = make_decode_cuda_graph_wrapper(
                 workspace if workspace is not None else workspace_buffer(self.device),
