@@ -56,12 +56,12 @@ def run_fake(fn, **tensors):
 
 
 def slot_inputs(md, seq_lens: np.ndarray) -> dict[str, torch.Tensor]:
-    extra = ast._slot_mapping_inputs(md)
+    rows, back = ast.token_rows_and_back(md.query_start_loc, md.num_actual_tokens)
     return dict(
         seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
         block_table=torch.from_numpy(np.array(md.block_table)),
-        req=torch.from_numpy(extra["_token_req"]),
-        back=torch.from_numpy(extra["_token_back"]),
+        rows=torch.from_numpy(rows),
+        back=torch.from_numpy(back),
     )
 
 
@@ -80,10 +80,10 @@ TRUE_LENS = np.array([18, 34, 3, 16, 0])
 def test_device_slot_mapping_passes_on_fake_tensors():
     md = attnsync.build(attnsync.Batch(**BATCH))
     inputs = slot_inputs(md, TRUE_LENS)
-    out = run_fake(lambda **t: ast._device_slot_mapping(**t, block_size=md.block_size), **inputs)
+    out = run_fake(lambda **t: ast.slots_from_device_lengths(**t, block_size=md.block_size), **inputs)
     assert tuple(out.shape) == (md.num_actual_tokens,) and out.dtype == torch.int64
     # and on real tensors it computes the slots (rows 0, 1, 3 from the true lengths)
-    real = ast._device_slot_mapping(**inputs, block_size=md.block_size)
+    real = ast.slots_from_device_lengths(**inputs, block_size=md.block_size)
     assert real.tolist() == [145, 112, 113, 176, 177, 178, 63, -1, -1]
 
 
@@ -91,7 +91,7 @@ def test_device_slot_mapping_dispatches_no_syncing_op():
     md = attnsync.build(attnsync.Batch(**BATCH))
     inputs = slot_inputs(md, TRUE_LENS)
     with SyncSpy() as spy:
-        ast._device_slot_mapping(**inputs, block_size=md.block_size)
+        ast.slots_from_device_lengths(**inputs, block_size=md.block_size)
     assert spy.seen == []
 
 

@@ -1,174 +1,154 @@
-"""Pinned host blocks for the block tables of `attnsync.Batch` (CUDA lowerings only).
+"""Pinned blocks for block tables, owned by a CUDA `Stager` (`stager.table_memory`).
 
-Why: a reused lowering of 256 decode requests with a 512-page-wide table spends most of its
-time writing the 512 KB table into its pinned buffer (17-27 us on the H100 host, whose memcpy
-moves about 25-30 GB/s: results/2026-11-27-h100, run 66 and prof27; streaming stores were
-slower there). `Batch` copies the caller's table anyway, to own it; with this pool installed,
-that copy lands in pinned memory, and the lowering copies the table to the device from there.
-The table is then written into host memory once per step instead of twice.
+`attnsync.Batch(..., table_memory=stager.table_memory)` copies the caller's block table into a
+pinned block instead of numpy memory. A lowering through that stager then packs the step's
+other fields after the table, in the same block, and copies the block: the table is written
+into host memory once a step instead of twice (the table is the largest field of a decode step,
+and host memory bandwidth is what its copy costs). Still one host-to-device copy.
 
-The lowering still makes one copy: a block holds the table at its start and has room after
-it for the lowering's other fields, packed at their usual offsets (the table is the first
-field of every layout, `attnsync.adapters.torch._Room`), and the block is copied to the
-device as the lowering's pinned buffer would be (`attnsync._native.lower_step`'s `table`).
-
-A block is handed out again only when both hold:
-- no array views its memory: numpy makes every view of a view point at the block's `whole`
-  array, so `whole`'s reference count is back to what it was when the block was made;
-- the last copy that read it has completed (the event recorded after that copy).
-The tail after the table is written only under the same event check, and under this pool's
-lock: two lowerings of one batch on two streams must not pack into it at once.
-
-Installed by the first CUDA `Stager`; `ATTNSYNC_PINNED_TABLES=0` in the environment keeps
-numpy's allocator (every lowering then packs the table, as before).
+A block is owned by the batch whose table it holds, for as long as any array views that table
+(numpy points every view at the block's handed-out array, and a `weakref.finalize` on that array
+gives the block back when the last view dies). A block given back is handed out again only once
+the event recorded after its last copy has completed. Its tail (the other fields) is written
+only under the same event check: a batch lowered twice while its first copy is pending packs
+the second time into the stager's own buffer instead.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
 
-from .. import _batch
-from .._staging import _round_up
+from .. import _accel
+from .._staging import PackedLayout, _round_up
 
-# The C methods under torch.cuda.Event's query and record (absent from CPU builds, where no
-# block is copied from): as cheap as the adapter's own calls of them (attnsync/adapters/torch.py).
-_event_query = getattr(getattr(torch._C, "_CudaEventBase", None), "query", None)
-_event_record = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None)
-
-MAX_BLOCKS = 16  # beyond this many tables alive at once, Batch uses numpy's allocator
-MAX_BYTES = 256 << 20  # pinned bytes the pool may hold
+__all__ = ["PinnedTables", "pack_fields"]
 
 
-def block_bytes(table_nbytes: int) -> int:
-    """A block's size for a table of `table_nbytes`: three times the table (at least 64 KB more).
+def pack_fields(targets: tuple[np.ndarray, ...], sources: tuple[np.ndarray, ...]) -> None:
+    """Copy each source array into its target view (same shapes; int32 may widen to int64).
 
-    A lowering reuses a pool whose slots are up to twice (plus 4 KB) what a step needs
-    (`attnsync.adapters.torch._Room.fits`), so its other fields may start as far as twice the
-    table's size into the buffer; FlashInfer's page list then needs up to the table's size
-    again. A lowering that needs more than its block holds packs the table the usual way.
-    (bench_common on an H100, run 71: the 256-decode target reused the pool its 512-request
-    size had made, 1.05 MB, and a block of twice the table did not hold it.)
+    One compiled call for the common pairs where attnsync's compiled twin is in use (a numpy
+    copy per field costs more than the step's own copy for a decode batch's dozen small
+    fields), numpy for what it leaves.
     """
-    table = _round_up(table_nbytes, 4096)
-    return 2 * table + max(table, 1 << 16)
+    native = _accel.native
+    done = native.pack(targets, sources) if native is not None else 0
+    for target, source in zip(targets[done:], sources[done:], strict=True):
+        np.copyto(target, source, casting="unsafe")
 
 
 class _Block:
-    """One pinned block: `whole` (uint8 numpy over all of it), its address and capacity, the
-    users count of `whole` when nothing views it (`baseline`), a weak reference to the table
-    handed out last, the event recorded after the last copy that read the block, and the
-    block's own events, one per device (an event is recorded on streams of its device only)."""
+    """One pinned block: its memory, the event after its last copy, and cached tail views."""
 
-    __slots__ = ("pinned", "whole", "address", "capacity", "baseline", "table", "event", "events", "__weakref__")
+    __slots__ = ("pinned", "host", "capacity", "event", "handed", "tails", "sources")
 
-    def __init__(self, capacity: int, pin_memory: bool) -> None:
+    def __init__(self, capacity: int, pin_memory: bool, event: Any) -> None:
         self.pinned = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin_memory)
-        self.whole = self.pinned.numpy()
-        self.address = self.pinned.data_ptr()
+        self.host = self.pinned.numpy()  # the block's own view, for the tails; never handed out
         self.capacity = capacity
-        self.baseline = sys.getrefcount(self.whole)  # the same expression as in `free`
-        self.table: weakref.ref | None = None
-        self.event: torch.cuda.Event | None = None
-        self.events: dict[int, torch.cuda.Event] = {}
+        self.event = event()
+        self.handed: weakref.ref | None = None  # the array the block's current batch views
+        self.tails: dict[PackedLayout, tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = {}
+        self.sources: dict[int, torch.Tensor] = {}
 
-    def free(self) -> bool:
-        """Whether no array views the block and no copy may still read it."""
-        return sys.getrefcount(self.whole) == self.baseline and (self.event is None or _event_query(self.event))
+    def copied(self) -> bool:
+        """Whether every copy that read the block has executed (an event never recorded has)."""
+        return self.event.query()
+
+    def targets(self, layout: PackedLayout, mirrors: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Views of `layout`'s fields after the table (its first field), then the `mirrors`."""
+        cached = self.tails.get(layout)
+        if cached is None or cached[0] is not mirrors:
+            if len(self.tails) > 16:
+                self.tails.clear()
+            views = tuple(self.host[e.offset: e.offset + e.nbytes].view(e.dtype).reshape(e.shape)
+                          for e in layout.entries[1:])
+            cached = self.tails[layout] = (mirrors, views + mirrors)
+        return cached[1]
+
+    def source(self, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of the block as the copy's source tensor."""
+        source = self.sources.get(nbytes)
+        if source is None:
+            if len(self.sources) > 16:
+                self.sources.clear()
+            source = self.sources[nbytes] = self.pinned[:nbytes]
+        return source
 
 
 class PinnedTables:
-    """The pool `attnsync._batch.table_memory` calls (see the module docstring)."""
+    """Pinned block-table memory for batches lowered through one CUDA stager.
 
-    def __init__(self, *, max_blocks: int = MAX_BLOCKS, max_bytes: int = MAX_BYTES, pin_memory: bool = True) -> None:
-        self.pin_memory = pin_memory  # False: plain host memory (tests of the pool's bookkeeping on the CPU)
-        self.max_blocks = max_blocks
-        self.max_bytes = max_bytes
-        self.lock = threading.Lock()
-        self.blocks: list[_Block] = []
-        self._by_whole: dict[int, _Block] = {}
-        self.handed_out = 0  # tables placed in pinned memory (tests and benches read these)
-        self.declined = 0  # tables left to numpy's allocator: the pool was full
-        self.copies = 0  # lowerings that copied a block (`copied` counts them)
+    `table_buffer(shape)` is what `attnsync.Batch(table_memory=...)` calls; tables smaller than
+    `min_table_bytes` stay in numpy memory (their second write costs little), and beyond
+    `max_blocks` blocks or `max_bytes` pinned bytes alive it declines too. A block is three times
+    its table (at least 64 KB more), so a step's other fields fit after the table; a step that
+    does not fit packs the usual way.
 
-    def __call__(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A writable C-contiguous int32 array of `shape` at the start of a free block, or None."""
-        nbytes = int(np.prod(shape)) * 4
-        need = block_bytes(nbytes)
-        with self.lock:
-            best = None
-            for block in self.blocks:  # the smallest free block that fits
-                if need <= block.capacity <= 4 * need and (best is None or block.capacity < best.capacity):
-                    if block.free():
-                        best = block
-            if best is None:
-                best = self._make(need)
-                if best is None:
-                    self.declined += 1
+    Args:
+        min_table_bytes: smallest table worth a block.
+        max_blocks: blocks alive at once.
+        max_bytes: pinned bytes the pool may hold.
+        pin_memory: pin the blocks (False only for tests on hosts without CUDA).
+        event: makes a block's event (`torch.cuda.Event`; tests pass stand-ins with
+            `query`/`record`).
+    """
+
+    def __init__(self, *, min_table_bytes: int = 64 << 10, max_blocks: int = 16, max_bytes: int = 256 << 20,
+                 pin_memory: bool = True, event: Any = None) -> None:
+        self.min_table_bytes, self.max_blocks, self.max_bytes = min_table_bytes, max_blocks, max_bytes
+        self._pin_memory = pin_memory
+        self._event = event if event is not None else torch.cuda.Event
+        self._blocks: list[_Block] = []
+        self._free: list[_Block] = []
+        self._by_array: dict[int, _Block] = {}  # id of a handed-out array -> its block
+        self._lock = threading.RLock()  # a finalizer may run inside a locked region of this thread
+
+    def table_buffer(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """A writable int32 array of `shape` in a pinned block, or None (use numpy memory)."""
+        rows, width = shape
+        nbytes = rows * width * 4
+        if nbytes < self.min_table_bytes:
+            return None
+        with self._lock:
+            block = next((b for b in self._free if b.capacity >= nbytes * 2 and b.copied()), None)
+            if block is not None:
+                self._free.remove(block)
+            else:
+                capacity = 2 * _round_up(nbytes, 4096) + max(_round_up(nbytes, 4096), 1 << 16)
+                if (len(self._blocks) >= self.max_blocks
+                        or sum(b.capacity for b in self._blocks) + capacity > self.max_bytes):
                     return None
-            table = np.ndarray(shape, np.int32, best.whole, 0)
-            best.table = weakref.ref(table)
-            best.event = None  # free() saw its last copy done
-            self.handed_out += 1
-            return table
+                block = _Block(capacity, self._pin_memory, self._event)
+                self._blocks.append(block)
+            whole = block.pinned.numpy()  # a fresh array: its views are this batch's table
+            block.handed = weakref.ref(whole)
+            self._by_array[id(whole)] = block
+            weakref.finalize(whole, self._give_back, id(whole), block)
+            return whole[:nbytes].view(np.int32).reshape(shape)
 
-    def _make(self, capacity: int) -> _Block | None:
-        """A new block, in place of free ones if the pool is at its limits; None if it cannot."""
-        total = sum(block.capacity for block in self.blocks)
-        while len(self.blocks) >= self.max_blocks or total + capacity > self.max_bytes:
-            spare = next((block for block in self.blocks if block.free()), None)
-            if spare is None:
-                return None
-            self.blocks.remove(spare)
-            del self._by_whole[id(spare.whole)]
-            total -= spare.capacity
-        block = _Block(capacity, self.pin_memory)
-        self.blocks.append(block)
-        self._by_whole[id(block.whole)] = block
-        return block
-
-    def copied(self, block: _Block, stream: torch.cuda.Stream, device_index: int) -> None:
-        """Record, on `stream` after the copy just queued from `block`, the block's own event
-        for that device: its guard from now on. Not the lowering entry's event, which a later
-        step re-records: the block would look busy then, and its next lowering would take the
-        entry's own buffer and wait (results/2026-11-27-h100, run 77: 50 ms behind a queued
-        kernel). Call under `lock`."""
-        event = block.events.get(device_index)
-        if event is None:  # torch makes it on the stream's device when first recorded
-            event = block.events[device_index] = torch.cuda.Event()
-        _event_record(event, stream)
-        block.event = event
-        self.copies += 1
+    def _give_back(self, key: int, block: _Block) -> None:
+        with self._lock:
+            if self._by_array.get(key) is block:
+                del self._by_array[key]
+            block.handed = None
+            self._free.append(block)
 
     def block_of(self, table: np.ndarray, nbytes: int) -> _Block | None:
-        """The block whose table `table` is, if a lowering copying `nbytes` from the block's
-        start may pack into it now (its last copy done); None otherwise. Call under `lock`."""
-        block = self._by_whole.get(id(table.base))
-        if (block is None or block.table is None or block.table() is not table or nbytes > block.capacity
-                or (block.event is not None and not _event_query(block.event))):
+        """The block holding `table` at its start, if a step of `nbytes` fits and may be packed."""
+        base = table.base
+        block = self._by_array.get(id(base))
+        if (block is None or block.handed is None or block.handed() is not base or nbytes > block.capacity
+                or table.ctypes.data != block.host.ctypes.data or not block.copied()):
             return None
         return block
 
-
-POOL: PinnedTables | None = None
-
-
-def install() -> PinnedTables | None:
-    """Make Batch copy large tables into the pool (once; not where ATTNSYNC_PINNED_TABLES=0)."""
-    global POOL
-    if POOL is None and os.environ.get("ATTNSYNC_PINNED_TABLES", "1") != "0":
-        POOL = PinnedTables()
-        _batch.table_memory = POOL
-    return POOL
-
-
-def uninstall() -> None:
-    """Back to numpy's allocator for new batches (tables already handed out stay valid)."""
-    global POOL
-    POOL = None
-    _batch.table_memory = None
+    @property
+    def blocks(self) -> int:
+        """Blocks the pool holds (in use or free)."""
+        return len(self._blocks)

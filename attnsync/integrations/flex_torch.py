@@ -182,9 +182,7 @@ class CapturedBlockLists:
         self._build_options = _step_batch_options(md)
         self.stager = torch_adapter.Stager(self.device, persistent=True)
         first = torch_adapter.lower(md, self.device, stager=self.stager)
-        # Our own views of the persistent buffer (same addresses: the stager writes every step
-        # there). Holding the first lowering's tensors instead would keep that reusable
-        # lowering "in use" for the torch adapter, which would then make a fresh one.
+        # Views of the persistent buffer (same addresses: the stager writes every step there).
         t = {name: getattr(first, name).view(getattr(first, name).shape) for name in _CAPTURED_INPUTS}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -195,11 +193,6 @@ class CapturedBlockLists:
         with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=side):
             self._outputs = _captured_work(t, md)
         torch_adapter.with_fields(first, **self._outputs)  # refuses names the lowering does not have
-        # From now on the stager's lowerings carry the graph's outputs in place of the staged
-        # placeholders, so `step` returns the lowering itself (no per-step copy); lowerings
-        # made before (`first`) are forgotten.
-        self.stager._fixed_fields = dict(self._outputs)
-        self.stager._forget_lowerings()
         del first
         self.block_mask = self._fixed_block_mask(md, t, self._outputs)
         self.graph.replay()  # capturing ran nothing: the outputs (and block_mask) now hold md's lists
@@ -250,7 +243,7 @@ class CapturedBlockLists:
         # No `torch.cuda.device(...)` around it: CUDAGraph::replay sets a device guard for its
         # capture stream's device itself and launches on that device's current stream.
         self.graph.replay()
-        return tmd  # its graph-made fields (see `_captured_work`) are the graph's outputs
+        return torch_adapter.with_fields(tmd, **self._outputs)  # the graph-made fields (`_captured_work`)
 
     def step_batch(self, batch: Batch) -> Any:
         """`step` of ``attnsync.build(batch, backend="flex", ...)`` with the capture's options,
@@ -341,14 +334,9 @@ def _token_positions(doc_ids: torch.Tensor, query_start_loc: torch.Tensor,
 def _token_slots(doc_ids: torch.Tensor, query_start_loc: torch.Tensor, decode_offset: torch.Tensor,
                  block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     """KV-cache slot of every token, int64 [T], -1 for padding tokens (at or beyond
-    ``query_start_loc[-1]``): fixed shapes, gathers only. A padding token's column is set to 0
-    before the gather, so it never indexes past its row."""
+    ``query_start_loc[-1]``): the torch adapter's one device slot formula."""
     row, position, real = _token_positions(doc_ids, query_start_loc, decode_offset)
-    if block_table.shape[1] == 0:  # no pages at all: only padding tokens can exist
-        return torch.full_like(position, -1)
-    column = torch.where(real, torch.div(position, block_size, rounding_mode="floor"), 0)
-    pages = block_table.index_select(0, row).gather(1, column.unsqueeze(1)).squeeze(1).long()
-    return torch.where(real, pages * block_size + position % block_size, -1)
+    return torch_adapter.device_slot_mapping(block_table, row, position, real, block_size)
 
 
 # What a captured graph fixes (and, last, exact lengths), read in one call per step: rows,

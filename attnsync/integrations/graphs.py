@@ -91,7 +91,7 @@ class PersistentLowering:
             raise TypeError(f"bucket: expected a Bucket (BucketLadder.bucket_for), received {bucket!r}.")
         self.bucket = bucket
         self.device = _resolve(device)
-        self.stager = ast.Stager(self.device, num_slots=num_slots, persistent=True)
+        self.stager = ast.Stager(self.device, depth=num_slots, persistent=True)
 
     @property
     def stats(self):

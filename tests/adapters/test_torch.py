@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from strategies import batch_kwargs
 
 import attnsync
-from attnsync import _accel
+from attnsync import SpecError
 from attnsync.testing import brute_force_common, naive_common_torch
 
 torch = pytest.importorskip("torch")
@@ -120,107 +120,105 @@ def _same_shape_batches(count):
     return out
 
 
-def test_a_dropped_lowering_is_reused_and_holds_the_new_values():
-    stager = ast.Stager("cpu")
+def test_a_ring_stager_reuses_its_slots_in_turn_and_holds_the_new_values():
+    stager = ast.Stager("cpu", depth=2, check=True)
     mds = [attnsync.build(b) for b in _same_shape_batches(4)]
-    ids = []
+    addresses = []
     for md in mds:
         out = ast.lower(md, "cpu", stager=stager)
         assert_lowered_equals(md, out)
-        ids.append(id(out))
+        addresses.append((out.slot_mapping.data_ptr(), out.seq_lens_cpu_upper_bound.data_ptr()))
         del out
-    # two lowerings used in turn: steps 0 and 2 share one, steps 1 and 3 the other
-    assert ids[0] == ids[2] and ids[1] == ids[3] and ids[0] != ids[1]
+    # two slots used in turn: steps 0 and 2 share memory, steps 1 and 3 the other slot
+    assert addresses[0] == addresses[2] and addresses[1] == addresses[3] and addresses[0] != addresses[1]
 
 
-@pytest.mark.parametrize("hold", [
-    "object", "device field", "host mirror", "slice of a device field", "slice of a host mirror",
-    "with_fields copy", "numpy view of a mirror",
-])
-def test_a_held_lowering_is_never_rewritten(hold):
-    """Anything that can still see a lowering's memory keeps it from reuse: its values stay."""
-    stager = ast.Stager("cpu")
+def test_a_lowering_stays_valid_until_the_ring_comes_round():
+    stager = ast.Stager("cpu", depth=3)
+    mds = [attnsync.build(b) for b in _same_shape_batches(5)]
+    first = ast.lower(mds[0], "cpu", stager=stager)
+    second = ast.lower(mds[1], "cpu", stager=stager)
+    third = ast.lower(mds[2], "cpu", stager=stager)  # depth 3: the first two are still valid
+    for md, out in zip(mds, (first, second, third)):
+        assert_lowered_equals(md, out)
+
+
+@pytest.mark.parametrize("hold", ["object", "device field", "host mirror", "with_fields copy"])
+def test_a_checking_stager_refuses_to_rewrite_a_held_lowering(hold):
+    """Held past its validity, a lowering is refused in checking mode, and nothing is rewritten."""
+    stager = ast.Stager("cpu", depth=2, check=True)
     mds = [attnsync.build(b) for b in _same_shape_batches(3)]
     first = ast.lower(mds[0], "cpu", stager=stager)
     kept = {
         "object": lambda o: o,
         "device field": lambda o: o.slot_mapping,
         "host mirror": lambda o: o.seq_lens_cpu_upper_bound,
-        "slice of a device field": lambda o: o.slot_mapping[1:],
-        "slice of a host mirror": lambda o: o.seq_lens_cpu_upper_bound[1:],
         "with_fields copy": lambda o: ast.with_fields(o, max_seq_len=0),
-        "numpy view of a mirror": lambda o: o.seq_lens_cpu_upper_bound.numpy(),
     }[hold](first)
     del first
-    ast.lower(mds[1], "cpu", stager=stager)  # the other entry
-    third = ast.lower(mds[2], "cpu", stager=stager)  # would reuse the first one's memory
-    assert_lowered_equals(mds[2], third)
-    if hold == "object":
-        assert third is not kept
-        assert_lowered_equals(mds[0], kept)
-    elif hold == "with_fields copy":
-        assert kept.max_seq_len == 0
+    ast.lower(mds[1], "cpu", stager=stager)  # the other slot
+    with pytest.raises(ast.StaleLoweringError, match="still referenced"):
+        ast.lower(mds[2], "cpu", stager=stager)  # would rewrite the first one's memory
+    if isinstance(kept, torch.Tensor):
+        source = mds[0].slot_mapping if hold == "device field" else mds[0].seq_lens
+        np.testing.assert_array_equal(kept.numpy(), source)
+    else:
         np.testing.assert_array_equal(kept.slot_mapping.numpy(), mds[0].slot_mapping)
         np.testing.assert_array_equal(kept.seq_lens_cpu_upper_bound.numpy(), mds[0].seq_lens)
-    else:  # (the old object may be gone, and its id reused: the values are what counts)
-        values = kept.numpy() if isinstance(kept, torch.Tensor) else kept
-        source = mds[0].slot_mapping if "device" in hold else mds[0].seq_lens
-        np.testing.assert_array_equal(values, source[1:] if "slice" in hold else source)
+    del kept
+    out = ast.lower(mds[2], "cpu", stager=stager)  # released: the slot is free again
+    assert_lowered_equals(mds[2], out)
 
 
-def test_reuse_is_per_shape_and_scalars_follow_the_step():
-    stager = ast.Stager("cpu")
+def test_a_fresh_memory_lowering_is_never_rewritten():
+    """Without a stager (or with depth=0) every lowering owns its memory: held ones keep values."""
+    stager = ast.Stager("cpu", depth=0)
+    mds = [attnsync.build(b) for b in _same_shape_batches(4)]
+    kept = [ast.lower(md, "cpu", stager=stager) for md in mds]
+    kept += [ast.lower(md, "cpu") for md in mds]
+    for md, out in zip(mds + mds, kept):
+        assert_lowered_equals(md, out)
+    assert len({out.slot_mapping.data_ptr() for out in kept}) == len(kept)
+
+
+@pytest.mark.parametrize("depth", [1, -1, True, 2.0, "2"])
+def test_stager_depth_is_checked(depth):
+    with pytest.raises(SpecError, match="depth"):
+        ast.Stager("cpu", depth=depth)
+
+
+def test_scalars_follow_the_step_and_shapes_share_a_slot():
+    stager = ast.Stager("cpu", depth=2, check=True)
     small = attnsync.build(attnsync.Batch(**MIXED))
     padded = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
-    for _ in range(3):  # alternating shapes never share memory
+    for _ in range(3):  # alternating shapes through one ring
         a = ast.lower(small, "cpu", stager=stager)
-        b = ast.lower(padded, "cpu", stager=stager)
         assert_lowered_equals(small, a)
+        del a
+        b = ast.lower(padded, "cpu", stager=stager)
         assert_lowered_equals(padded, b)
-        assert a.slot_mapping.shape != b.slot_mapping.shape
-        del a, b
+        del b
     md1, md2, md3 = (attnsync.build(b) for b in _same_shape_batches(3))
     ast.lower(md1, "cpu", stager=stager)
     ast.lower(md2, "cpu", stager=stager)
-    again = ast.lower(md3, "cpu", stager=stager)  # md1's lowering, rewritten
+    again = ast.lower(md3, "cpu", stager=stager)  # md1's slot, rewritten
     assert md3.max_seq_len != md1.max_seq_len
     assert again.max_seq_len == md3.max_seq_len
     assert_lowered_equals(md3, again)
 
 
-def test_a_stager_keeps_32_pools_and_forgets_the_oldest():
-    stager = ast.Stager("cpu")
-    # each batch's fields (over 1 KB, where room is at most an eighth) outgrow every earlier
-    # pool's room by a fifth, so each makes a pool of its own
-    rows = [300]
-    while len(rows) < ast._REUSABLE_KEYS + 1:
-        rows.append(rows[-1] * 6 // 5 + 1)
-    mds = [attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=r, padded_num_tokens=r + 6)) for r in rows]
-    firsts = [ast.lower(md, "cpu", stager=stager) for md in mds[: ast._REUSABLE_KEYS]]
-    oldest = stager._pools[0]
-    assert len(stager._pools) == ast._REUSABLE_KEYS
-    del firsts
-    out = ast.lower(mds[-1], "cpu", stager=stager)  # a 33rd pool: the first one is forgotten
-    assert len(stager._pools) == ast._REUSABLE_KEYS and oldest not in stager._pools
-    assert all(oldest not in members for members in stager._families.values())
-    assert oldest not in stager._reusable.values()
-    assert_lowered_equals(mds[-1], out)
-    again = ast.lower(mds[0], "cpu", stager=stager)  # made afresh, and right
-    assert_lowered_equals(mds[0], again)
-
-
 def _lowered_equals_host(md, out) -> None:
     """Any backend: every lowered array equals its host field bit for bit (torch dtypes: int32,
     int64 slot_mapping, bool), every scalar equals the host one."""
-    cls, plan = ast._lowered_class(type(md))
-    for field_name, name, role in plan:
-        value = getattr(out, name)
-        if role == "scalar":
-            assert value == getattr(md, field_name), name
-            continue
-        want = getattr(md, field_name)
+    from attnsync._plan import plan_of
+
+    plan = plan_of(type(md))
+    for field_name, name in plan.staged + plan.mirrors:
+        value, want = getattr(out, name), getattr(md, field_name)
         assert tuple(value.shape) == want.shape, (name, tuple(value.shape), want.shape)
         np.testing.assert_array_equal(value.numpy(), want, err_msg=name)
+    for name in plan.scalars:
+        assert getattr(out, name) == getattr(md, name), name
 
 
 def _decode_steps(steps, *, rows=6, page=4, seed=0):
@@ -234,103 +232,68 @@ def _decode_steps(steps, *, rows=6, page=4, seed=0):
                            block_table=table, block_size=page) for step in range(steps)]
 
 
-def test_drifting_shapes_reuse_a_pool_with_room_and_stay_exact():
-    """A decode loop's FlashInfer metadata changes length nearly every step; the stager reuses
-    a pool with room (remaking only the views that changed) instead of a fresh lowering a step,
-    and every step's tensors hold exactly that step's values."""
-    stager = ast.Stager("cpu")
-    made = []
-    original = ast._Reusable.__init__
-
-    def counting(self, *args, **kwargs):
-        made.append(1)
-        original(self, *args, **kwargs)
-
+def test_drifting_shapes_share_the_ring_and_stay_exact():
+    """A decode loop's FlashInfer metadata changes length nearly every step: every step's
+    tensors hold exactly that step's values, and the slots grow only a few times."""
+    stager = ast.Stager("cpu", depth=2, check=True)
     mds = [attnsync.build(b, backend="flashinfer") for b in _decode_steps(60)]
-    lengths = {md.paged_kv_indices.shape for md in mds}
-    assert len(lengths) > 15, "the workload must drift"
-    ast._Reusable.__init__ = counting
-    try:
-        for md in mds:
-            out = ast.lower(md, "cpu", stager=stager)
-            _lowered_equals_host(md, out)
-            del out
-            # nothing outside holds any entry now: each must read as free (its baseline kept
-            # right through in-place reshapes), or the next step would make a fresh lowering
-            entries = [e for pool in stager._pools for e in pool[1:3] if e is not None]
-            assert all(e.users() == e.baseline for e in entries)
-            # and the compiled step's own count and baseline agree (attnsync._native.lower_step)
-            native = _accel.native
-            assert all(native.lower_users(e.fast) == e.fast[4][0] for e in entries if e.fast is not None)
-            assert native is None or all(e.fast is not None for e in entries)
-    finally:
-        ast._Reusable.__init__ = original
-    assert len(made) <= 2 * len(stager._pools) and len(stager._pools) <= 4, (len(made), len(stager._pools))
+    assert len({md.paged_kv_indices.shape for md in mds}) > 15, "the workload must drift"
+    for md in mds:
+        out = ast.lower(md, "cpu", stager=stager)
+        _lowered_equals_host(md, out)
+        del out
+    assert stager.stats.grows <= 4, stager.stats
 
 
-def test_a_lowering_held_across_a_shape_change_keeps_its_values():
-    stager = ast.Stager("cpu")
+def test_a_cloned_value_outlives_the_ring():
+    stager = ast.Stager("cpu", depth=2, check=True)
     mds = [attnsync.build(b, backend="flashinfer") for b in _decode_steps(40)]
     kept = {}
     for step, md in enumerate(mds):
         out = ast.lower(md, "cpu", stager=stager)
         if step % 7 == 0:
-            kept[step] = out  # held: never rewritten, whatever shapes later steps have
-        elif step % 7 == 3:
-            kept[step] = out.paged_kv_indices[1:]  # a slice of one field holds its memory
+            kept[step] = out.paged_kv_indices.clone()  # the contract's way to keep a value
         del out
     for step, value in kept.items():
-        if isinstance(value, torch.Tensor):
-            np.testing.assert_array_equal(value.numpy(), mds[step].paged_kv_indices[1:])
-        else:
-            _lowered_equals_host(mds[step], value)
-
-
-def test_a_pool_is_not_used_for_a_batch_far_smaller_than_its_room():
-    """Room is bounded from below too: the copy of a 3-row step never carries a 400-row width."""
-    stager = ast.Stager("cpu")
-    big = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=400, padded_num_tokens=410))
-    small = attnsync.build(attnsync.Batch(**MIXED))
-    ast.lower(big, "cpu", stager=stager)
-    out = ast.lower(small, "cpu", stager=stager)
-    assert len(stager._pools) == 2
-    assert_lowered_equals(small, out)
-    assert stager._reusable[next(k for k in stager._reusable if k[1][0] == (5,))][3].device_nbytes < 4096
+        np.testing.assert_array_equal(value.numpy(), mds[step].paged_kv_indices)
 
 
 @settings(max_examples=60, deadline=None)
-@given(steps=st.lists(st.tuples(batch_kwargs(inexact=False), st.booleans()), min_size=2, max_size=8))
-def test_any_sequence_of_batches_through_one_stager(steps):
-    """Shapes grow, shrink, empty and refill in any order through one stager; lowerings kept
-    by the caller keep their values, and every step is exact."""
-    stager = ast.Stager("cpu")
+@given(steps=st.lists(st.tuples(batch_kwargs(inexact=False), st.booleans()), min_size=2, max_size=8),
+       depth=st.sampled_from([0, 2, 3]))
+def test_any_sequence_of_batches_through_one_stager(steps, depth):
+    """Shapes grow, shrink, empty and refill in any order through one checking stager; every
+    step is exact, and clones kept by the caller keep their values."""
+    stager = ast.Stager("cpu", depth=depth, check=True)
     kept = []
     for kwargs, keep in steps:
         md = attnsync.build(attnsync.Batch(**kwargs))
         out = ast.lower(md, "cpu", stager=stager)
         assert_lowered_equals(md, out)
         if keep:
-            kept.append((md, out))
+            kept.append((md, out.slot_mapping.clone()))
         del out
-    for md, out in kept:
-        assert_lowered_equals(md, out)
+    for md, slots in kept:
+        np.testing.assert_array_equal(slots.numpy(), md.slot_mapping)
 
 
-def test_persistent_stager_reuses_lowerings_at_its_fixed_addresses():
+def test_persistent_stager_writes_its_fixed_addresses():
     stager = ast.Stager("cpu", persistent=True)
     mds = [attnsync.build(b) for b in _same_shape_batches(3)]
     first = ast.lower(mds[0], "cpu", stager=stager)
     address = first.slot_mapping.data_ptr()
-    mirror = first.seq_lens_cpu_upper_bound
     del first
     for md in mds[1:]:
         out = ast.lower(md, "cpu", stager=stager)
         assert out.slot_mapping.data_ptr() == address
         assert_lowered_equals(md, out)
         del out
-    # the mirror kept from the first step was never rewritten
-    np.testing.assert_array_equal(mirror.numpy(), mds[0].seq_lens)
     assert stager.stats.copies == 3
+    other = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=6, padded_num_tokens=12))
+    last = ast.lower(mds[0], "cpu", stager=stager)
+    with pytest.raises(SpecError, match="fixed addresses"):
+        ast.lower(other, "cpu", stager=stager)
+    assert_lowered_equals(mds[0], last)  # refused before anything was written
 
 
 def test_matches_the_naive_sync_ful_builder():
@@ -356,10 +319,15 @@ def test_refusals():
         ast.lower({"query_start_loc": md.query_start_loc}, "cpu")
     with pytest.raises(TypeError, match=r"lower: expected metadata"):
         ast.lower(type(md), "cpu")
-    with pytest.raises(attnsync.SpecError, match=r"num_slots: expected >= 2"):
-        ast.Stager("cpu", num_slots=1)
-    with pytest.raises(attnsync.SpecError, match=r"stager: it stages to meta.*'cpu'"):
-        ast.lower(md, "cpu", stager=ast.Stager("meta"))
+    with pytest.raises(attnsync.SpecError, match=r"depth: expected 0 .* or an int >= 2"):
+        ast.Stager("cpu", depth=1)
+    for device in ("meta", "mps"):
+        with pytest.raises(attnsync.SpecError, match=r"device: attnsync lowers to 'cuda' or 'cpu'"):
+            ast.Stager(device)
+        with pytest.raises(attnsync.SpecError, match=r"device: attnsync lowers to 'cuda' or 'cpu'"):
+            ast.lower(md, device)
+    with pytest.raises(TypeError, match=r"stager: expected an attnsync.adapters.torch.Stager"):
+        ast.lower(md, "cpu", stager="cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,19 +422,3 @@ def test_device_seq_lens_with_no_rows_and_padding_tokens():
     out = ast.lower(md, "cpu", seq_lens=torch.zeros(0, dtype=torch.int32))
     assert out.slot_mapping.tolist() == [-1, -1, -1]
     assert out.slot_mapping.dtype == torch.int64
-
-
-def test_fixed_fields_replace_staged_ones_in_reused_lowerings():
-    """A stager's fixed tensors (graph outputs, for flex_torch.CapturedBlockLists) stand in for
-    the staged field in every lowering it reuses, and that field is not packed."""
-    stager = ast.Stager("cpu", persistent=True)
-    mds = [attnsync.build(b) for b in _same_shape_batches(3)]
-    fixed = torch.full((len(MIXED["query_lens"]),), 7, dtype=torch.int32)
-    stager._fixed_fields = {"seq_lens": fixed}
-    for md in mds:
-        out = ast.lower(md, "cpu", stager=stager)
-        assert out.seq_lens is fixed
-        assert torch.equal(fixed, torch.full_like(fixed, 7)), "never written by a lowering"
-        np.testing.assert_array_equal(out.seq_lens_cpu_upper_bound.numpy(), md.seq_lens)  # the mirror is staged
-        np.testing.assert_array_equal(out.slot_mapping.numpy(), md.slot_mapping)
-        del out

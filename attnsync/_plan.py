@@ -1,0 +1,159 @@
+"""One lowering plan per metadata class: what is staged, where, as what, and what stays on the host.
+
+Both framework adapters lower a metadata dataclass the same way: the array fields declared
+`array_field(place="device" | "both")` go into one packed buffer, copied to the device at once;
+the `"host" | "both"` fields get a host mirror; int and bool fields stay host scalars. This
+module works that out once per class (`plan_of`, cached like a compiled pattern) and, per shape
+signature of a step, the packed layout (`LoweringPlan.layout`, cached), so neither adapter
+derives it again.
+
+The block table is the first staged field of every layout, at offset 0: a caller whose table
+already lies at the start of a pinned buffer can then have the other fields packed after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._staging import PackedLayout, plan_layout
+
+__all__ = ["LoweringPlan", "plan_of"]
+
+# Shape rules a metadata class follows when it has these fields (vLLM's meanings): the field's
+# length is that scalar plus the offset; "table" rows follow num_reqs.
+_LENGTH_RULES = {"query_start_loc": ("num_reqs", 1), "seq_lens": ("num_reqs", 0),
+                 "slot_mapping": ("num_actual_tokens", 0)}
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """`getter(mapping)` -> the values of `names` in order, always a tuple (one C call)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda mapping: (mapping[name],)
+    if not names:
+        return lambda mapping: ()
+    return operator.itemgetter(*names)
+
+
+@dataclass(frozen=True, eq=False)
+class LoweringPlan:
+    """How one metadata class lowers (made once per class by `plan_of`).
+
+    Attributes:
+        md_class: the metadata dataclass.
+        staged: (field, lowered name) of every device field, the block table first.
+        mirrors: (field, lowered name) of every host mirror ("host" fields keep their name,
+            "both" fields get `_cpu` unless they declare `host_name`).
+        scalars: names of the int and bool fields (host scalars in every framework).
+        statics: names of the other non-array fields (str options), carried as they are.
+        arrays: every array field a lowering reads (staged, then mirror-only), in that order.
+        length_rules: (field, scalar, offset) for the fields whose length follows a scalar
+            (`"table"`: rows follow num_reqs), checked by `attnsync._spec.check_lowerable`.
+        has_slot_mapping: the class has `slot_mapping` (device slot recomputation applies).
+        exact_slots_flag: the class has `slot_mapping_exact` (inexact batches need device lengths).
+    """
+
+    md_class: type
+    staged: tuple[tuple[str, str], ...]
+    mirrors: tuple[tuple[str, str], ...]
+    scalars: tuple[str, ...]
+    statics: tuple[str, ...]
+    arrays: tuple[str, ...]
+    length_rules: tuple[tuple[str, str | None, int], ...]
+    has_slot_mapping: bool
+    exact_slots_flag: bool
+    staged_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
+    mirrors_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
+    scalars_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
+    _layouts: dict[tuple, PackedLayout] = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def staged_fields(self) -> tuple[str, ...]:
+        """The metadata field names of the staged arrays, in layout order."""
+        return tuple(name for name, _ in self.staged)
+
+    @functools.cached_property
+    def mirror_fields(self) -> tuple[str, ...]:
+        """The metadata field names of the host mirrors, in mirror-layout order."""
+        return tuple(name for name, _ in self.mirrors)
+
+    def layout(self, arrays: tuple[np.ndarray, ...], wide: tuple[tuple[str, Any], ...] = ()) -> PackedLayout:
+        """The packed layout of the staged `arrays` (`staged_of(md.__dict__)`), cached per shapes.
+
+        Integer fields are staged as int32 (attnsync speaks int32; `check_lowerable` refused
+        values that do not fit), bool and float32 fields as they are, except the fields named in
+        `wide` (field, numpy dtype), which the caller's framework wants wider (torch's int64 slot
+        ids). Every field starts at a 64-byte aligned offset.
+        """
+        return self._layout(self.staged_fields, arrays, wide)
+
+    def mirror_layout(self, arrays: tuple[np.ndarray, ...]) -> PackedLayout:
+        """The layout of the host mirrors (`mirrors_of(md.__dict__)`) in one host buffer."""
+        return self._layout(self.mirror_fields, arrays, ())
+
+    def _layout(self, names: tuple[str, ...], arrays: tuple[np.ndarray, ...], wide: tuple) -> PackedLayout:
+        key = (names, tuple([a.shape for a in arrays]), tuple([a.dtype.kind for a in arrays]), wide)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 1024:  # a server meets a few shapes; a fuzzer meets many
+                self._layouts.clear()
+            widened = dict(wide)
+            layout = self._layouts[key] = plan_layout([
+                (name, a.shape, widened.get(name, np.int32 if a.dtype.kind in "iu" else a.dtype))
+                for name, a in zip(names, arrays, strict=True)])
+        return layout
+
+
+@functools.lru_cache(maxsize=None)
+def plan_of(md_class: type) -> LoweringPlan:
+    """The lowering plan of a metadata dataclass (cached: one per class)."""
+    if not dataclasses.is_dataclass(md_class):
+        raise TypeError(f"{md_class!r} is not a metadata dataclass")
+    fields = dataclasses.fields(md_class)
+    names = {f.name for f in fields}
+    staged, mirrors, rules = [], [], []
+    for f in fields:
+        place = f.metadata.get("place")
+        if place is None:
+            continue
+        if place in ("device", "both"):
+            staged.append((f.name, f.metadata["device_name"] or f.name))
+        if place in ("host", "both"):
+            mirrors.append((f.name, f.metadata["host_name"] or (f.name if place == "host" else f"{f.name}_cpu")))
+        rule = _LENGTH_RULES.get(f.name)
+        if rule is not None and rule[0] in names:
+            rules.append((f.name, rule[0], rule[1]))
+        elif f.name == "block_table" and "num_reqs" in names:
+            rules.append((f.name, "table", 0))
+        else:
+            rules.append((f.name, None, 0))
+    staged.sort(key=lambda pair: pair[0] != "block_table")  # the table first (module docstring)
+    scalars, statics = [], []
+    for f in fields:
+        if "place" in f.metadata:
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        (scalars if kind in ("int", "bool") else statics).append(f.name)
+    staged_names = tuple(name for name, _ in staged)
+    arrays = staged_names + tuple(name for name, _ in mirrors if name not in staged_names)
+    return LoweringPlan(
+        md_class=md_class,
+        staged=tuple(staged),
+        mirrors=tuple(mirrors),
+        scalars=tuple(scalars),
+        statics=tuple(statics),
+        arrays=arrays,
+        length_rules=tuple(rules),
+        has_slot_mapping="slot_mapping" in names,
+        exact_slots_flag="slot_mapping_exact" in names,
+        staged_of=_getter(staged_names),
+        mirrors_of=_getter(tuple(name for name, _ in mirrors)),
+        scalars_of=_getter(tuple(scalars)),
+    )
