@@ -6,10 +6,10 @@ Both want the same thing from the metadata: a small, fixed set of shapes, and ho
 that do not change from step to step. `BucketLadder` provides it. Given the engine's limits it
 picks, for each batch, the smallest of a few buckets (rows, tokens, block-table width) that the
 batch fits, pads the batch to it, and names the bucket's worst-case host scalars, which replace
-the per-step values (vllm-backends.md 4.2: "host scalars must be the captured bucket's worst
-case"; 4.4 lists the static bounds).
+the per-step values: a captured graph replays with the scalars it was captured with, so they
+must be the bucket's worst case.
 
-Which buckets (vllm-backends.md 4.1, the CUDA-graph dispatcher):
+Which buckets (as vLLM's CUDA-graph dispatcher pads):
 
 - tokens: the smallest rung of the token ladder >= the batch's tokens (default: powers of two
   up to `max_num_tokens`, which is always a rung);
@@ -190,7 +190,7 @@ class Bucket:
                 )
         values = (self.num_reqs, self.num_tokens, self.max_query_len, self.max_seq_len)
         # A shallow copy with four scalars set: dataclasses.replace would re-run __init__ over
-        # every field (~10 us a step); the arrays are shared, as replace would share them.
+        # every field, a cost paid every step; the arrays are shared, as replace would share them.
         out = _shallow_copy(md)
         names = _field_names(type(md))
         for name, value in zip(BOUND_SCALARS, values, strict=True):
@@ -422,7 +422,7 @@ class BucketLadder:
             freeze(table)
         # Everything Batch validated still holds: only the padding sizes (checked against the
         # real counts above) and the table's unused columns change. Skipping a second
-        # validation saves ~40 us a step (the host time this module exists to save).
+        # validation saves a large share of a step's host time (what this module exists to save).
         padded = copy.copy(batch)
         object.__setattr__(padded, "block_table", table)
         object.__setattr__(padded, "padded_num_reqs", bucket.num_reqs)

@@ -3,18 +3,16 @@
 Framework-neutral (numpy only). The adapters supply the framework hooks: how to allocate a
 pinned host slot, how to record and wait for the event that marks a slot's copy complete.
 
-Why one packed buffer: each host-to-device copy costs a driver call and, through DLPack into
-JAX, a per-array import (about 80 us each on CPU, reference A8); packing makes a lowering one
-copy whatever the number of fields (tpu-inference packs for the same reason, reference B6).
+Why one packed buffer: each host-to-device copy costs a driver call and, into JAX, a
+per-array transfer or import; packing makes a lowering one copy whatever the number of fields.
 
 Why 64-byte offsets: JAX on CPU aliases only 64-byte aligned buffers and silently copies
-others; JAX on GPU rejects buffers that are not 16-byte aligned at first use
-(jax-dlpack-flashinfer-peers.md A2). 64 satisfies both.
+others; JAX on GPU rejects buffers that are not 16-byte aligned at first use. 64 satisfies both.
 
 Why a ring of slots with events: a pinned host buffer is read by the DMA engine when the
 copy *executes*, not when it is enqueued. Rewriting it before then corrupts the device copy
-(reference C4; the negative test in tests/gpu/test_core_gpu.py shows it). A slot is therefore
-rewritten only after the event recorded after its last copy has completed.
+(the negative test in tests/gpu/test_core_gpu.py shows it). A slot is therefore rewritten only
+after the event recorded after its last copy has completed. docs/sync-free.md has the details.
 """
 
 from __future__ import annotations

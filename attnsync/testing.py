@@ -7,7 +7,7 @@ Frameworks are imported inside each function, so importing this module stays che
 - `assert_no_host_stall(fn)`: the ground truth. It queues a ~50 ms sleep kernel, runs `fn`
   and requires the host to return long before the kernel ends. It catches every host block,
   including those the debug mode misses (`Event.synchronize`, `torch.cuda.synchronize`,
-  pageable device-to-host copies, syncs inside FlashInfer or JAX; reference E2).
+  pageable device-to-host copies, syncs inside FlashInfer or JAX; see docs/sync-free.md).
 - `naive_common_torch(batch, device)`: the sync-ful way (device lists, `.item()` maxima), the
   baseline of the equivalence tests and benchmarks.
 """
@@ -67,8 +67,8 @@ def host_time_under_busy_gpu(fn: Callable[[], Any], *, sleep_ms: float = 50.0) -
     """Run `fn` while a `sleep_ms` kernel occupies the current stream; return (host ms, result).
 
     The sleep kernel's length is timed with CUDA events. If it ran short (its rate was
-    calibrated while other processes shared the GPU: on the 2-GPU H100 host a "50 ms" sleep
-    lasted 13 ms in run 7), the rate is corrected from that measurement and `fn` runs again
+    calibrated while other processes shared the GPU, a "50 ms" sleep can last a fraction of
+    that), the rate is corrected from that measurement and `fn` runs again
     (at most three runs), so a waiting `fn` is not mistaken for one that returned early.
     """
     import torch

@@ -18,7 +18,7 @@ between calls (so the pinned ring never waits). On a CUDA host everything target
 CPU-only host it still runs (device "cpu") and the results are labelled CPU-only: there the
 lowerings copy nothing and `.item()` does not wait, so only the GPU numbers count.
 Writes DIR/bench_common.json and prints markdown tables. Target (the issue's): build + torch
-lower for 256 decode requests under 50 us of host time on an H100.
+lower for 256 decode requests under 50 microseconds of host time on an H100.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-# JAX would take 75 % of GPU memory at import, next to torch in this process (GPU.md).
+# JAX would take 75 % of GPU memory at import, next to torch in this process (docs/jax.md).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 try:
     import attnsync
@@ -114,8 +114,8 @@ def side_by_side(fns: dict[str, Callable[[], Any]], drain: Callable[[], None], *
     """Median host us of each of `fns` over `rounds` rounds of one warm block each (3 untimed
     calls, then `calls` timed ones, drained before each), the blocks alternating within a round
     and their order reversed every other round. Readings taken this way compare with each other
-    even where the host's speed drifts from minute to minute (results/2026-11-27-h100, session 7:
-    the numpy-add probe read 1.06 and 1.98 us on one H100 within ten minutes)."""
+    even where the host's speed drifts from minute to minute (the numpy-add probe has been seen
+    to nearly double on one GPU host within ten minutes)."""
     from bench_native import block  # one warm timed block, the device drained before each call
 
     names = list(fns)
@@ -147,8 +147,8 @@ def _warm_process(fns: dict[str, Callable[[], Any] | None], drain: Callable[[], 
 def host_calibration(drain: Callable[[], None], *, reps: int, warmup: int) -> dict[str, float]:
     """Median host microseconds of three probes that say how fast this machine's CPU is.
 
-    The GPU hosts' CPUs differ by up to 4x between machines (results/2026-11-27-h100), and
-    build + lower is a few dozen such calls: numbers from two runs compare only next to these.
+    The GPU hosts' CPUs differ by up to 4x between machines, and build + lower is a few dozen
+    such calls: numbers from two runs compare only next to these.
     """
     small = np.arange(256, dtype=np.int32)
     table = np.arange(TARGET_REQS * WIDTH, dtype=np.int32).reshape(TARGET_REQS, WIDTH)  # the target's table

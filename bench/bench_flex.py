@@ -119,9 +119,9 @@ def paired_ratio(numerator, denominator, device: torch.device, *, rounds: int = 
     taken one after the other can catch it in only one.
 
     The per-block warm-up keeps the comparison between warm functions, as `measure` does: with
-    one warm-up call and 10 timed ones (run 30) the captured step's block median was 249 us
-    against 83 us in its 40-call measurement on the same host, because every block starts just
-    after the other side's calls and `measure`'s `gc.collect()`, with cold caches.
+    one warm-up call per block the captured step's block median read about three times its
+    warm measurement on the same host, because every block starts just after the other side's
+    calls and `measure`'s `gc.collect()`, with cold caches.
     """
     def block(fn) -> float:
         return measure(fn, device, calls, warmup=warmup)["host_ms"]
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two sizes (32 and 256), 40 iterations")
     args = parser.parse_args(argv)
     if args.quick:
-        # 40 samples, not fewer: at 15 the captured step's median moved 2x between hosts (runs 27, 28)
+        # 40 samples, not fewer: at 15 the captured step's median moved 2x between hosts
         args.reqs, args.iters = [32, 256], min(args.iters, 40)
     device = torch.device(args.device)
     run_baseline = args.baseline == "on" or (args.baseline == "auto" and device.type == "cuda")

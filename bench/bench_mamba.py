@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX next to torch (GPU.md)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX next to torch: docs/jax.md
 try:
     import attnsync
 except ImportError:  # a checkout without `pip install -e .`

@@ -4,8 +4,8 @@
 
 `attnsync/_native.c` (see `attnsync/_accel.py`) stands in for attnsync's hot numpy steps. This script
 times the paths it touches in ONE process, switching `attnsync._accel.native` between the
-module and None (the numpy forms) block by block: the hosts' speed drifts from second to second
-(results/2026-11-27-h100, runs 46-47), so only blocks taken side by side compare. Per round and
+module and None (the numpy forms) block by block: the GPU hosts' speed drifts from second to
+second, so only blocks taken side by side compare. Per round and
 case, one warm block of calls per mode (5 untimed, then `calls` timed, the device drained before
 each timed call), the modes in alternating order; the report gives each mode's median over the
 rounds and the median of the per-round ratios numpy / native.
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU.md: JAX next to torch
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX next to torch: docs/jax.md
 try:
     import attnsync
 except ImportError:  # run from a checkout without `pip install -e .`

@@ -1,23 +1,23 @@
-"""TurboQuant serving loop: per-layer host reads (vLLM before #41434) vs attnsync, side by side.
+"""TurboQuant serving loop: per-layer host reads (vLLM before its PR 41434) vs attnsync, side by side.
 
     python bench/bench_turboquant.py --out DIR [--quick]
 
 Writes ``DIR/bench_turboquant.json`` and ``DIR/bench_turboquant.md``. Without CUDA it writes a
 "skipped" JSON and exits 0.
 
-The loop is shaped like the seed PR's run (vllm-pr-41434: Qwen3-0.6B, TurboQuant k8v4,
-concurrency 32): 28 attention layers with Qwen3-0.6B's shapes (hidden 1024, 16 q heads, 8 kv
-heads, head dim 128, page 16), random bf16 weights (QKV and output projections, residual
-stream; no MLP, no RoPE), a quantized paged cache per layer, 32 concurrent requests with
-prompts of 128..384 tokens prefilled in chunks of up to 128 (at most two prefilling rows per
-step, so most steps mix decodes with fresh or continuation prefills) and random output lengths.
-Every step ends with a small device-to-host copy of "sampled" values, and the host waits for
-the previous step's copy before building the next one: one step of lookahead, as an engine with
-async scheduling has.
+The loop is shaped like the benchmark of vLLM's sync-removal PR (vllm-project/vllm#41434:
+Qwen3-0.6B, TurboQuant k8v4, concurrency 32): 28 attention layers with Qwen3-0.6B's shapes
+(hidden 1024, 16 q heads, 8 kv heads, head dim 128, page 16), random bf16 weights (QKV and
+output projections, residual stream; no MLP, no RoPE), a quantized paged cache per layer, 32
+concurrent requests with prompts of 128..384 tokens prefilled in chunks of up to 128 (at most
+two prefilling rows per step, so most steps mix decodes with fresh or continuation prefills)
+and random output lengths. Every step ends with a small device-to-host copy of "sampled"
+values, and the host waits for the previous step's copy before building the next one: one step
+of lookahead, as an engine with async scheduling has.
 
 Both modes run the same schedule, the same metadata build and staging (`attnsync.build` +
 `attnsync.adapters.torch.lower`, one pinned copy per step) and the same kernels; they differ
-only in the per-layer host code, which is what #41434 changed:
+only in the per-layer host code, which is what that PR changed:
 
 * ``naive``: `TurboQuantAttention.forward_naive`: every layer with prefills reads
   ``query_start_loc.tolist()`` and ``seq_lens.tolist()`` from the device (plus
@@ -28,7 +28,7 @@ only in the per-layer host code, which is what #41434 changed:
 
 Modes alternate (naive, attnsync, naive, ...) after one warm-up pass of each (Triton compiles);
 the result is the median over repeats of output tokens per second, and the ratio
-attnsync / naive. The seed reported +4.84 % output throughput for its change.
+attnsync / naive. The PR reported +4.84 % output throughput for its change.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import attnsync  # noqa: E402
 
-SEED_RATIO = 1.0484  # vllm-pr-41434: 7441.51 -> 7801.99 output tok/s on TurboQuant
+SEED_RATIO = 1.0484  # vllm-project/vllm#41434: 7441.51 -> 7801.99 output tok/s on TurboQuant
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| mode | output tokens/s (median) | steps/s (median) | syncs in one mixed step | passes (tokens/s) |",
         "|---|---:|---:|---:|---|",
     ]
-    for name, label in (("naive", "naive per-layer host reads (before #41434)"), ("attnsync", "attnsync")):
+    for name, label in (("naive", "naive per-layer host reads (vLLM before PR 41434)"),
+                        ("attnsync", "attnsync")):
         m = modes[name]
         lines.append(
             f"| {label} | {m['tokens_per_s_median']:.1f} | {m['steps_per_s_median']:.1f} | "
@@ -342,7 +343,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"ratio attnsync / naive: **{result['ratio']:.4f}** (seed PR: {result['seed_ratio']:.4f}; "
+        f"ratio attnsync / naive: **{result['ratio']:.4f}** (vLLM PR 41434: {result['seed_ratio']:.4f}; "
         f"{'meets' if result['meets_seed_ratio'] else 'below'} it). Outputs of one mixed step equal: "
         f"{result['outputs_match']}.",
         "",

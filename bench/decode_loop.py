@@ -21,11 +21,11 @@ Triton kernel `unified_paged_attention` (per layer; it needs no plan, so `naive`
 + `.item()` and `attnsync` is build + lower of the common metadata). For the attnsync FlashInfer
 mode the host time of each step is split into batch+build, lower, plan and the 28 launches
 (medians over steps). A micro-benchmark times FlashInfer build+lower alone for 32 decode
-requests (target: under 30 us of host time).
+requests (target: under 30 microseconds of host time).
 
 Writes DIR/decode_loop.json and prints markdown tables. Without CUDA or flashinfer it says so,
 writes {"status": "skipped", "reason": ...} and exits 0. Steps/s only compare within one run
-(GPU.md: hosts differ by 15 %).
+(GPU hosts differ by 15 % or more).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU.md: JAX next to torch
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX next to torch: docs/jax.md
 try:
     import attnsync
 except ImportError:  # run from a checkout without `pip install -e .`

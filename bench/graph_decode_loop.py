@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU.md: JAX next to torch
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX next to torch: docs/jax.md
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_loop's workload
 try:
     import attnsync

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-# On a GPU the JAX adapter stages through torch: JAX must not take 75 % of the memory (GPU.md).
+# JAX would reserve 75 % of the GPU's memory at start-up; torch may share this process (docs/jax.md).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 try:
     import attnsync

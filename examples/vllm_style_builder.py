@@ -3,7 +3,7 @@
     python examples/vllm_style_builder.py      # a demo step on the CPU (on the GPU when present)
 
 vLLM's model runner calls `builder.build(common_prefix_len, common_attn_metadata)` once per
-step and kv-cache group, with a `CommonAttentionMetadata` (vllm-backends.md 1.1): device
+step and kv-cache group, with a `CommonAttentionMetadata`: device
 tensors (`query_start_loc`, `seq_lens`, `block_table_tensor`, `slot_mapping`), their host
 mirrors (`query_start_loc_cpu`, `seq_lens_cpu_upper_bound`) and host ints (`num_reqs`,
 `num_actual_tokens`, `max_query_len`, `max_seq_len`). `AttnsyncMetadataBuilder` has that shape

@@ -198,7 +198,7 @@ def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
     if known is not None:
         # `Batch` already refused page ids at or beyond its own num_cache_pages (in the one scan
         # of the table it makes for the largest id), and `pages` equals it here: scanning the
-        # table again was 1.5 us of a 256-row decode build on the CPU host.
+        # table again would be a noticeable share of a decode build.
         return pages
     table = batch.block_table
     if table.size and int(table.max()) >= pages:
@@ -254,9 +254,9 @@ def _first_occurrences(key: np.ndarray, key_bound: int) -> np.ndarray:
     """Mask of the first occurrence of each value of `key` (values in [0, key_bound)).
 
     One plain sort of ``key * n + index`` (unique values, so no stable sort is needed, and
-    numpy's plain sort is several times faster than a stable argsort: 55 us against 615 us for
-    18k int64 keys on the CPU host); the index of the first entry of each run of equal keys is
-    its first occurrence. Falls back to a stable argsort when the combined value could overflow.
+    numpy's plain sort is several times faster than a stable argsort on int64 keys); the index
+    of the first entry of each run of equal keys is its first occurrence. Falls back to a
+    stable argsort when the combined value could overflow.
     """
     n = key.shape[0]
     first = np.zeros(n, dtype=bool)
@@ -298,8 +298,7 @@ def device_list_bound(common: Any, *, q_block_size: int, num_q_blocks: int, num_
     if tokens == rows and common.max_query_len == 1:
         # One token per row: query block b holds rows [b * q_block_size, ...) exactly, so its
         # sum is one segment sum (int64: q_block_size rows of int32 counts may not fit int32).
-        # The same value as the general path below, in 2.7 us instead of 7.9 at 256 rows on the
-        # CPU host.
+        # The same value as the general path below, in about a third of its time.
         most = int(np.add.reduceat(pages, np.arange(0, rows, q_block_size), dtype=np.int64).max())
         return max(0, min(most, num_pages - 1))
     owned_before = np.zeros(rows + 1, dtype=np.int64)
@@ -371,12 +370,12 @@ def block_sparse_pages(
         pages, blocks = pages[real], blocks[real]
         # Without shared pages (no prefix caching, no reused pages in this batch) every
         # (block, page) pair is already unique: one bincount over the cache pages proves it
-        # and skips the sort, 40 % of this function at 256 decode rows on the CPU host.
+        # and skips the sort, the costliest step of this function in decode batches.
         if pages.size and np.bincount(pages, minlength=num_pages).max() > 1:
             first = _first_occurrences(blocks * num_pages + pages, num_q_blocks * num_pages)
             pages, blocks = pages[first], blocks[first]
         # blocks is sorted (block order): a block's count is the length of its run, found by
-        # binary search (1 us) rather than a bincount over every candidate (15 us for 18k).
+        # binary search, far cheaper than a bincount over every candidate.
         counts = np.diff(np.searchsorted(blocks, np.arange(num_q_blocks + 1, dtype=np.int64)))
     longest = int(counts.max(initial=0))
     if width is None:
@@ -394,7 +393,7 @@ def block_sparse_pages(
         # Candidates come in block order, so block b's kept pages are the next counts[b] of
         # them: the first counts[b] columns of row b, in row-major order, are exactly where
         # they go. One boolean-mask store; the rank arithmetic it replaces (index minus the
-        # block's start, then a scatter) cost 14 us more in a 256-row decode build on the CPU host.
+        # block's start, then a scatter) was slower.
         kv_indices[prefix_mask(counts, width)] = pages
     return counts.astype(np.int32), kv_indices
 
@@ -490,7 +489,7 @@ def _build(
         # With a fixed width the exact bound only decides whether to refuse it. In a decode step
         # a query block spans at most q_block_size rows (one per token), each owning at most
         # max_pages pages, so a width >= min(q_block_size * max_pages, pages - 1) is never
-        # refused and the bound (2.7 us at 256 rows) is skipped; the bench's bucket (width 2048
+        # refused and the bound is skipped; the bench's bucket (width 2048
         # >= 16 * 126) is one. Other batches may span token-less rows, which the bound counts.
         if width is None or not decode or width < min(qb * max_pages, pages - 1):
             bound = device_list_bound(common, q_block_size=qb, num_q_blocks=num_q_blocks, num_pages=pages,

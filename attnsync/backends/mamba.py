@@ -1,4 +1,4 @@
-"""The ``mamba`` backend: Mamba1 / Mamba2 state-space metadata (vllm-backends.md 2.3).
+"""The ``mamba`` backend: Mamba1 / Mamba2 state-space metadata (as vLLM's Mamba backends take it).
 
 Host only, numpy only (the "plan" phase). A Mamba layer runs two paths over one batch:
 

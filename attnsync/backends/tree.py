@@ -1,4 +1,4 @@
-"""The ``tree`` backend: tree attention for speculative decoding (vllm-backends.md 2.4).
+"""The ``tree`` backend: tree attention for speculative decoding.
 
 A speculative token tree is a set of paths from an implicit root. Path ``(a, b, c)`` is the
 ``c``-th candidate after the ``b``-th candidate after the ``a``-th candidate drafted after the

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: metadata for attnsync's Triton paged attention (vllm-backends.md 2.5).
+"""The ``triton`` backend: metadata for attnsync's Triton paged attention.
 
 No reordering and no split: one kernel handles mixed batches. What the host adds to the
 common fields is the kernel choice and its scratch sizes, and the bidirectional multimodal
@@ -39,15 +39,13 @@ from .._spec import array_field, build_common, inherit
 from .._validate import SpecError, as_int, freeze
 
 DEFAULT_NUM_SEGMENTS = 16  # partial-softmax segments per row on the split-KV path (vLLM uses 16)
-# Split-KV only pays off for long rows. On an H100 (torch 2.11, Triton 3.6), 8 decode rows of
-# 512 keys ran slower on the split-KV path than on the 2D path. 512 keys are 8 KV tiles of 64, so
-# the split grid gets at most 8 segments of one tile each; the likely cause is that the second
-# (reduce) launch and the fp32 partials' round trip cost more than walking 8 tiles in one 2D
-# program does. With 4096 keys the 2D path took 123 us for 8 rows (64 sequential tiles per program,
-# 64 working programs for 132 SMs): the case split-KV exists for. 1024 keys is the first length at which
-# each of the 16 segments gets a full tile; the exact crossover between 512 and 4096 is not
-# measured yet (tests/gpu/test_triton_gpu.py::test_split_kv_crossover_sweep prints a sweep on
-# a GPU host; move this default to what it shows).
+# Split-KV only pays off for long rows. At 512 keys (8 KV tiles of 64) the split grid gets at
+# most 8 one-tile segments, and its second (reduce) launch and the fp32 partials' round trip
+# cost more than walking 8 tiles in one 2D program: it ran slower on an H100. At 4096 keys a
+# 2D program walks 64 tiles in sequence while few programs fill the GPU: the case split-KV
+# exists for. 1024 keys is the first length at which each of the 16 segments gets a full tile;
+# the exact crossover is not pinned down yet (tests/gpu/test_triton_gpu.py::
+# test_split_kv_crossover_sweep prints a sweep on a GPU host; move this default to what it shows).
 DEFAULT_SPLIT_KV_MIN_SEQ_LEN = 1024
 
 

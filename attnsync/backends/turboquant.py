@@ -3,7 +3,7 @@
 Host side only (numpy). This module holds three things:
 
 1. the **builder** (`build`): the metadata a TurboQuant layer needs so that its per-layer code
-   reads no device value (vllm-backends.md 2.6);
+   reads no device value;
 2. the **cache format** (`SlotLayout`, `slot_layout`, `rotation_matrix`, `quantize`,
    `dequantize`, `write_slots`): the exact bytes of one cache slot, with a numpy quantizer that
    the Triton, torch and JAX writers match bit for bit;

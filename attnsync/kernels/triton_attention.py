@@ -77,15 +77,13 @@ import triton.language as tl
 __all__ = ["paged_attention_from_metadata", "split_kv_scratch", "unified_paged_attention"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Keys per KV tile. Measured on one H100 (torch 2.11, Triton 3.6; bf16, Hq 32, Hkv 8, D 128,
-# pages of 16, triton.testing.do_bench): 64 beat 32 on every case tried, e.g. 8 decodes of
-# 4096 keys on the 2D path 123 vs 184 us, 256 decodes of 1024 keys 381 vs 409 us, a 4096-token
-# prefill 536 vs 549 us; 16 was slower still (prefill 761 us). It divides pages of 64, and pages
-# of 16 give 4 contiguous runs per tile.
+# Keys per KV tile: 64 was faster than 32 and 16 on every decode and prefill shape tried on an
+# H100 (bf16, GQA 32/8, head dim 128). It divides pages of 64, and pages of 16 give 4
+# contiguous runs per tile.
 _TILE_N = 64
 # Largest tile of (query token, q head) rows in the 2D path; decode batches use 16 (tl.dot's
-# minimum M), prefills grow to this so each loaded KV tile serves more queries. 128 was no
-# faster in the measurements above (a 4096-token prefill took 586 us against 536 us).
+# minimum M), prefills grow to this so each loaded KV tile serves more queries. 128 was slower
+# than 64 on a long prefill in the same measurements.
 _MAX_BLOCK_M = 64
 _LOG2E = 1.4426950408889634
 

@@ -24,9 +24,10 @@ the numpy reference there. One layer step (`TurboQuantAttention.forward`) is:
 a lowered object, for code that wants to call the kernels itself.
 
 Nothing in `forward` reads a device value: every branch and loop bound is a host int of the
-metadata, every device value stays on the device. `TurboQuantAttention.forward_naive` is the
-pre-#41434 baseline (``.tolist()`` of device tensors every layer, ``torch.zeros(2)`` per call,
-``t[1] = q_len``), kept for the equivalence tests and `bench/bench_turboquant.py`.
+metadata, every device value stays on the device. `TurboQuantAttention.forward_naive` is
+vLLM's code before its sync-removal PR (vllm-project/vllm#41434): ``.tolist()`` of device
+tensors every layer, ``torch.zeros(2)`` per call, ``t[1] = q_len``; it is kept for the
+equivalence tests and `bench/bench_turboquant.py`.
 
 Two implementations of the four device operations: ``impl="triton"`` (the kernels below) and
 ``impl="torch"`` (plain torch ops with static shapes; slower and memory hungry, but framework
@@ -1104,9 +1105,9 @@ class TurboQuantAttention:
     def forward_naive(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, md: Any
     ) -> torch.Tensor:
-        """The pre-#41434 baseline: same kernels, host values read back from the device per layer.
+        """vLLM's baseline before its PR 41434: same kernels, host values read back from the device per layer.
 
-        Per layer it does what vLLM's TurboQuant did before the seed PR: on a mixed batch
+        Per layer it does what vLLM's TurboQuant did before that PR: on a mixed batch
         ``max(seq_lens[nd:].tolist())``; in the prefill path ``query_start_loc.tolist()`` and
         ``seq_lens.tolist()`` (each a device-to-host sync); per request a fresh
         ``torch.zeros(2, device)`` and a scalar store ``cu[1] = q_len`` (a blocking copy on
@@ -1124,7 +1125,7 @@ class TurboQuantAttention:
         )
         if n > nd:
             if nd:
-                # the prefill sub-batch's max_seq_len, read from the device as before #41434
+                # the prefill sub-batch's max_seq_len, read from the device as vLLM did
                 _prefill_max_seq = max(md.seq_lens[nd:n].tolist())
             qsl = md.query_start_loc.tolist()  # device read
             seq_lens = md.seq_lens.tolist()  # device read
