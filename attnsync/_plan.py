@@ -24,7 +24,11 @@ import numpy as np
 
 from ._staging import PackedLayout, plan_layout
 
-__all__ = ["LoweringPlan", "plan_of"]
+__all__ = ["LoweringPlan", "StepLayout", "plan_of"]
+
+# The instance-dict key `attnsync._spec.construct` sets on metadata a builder made: its dtypes
+# are the ones its class declares, and its values were validated once, at `Batch`.
+BUILT_MARK = "_attnsync_built"
 
 # Shape rules a metadata class follows when it has these fields (vLLM's meanings): the field's
 # length is that scalar plus the offset; "table" rows follow num_reqs.
@@ -53,6 +57,7 @@ class LoweringPlan:
             "both" fields get `_cpu` unless they declare `host_name`).
         scalars: names of the int and bool fields (host scalars in every framework).
         statics: names of the other non-array fields (str options), carried as they are.
+        host_values: `scalars + statics`, what every lowering carries unchanged.
         arrays: every array field a lowering reads (staged, then mirror-only), in that order.
         length_rules: (field, scalar, offset) for the fields whose length follows a scalar
             (`"table"`: rows follow num_reqs), checked by `attnsync._spec.check_lowerable`.
@@ -72,7 +77,10 @@ class LoweringPlan:
     staged_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
     mirrors_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
     scalars_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
-    _layouts: dict[tuple, PackedLayout] = field(default_factory=dict, repr=False)
+    host_values: tuple[str, ...]
+    host_values_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
+    arrays_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
+    _layouts: dict[tuple, StepLayout] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def staged_fields(self) -> tuple[str, ...]:
@@ -84,31 +92,42 @@ class LoweringPlan:
         """The metadata field names of the host mirrors, in mirror-layout order."""
         return tuple(name for name, _ in self.mirrors)
 
-    def layout(self, arrays: tuple[np.ndarray, ...], wide: tuple[tuple[str, Any], ...] = ()) -> PackedLayout:
-        """The packed layout of the staged `arrays` (`staged_of(md.__dict__)`), cached per shapes.
+    def layouts(self, values: Mapping[str, Any], wide: tuple[tuple[str, Any], ...] = ()) -> StepLayout:
+        """The packed layouts of one step (`values`: a metadata instance dict), cached per shapes.
 
         Integer fields are staged as int32 (attnsync speaks int32; `check_lowerable` refused
         values that do not fit), bool and float32 fields as they are, except the fields named in
         `wide` (field, numpy dtype), which the caller's framework wants wider (torch's int64 slot
-        ids). Every field starts at a 64-byte aligned offset.
+        ids). Every field starts at a 64-byte aligned offset. Built metadata has the same dtypes
+        every step (its class fixes them), so only the shapes key the cache; edited metadata
+        adds its dtypes to the key.
         """
-        return self._layout(self.staged_fields, arrays, wide)
-
-    def mirror_layout(self, arrays: tuple[np.ndarray, ...]) -> PackedLayout:
-        """The layout of the host mirrors (`mirrors_of(md.__dict__)`) in one host buffer."""
-        return self._layout(self.mirror_fields, arrays, ())
-
-    def _layout(self, names: tuple[str, ...], arrays: tuple[np.ndarray, ...], wide: tuple) -> PackedLayout:
-        key = (names, tuple([a.shape for a in arrays]), tuple([a.dtype.kind for a in arrays]), wide)
-        layout = self._layouts.get(key)
-        if layout is None:
+        arrays = self.arrays_of(values)
+        key = tuple([a.shape for a in arrays])
+        if not values.get(BUILT_MARK):
+            key += tuple([a.dtype.str for a in arrays])
+        step = self._layouts.get((key, wide))
+        if step is None:
             if len(self._layouts) > 1024:  # a server meets a few shapes; a fuzzer meets many
                 self._layouts.clear()
             widened = dict(wide)
-            layout = self._layouts[key] = plan_layout([
-                (name, a.shape, widened.get(name, np.int32 if a.dtype.kind in "iu" else a.dtype))
-                for name, a in zip(names, arrays, strict=True)])
-        return layout
+
+            def layout(names: tuple[str, ...]) -> PackedLayout:
+                return plan_layout([
+                    (name, values[name].shape,
+                     widened.get(name, np.int32 if values[name].dtype.kind in "iu" else values[name].dtype))
+                    for name in names])
+
+            step = self._layouts[(key, wide)] = StepLayout(layout(self.staged_fields), layout(self.mirror_fields))
+        return step
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """The two packed layouts of one step: the staged (device) fields and the host mirrors."""
+
+    staged: PackedLayout
+    mirrors: PackedLayout
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,4 +175,7 @@ def plan_of(md_class: type) -> LoweringPlan:
         staged_of=_getter(staged_names),
         mirrors_of=_getter(tuple(name for name, _ in mirrors)),
         scalars_of=_getter(tuple(scalars)),
+        host_values=tuple(scalars + statics),
+        host_values_of=_getter(tuple(scalars + statics)),
+        arrays_of=_getter(arrays),
     )

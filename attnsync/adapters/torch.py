@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._plan import LoweringPlan, plan_of
+from .._plan import LoweringPlan, StepLayout, plan_of
 from .._spec import BUILT_MARK, check_lowerable
 from .._staging import ALIGN_BYTES, PackedLayout, StagingStats, _round_up, pack, plan_layout, unpack
 from .._validate import SpecError
@@ -116,45 +116,43 @@ class Stager:
         self._turn = 0
         self._fixed: tuple[PackedLayout, torch.Tensor] | None = None  # persistent: (layout, buffer)
         self._stream: torch.cuda.Stream | None = None  # check mode: the stream this stager serves
+        self._accepted: set[str] = set()  # device names already checked against self.device
         self.table_memory = PinnedTables() if self._cuda else None
 
     def lower(self, plan: LoweringPlan, values: dict[str, Any]) -> dict[str, Any]:
         """Stage one step's fields (`values`: a metadata instance dict); returns the lowered
         fields by lowered name (device views and host mirrors; scalars are the caller's)."""
-        staged = plan.staged_of(values)
-        layout = plan.layout(staged, _WIDE)
-        mirrors = plan.mirrors_of(values)
-        mirror_layout = plan.mirror_layout(mirrors)
+        step = plan.layouts(values, _WIDE)
         if self.depth == 0:
-            return self._lower_fresh(plan, layout, staged, mirror_layout, mirrors)
+            return self._lower_fresh(plan, step, values)
+        staged, mirrors = plan.staged_of(values), plan.mirrors_of(values)
         with self._lock:
             if self.persistent:
-                self._fixed_buffer(layout)  # refuses another layout before anything is written
+                self._fixed_buffer(step.staged)  # refuses another layout before anything is written
             slot = self._slots[self._turn]
             self._turn = (self._turn + 1) % self.depth
             if self.check:
                 self._refuse_stale(slot)
-            entry = slot.entry(self, layout, mirror_layout, plan)
-            table = self._table_block(plan, staged, layout)
+            entry = slot.entries.get(step) or slot.entry(self, step, plan)
+            table = self._table_block(plan, staged, step.staged)
             if table is None:
                 slot.wait_copied(self.stats)
                 pack_fields(entry.targets, staged + mirrors)
                 source = entry.pinned
             else:  # the table already lies in a pinned block: pack the rest after it, copy the block
-                pack_fields(table.targets(layout, entry.mirror_targets), staged[1:] + mirrors)
-                source = table.source(layout.nbytes)
+                pack_fields(table.targets(step.staged, entry.mirror_targets), staged[1:] + mirrors)
+                source = table.source(step.staged.nbytes)
             self._copy(entry.device, source, slot, table)
             if self.check:
                 return slot.hand_out(entry.fresh_views())
             return entry.fields
 
-    def _lower_fresh(self, plan: LoweringPlan, layout: PackedLayout, staged: tuple[np.ndarray, ...],
-                     mirror_layout: PackedLayout, mirrors: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    def _lower_fresh(self, plan: LoweringPlan, step: StepLayout, values: dict[str, Any]) -> dict[str, Any]:
         """Fresh memory per lowering: a new device buffer, one pinned source, new mirrors."""
-        mirror = torch.empty(mirror_layout.nbytes, dtype=torch.uint8)
-        pack(mirror_layout, dict(zip(plan.mirror_fields, mirrors, strict=True)), mirror.numpy())
-        device = self.stage(layout, dict(zip(plan.staged_fields, staged, strict=True)))
-        return _named_views(plan, device, layout, mirror, mirror_layout)
+        mirror = torch.empty(step.mirrors.nbytes, dtype=torch.uint8)
+        pack(step.mirrors, values, mirror.numpy())
+        device = self.stage(step.staged, values)
+        return _named_views(plan, device, step, mirror)
 
     def stage(self, layout: PackedLayout, arrays: dict[str, np.ndarray]) -> torch.Tensor:
         """Pack `arrays` at `layout`'s offsets into fresh device memory (one non_blocking copy from
@@ -225,7 +223,7 @@ class _Slot:
     def __init__(self) -> None:
         self.pinned = self.device = self.mirror = None
         self.event: torch.cuda.Event | None = None
-        self.entries: dict[tuple[PackedLayout, PackedLayout], _Entry] = {}
+        self.entries: dict[StepLayout, _Entry] = {}
         self.handed: tuple[weakref.ref, ...] = ()
 
     def wait_copied(self, stats: StagingStats) -> None:
@@ -234,15 +232,13 @@ class _Slot:
             stats.event_waits += 1
             self.event.synchronize()
 
-    def entry(self, stager: Stager, layout: PackedLayout, mirror_layout: PackedLayout, plan: LoweringPlan) -> _Entry:
-        entry = self.entries.get((layout, mirror_layout))
-        if entry is not None:
-            return entry
-        if self.device is None or self.device.numel() < layout.nbytes or self.mirror.numel() < mirror_layout.nbytes:
-            self._grow(stager, layout.nbytes, mirror_layout.nbytes)
+    def entry(self, stager: Stager, step: StepLayout, plan: LoweringPlan) -> _Entry:
+        """This slot's views for a step layout it has not served recently (grown if need be)."""
+        if self.device is None or self.device.numel() < step.staged.nbytes or self.mirror.numel() < step.mirrors.nbytes:
+            self._grow(stager, step.staged.nbytes, step.mirrors.nbytes)
         if len(self.entries) > 64:  # shapes that drift step to step: keep the views of recent ones
             self.entries.clear()
-        entry = self.entries[(layout, mirror_layout)] = _Entry(plan, self, layout, mirror_layout, stager)
+        entry = self.entries[step] = _Entry(plan, self, step)
         return entry
 
     def _grow(self, stager: Stager, nbytes: int, mirror_nbytes: int) -> None:
@@ -275,30 +271,24 @@ class _Slot:
 
 
 class _Entry:
-    """A slot's views for one layout: pack targets in its pinned buffer and the lowered tensors."""
+    """A slot's views for one step layout: pack targets in its pinned buffer, the lowered tensors."""
 
-    __slots__ = ("device", "pinned", "targets", "mirror_targets", "fields", "_make")
+    __slots__ = ("device", "pinned", "targets", "mirror_targets", "fields", "fresh_views")
 
-    def __init__(self, plan: LoweringPlan, slot: _Slot, layout: PackedLayout, mirror_layout: PackedLayout,
-                 stager: Stager) -> None:
-        self.device = slot.device[: layout.nbytes]
-        self.pinned = slot.pinned[: layout.nbytes]
-        host, mirror = slot.pinned.numpy(), slot.mirror.numpy()
-        self.mirror_targets = tuple(unpack(mirror_layout, mirror).values())
-        self.targets = tuple(unpack(layout, host).values()) + self.mirror_targets
-        device, mirror_tensor = slot.device, slot.mirror
-        self._make = lambda: _named_views(plan, device, layout, mirror_tensor, mirror_layout)
-        self.fields = self._make()
-
-    def fresh_views(self) -> dict[str, Any]:
-        return self._make()
+    def __init__(self, plan: LoweringPlan, slot: _Slot, step: StepLayout) -> None:
+        self.device = slot.device[: step.staged.nbytes]
+        self.pinned = slot.pinned[: step.staged.nbytes]
+        self.mirror_targets = tuple(unpack(step.mirrors, slot.mirror.numpy()).values())
+        self.targets = tuple(unpack(step.staged, slot.pinned.numpy()).values()) + self.mirror_targets
+        device, mirror = slot.device, slot.mirror
+        self.fresh_views = lambda: _named_views(plan, device, step, mirror)
+        self.fields = self.fresh_views()
 
 
-def _named_views(plan: LoweringPlan, device: torch.Tensor, layout: PackedLayout, mirror: torch.Tensor,
-                 mirror_layout: PackedLayout) -> dict[str, Any]:
-    """Lowered name -> tensor: device views of `layout` in `device`, CPU views of the mirrors."""
-    on_device = views_of(device, layout)
-    on_host = views_of(mirror, mirror_layout)
+def _named_views(plan: LoweringPlan, device: torch.Tensor, step: StepLayout, mirror: torch.Tensor) -> dict[str, Any]:
+    """Lowered name -> tensor: device views of the staged layout, CPU views of the mirrors."""
+    on_device = views_of(device, step.staged)
+    on_host = views_of(mirror, step.mirrors)
     out = {name: on_device[f] for f, name in plan.staged}
     out.update((name, on_host[f]) for f, name in plan.mirrors)
     return out
@@ -395,9 +385,8 @@ def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None
         fields = stager.lower(plan, values)
     else:
         fields = _lower_device_lengths(plan, stager, md, _check_device_seq_lens(seq_lens, md, stager.device))
-    fields = {**fields, **dict(zip(plan.scalars, plan.scalars_of(values)))}
-    for name in plan.statics:
-        fields[name] = values[name]
+    fields = dict(fields)  # (the stager's dict is its cache: never handed out)
+    fields.update(zip(plan.host_values, plan.host_values_of(values)))
     return _instance(_lowered_class(plan.md_class), fields)
 
 
@@ -419,10 +408,9 @@ def _lower_device_lengths(plan: LoweringPlan, stager: Stager, md: Any, seq_lens:
     if recompute:
         staged["slot_mapping"] = slots_from_device_lengths(
             seq_lens, staged["block_table"], staged["_token_rows"], staged["_token_back"], md.block_size)
-    mirrors = plan.mirrors_of(values)
-    mirror_layout = plan.mirror_layout(mirrors)
+    mirror_layout = plan.layouts(values, _WIDE).mirrors
     mirror = torch.empty(mirror_layout.nbytes, dtype=torch.uint8)
-    pack(mirror_layout, dict(zip(plan.mirror_fields, mirrors, strict=True)), mirror.numpy())
+    pack(mirror_layout, values, mirror.numpy())
     host = views_of(mirror, mirror_layout)
     out = {name: staged[f] for f, name in plan.staged}
     out.update((name, host[f]) for f, name in plan.mirrors)
@@ -480,7 +468,10 @@ def _check_device_seq_lens(seq_lens: Any, md: Any, device: torch.device) -> torc
 def _plan_of(md: Any) -> LoweringPlan:
     """The lowering plan of `md`'s class, after refusing what is not lowerable metadata."""
     cls = type(md)
-    plan = None if isinstance(md, type) or not dataclasses.is_dataclass(cls) else plan_of(cls)
+    try:
+        plan = plan_of(cls)  # (cached per class; refuses what is not a dataclass)
+    except TypeError:
+        plan = None
     if plan is None or not (plan.staged or plan.mirrors):
         raise TypeError(
             f"lower: expected metadata from attnsync.build(...), received {cls.__name__}. "
@@ -514,13 +505,18 @@ def _stager_for(device: Any, stager: Stager | None) -> Stager:
         return found
     if not isinstance(stager, Stager):
         raise TypeError(f"stager: expected an attnsync.adapters.torch.Stager, received {type(stager).__name__}.")
-    if device is stager.device:
-        return stager
+    try:
+        if device is stager.device or device in stager._accepted:
+            return stager
+    except TypeError:  # unhashable: _as_device says what a device is
+        pass
     asked = _as_device(device)
     if asked.type != stager.device.type or (asked.index is not None and asked.index != stager.device.index):
         raise SpecError(
             f"stager: it stages to {stager.device}, but device={device!r} was asked for. Fix: pass a "
             f"Stager created for {device!r}, or leave stager=None for fresh memory.")
+    if isinstance(device, str):
+        stager._accepted.add(device)
     return stager
 
 
