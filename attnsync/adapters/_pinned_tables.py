@@ -45,7 +45,7 @@ def pack_fields(targets: tuple[np.ndarray, ...], sources: tuple[np.ndarray, ...]
 class _Block:
     """One pinned block: its memory, the event after its last copy, and cached tail views."""
 
-    __slots__ = ("pinned", "host", "capacity", "event", "handed", "tails", "sources")
+    __slots__ = ("pinned", "host", "capacity", "event", "handed", "table", "tails", "sources")
 
     def __init__(self, capacity: int, pin_memory: bool, event: Any) -> None:
         self.pinned = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin_memory)
@@ -53,6 +53,7 @@ class _Block:
         self.capacity = capacity
         self.event = event()
         self.handed: weakref.ref | None = None  # the array the block's current batch views
+        self.table: weakref.ref | None = None  # the table array handed out (at the block's start)
         self.tails: dict[PackedLayout, tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = {}
         self.sources: dict[int, torch.Tensor] = {}
 
@@ -79,6 +80,12 @@ class _Block:
                 self.sources.clear()
             source = self.sources[nbytes] = self.pinned[:nbytes]
         return source
+
+
+def _leading_rows(view: np.ndarray, table: np.ndarray) -> bool:
+    """Whether `view` is `table`'s first rows (same start, same row width, C-contiguous)."""
+    return (view.ndim == 2 and view.shape[1] == table.shape[1] and view.flags.c_contiguous
+            and view.__array_interface__["data"][0] == table.__array_interface__["data"][0])
 
 
 class PinnedTables:
@@ -130,23 +137,31 @@ class PinnedTables:
             block.handed = weakref.ref(whole)
             self._by_array[id(whole)] = block
             weakref.finalize(whole, self._give_back, id(whole), block)
-            return whole[:nbytes].view(np.int32).reshape(shape)
+            table = whole[:nbytes].view(np.int32).reshape(shape)
+            block.table = weakref.ref(table)
+            return table
 
     def _give_back(self, key: int, block: _Block) -> None:
         with self._lock:
             if self._by_array.get(key) is block:
                 del self._by_array[key]
-            block.handed = None
+            block.handed = block.table = None
             self._free.append(block)
 
     def block_of(self, table: np.ndarray, nbytes: int) -> _Block | None:
-        """The block holding `table` at its start, if a step of `nbytes` fits and may be packed."""
-        base = table.base
-        block = self._by_array.get(id(base))
-        if (block is None or block.handed is None or block.handed() is not base or nbytes > block.capacity
-                or table.ctypes.data != block.host.ctypes.data or not block.copied()):
+        """The block holding `table` (the very array `table_buffer` handed out, or a view of its
+        first rows), if a step of `nbytes` fits after it and the block may be packed now."""
+        block = self._by_array.get(id(table.base))
+        if block is None or block.handed is None or block.handed() is not table.base or nbytes > block.capacity:
+            return None
+        handed = block.table()
+        if handed is None or not (table is handed or _leading_rows(table, handed)) or not block.copied():
             return None
         return block
+
+    def events(self) -> list:
+        """The event of every block (the stager waits on them before its memory goes)."""
+        return [block.event for block in self._blocks]
 
     @property
     def blocks(self) -> int:

@@ -24,6 +24,7 @@ from .._plan import LoweringPlan, StepLayout, plan_of
 from .._spec import BUILT_MARK, check_lowerable
 from .._staging import ALIGN_BYTES, PackedLayout, StagingStats, _round_up, pack, plan_layout, unpack
 from .._validate import SpecError
+from ._cuda_calls import CurrentStream, HostToDevice
 from ._pinned_tables import PinnedTables, pack_fields
 
 __all__ = [
@@ -118,6 +119,12 @@ class Stager:
         self._stream: torch.cuda.Stream | None = None  # check mode: the stream this stager serves
         self._accepted: set[str] = set()  # device names already checked against self.device
         self.table_memory = PinnedTables() if self._cuda else None
+        if self._cuda and depth:
+            self._current = CurrentStream(self.device.index)
+            self._host_to_device = HostToDevice(self.device)
+            # torch's pinned allocator does not see direct copies: a dropped stager's pinned
+            # buffers are freed only after their last copies have run.
+            weakref.finalize(self, _wait_for_copies, self._slots, self.table_memory).atexit = False
 
     def lower(self, plan: LoweringPlan, values: dict[str, Any]) -> dict[str, Any]:
         """Stage one step's fields (`values`: a metadata instance dict); returns the lowered
@@ -192,7 +199,7 @@ class Stager:
             if self.persistent:
                 self.stats.copies += 1
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._current.current()
         if self.check:
             if self._stream is None:
                 self._stream = stream
@@ -200,7 +207,7 @@ class Stager:
                 raise StaleLoweringError(
                     f"stager: it serves stream {self._stream}, but this lowering runs on {stream}; its "
                     f"device buffers are ordered on one stream only. Fix: one Stager per stream.")
-        device.copy_(source, non_blocking=True)
+        self._host_to_device(device, source, stream)
         event = (slot if table is None else table).event
         event.record(stream)
         self.stats.copies += 1
@@ -213,6 +220,12 @@ class Stager:
                 f"lowering would rewrite its memory (a stager of depth {self.depth} keeps a lowering valid "
                 f"for {self.depth - 1} further lowering(s)). Fix: drop it (or .clone() what you keep) "
                 f"before lowering again, or use Stager(depth={self.depth + 1}) or more.")
+
+
+def _wait_for_copies(slots: list[_Slot], tables: PinnedTables) -> None:
+    for event in [slot.event for slot in slots] + tables.events():
+        if event is not None:
+            event.synchronize()
 
 
 class _Slot:
