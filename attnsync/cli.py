@@ -1,7 +1,8 @@
 """The `attnsync` command: `attnsync demo [--json]`, `attnsync verify` and `attnsync --version`.
 
 `attnsync verify` (the equivalence matrix) lives in `attnsync.verify`; `main` hands it its
-arguments untouched.
+arguments untouched. The demo probes frameworks with verify's probe
+(`attnsync.verify.frameworks.probe_frameworks`), so both commands agree on what is here.
 
 `attnsync demo` builds one embedded, realistic serving step (`demo_batch`) with every
 registered backend and lowers it to every framework this environment has: numpy (the host
@@ -27,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, _accel
-from ._batch import REGION_NAMES, Batch
-from ._build import build
-from ._validate import SpecError
+from . import Batch, SpecError, __version__, _accel, build
+from ._batch import REGION_NAMES
 from .backends import BACKENDS, available_backends, backend_module
+from .verify.frameworks import FRAMEWORKS, probe_frameworks
+from .verify.report import error_text
 
-FRAMEWORKS = ("numpy", "torch-cpu", "torch-cuda", "jax-cpu", "jax-gpu")
 NO_DEVICE = "n/a (no device)"
 TEXT_VALUES = 12  # values shown per field in the text output; --json shows all of them
 
@@ -54,7 +54,7 @@ DEMO_TABLE_WIDTH = 192  # >= ceil(2999 / 16) = 188 pages, rounded up as a fixed-
 DEMO_CACHE_PAGES = 1024
 DEMO_PADDED_REQS = 8  # a CUDA-graph / jit bucket of 8 rows ...
 DEMO_PADDED_TOKENS = 64  # ... and 64 tokens (the step has 57)
-# Model shape handed to a backend whose build requires it (Qwen3-0.6B-like, as in GPU.md).
+# Model shape handed to a backend whose build requires it (Qwen3-0.6B-like).
 DEMO_MODEL = {
     "num_qo_heads": 16,
     "num_q_heads": 16,
@@ -90,17 +90,12 @@ def demo_batch() -> Batch:
     )
 
 
-def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # Frameworks
 
 
 @dataclasses.dataclass
-class _Framework:
+class _Target:
     """One lowering target: how to lower, what it reports, or why it is skipped."""
 
     name: str
@@ -109,62 +104,18 @@ class _Framework:
     lower: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None
 
 
-def _probe_frameworks(wanted: Sequence[str]) -> dict[str, _Framework]:
-    """Import what is installed (only what `wanted` names) and say what each target can do."""
-    out = {"numpy": _Framework("numpy", "ok", f"numpy {np.__version__}", _lower_numpy)}
-    if any(name.startswith("torch") for name in wanted):
-        out.update(_probe_torch())
-    if any(name.startswith("jax") for name in wanted):
-        out.update(_probe_jax())
-    return {name: out[name] for name in wanted}
-
-
-def _probe_torch() -> dict[str, _Framework]:
-    try:
-        import torch
-
-        from .adapters import torch as torch_adapter
-    except Exception as exc:
-        reason = f"torch is not importable ({_error_text(exc)}); install attnsync[torch]"
-        return {name: _Framework(name, "skipped", reason) for name in ("torch-cpu", "torch-cuda")}
-    version = f"torch {torch.__version__}"
-    out = {"torch-cpu": _Framework("torch-cpu", "ok", version, _torch_lowering(torch_adapter, "cpu"))}
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        out["torch-cuda"] = _Framework(
-            "torch-cuda", "ok", f"{version} on {name}", _torch_lowering(torch_adapter, "cuda")
-        )
-    elif torch.version.cuda is None:
-        out["torch-cuda"] = _Framework("torch-cuda", "skipped", f"{version} is a CPU-only build (no CUDA)")
-    else:
-        out["torch-cuda"] = _Framework(
-            "torch-cuda", "skipped", f"{version} sees no CUDA device (torch.cuda.is_available() is False)"
-        )
-    return out
-
-
-def _probe_jax() -> dict[str, _Framework]:
-    # JAX would take 75 % of GPU memory at import, next to torch in this process (GPU.md).
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    try:
-        import jax
-
-        from .adapters import jax as jax_adapter
-    except Exception as exc:
-        reason = f"jax is not importable ({_error_text(exc)}); install attnsync[jax]"
-        return {name: _Framework(name, "skipped", reason) for name in ("jax-cpu", "jax-gpu")}
-    version = f"jax {jax.__version__}"
+def _targets(wanted: Sequence[str]) -> dict[str, _Target]:
+    """The frameworks `wanted` names, probed by `attnsync verify`'s probe, with their lowerings."""
     out = {}
-    for name, platform_name in (("jax-cpu", "cpu"), ("jax-gpu", "gpu")):
-        try:
-            device = jax.devices(platform_name)[0]
-        except RuntimeError:
-            reason = f"{version} has no {platform_name.upper()} platform"
-            if platform_name == "gpu":
-                reason += " (install attnsync[jax-cuda12] or attnsync[jax-cuda13] on a GPU host)"
-            out[name] = _Framework(name, "skipped", reason)
-            continue
-        out[name] = _Framework(name, "ok", f"{version} on {device}", _jax_lowering(jax_adapter, device))
+    for name, fw in probe_frameworks(wanted).items():
+        if not fw.available:
+            out[name] = _Target(name, "skipped", fw.detail)
+        elif name == "numpy":
+            out[name] = _Target(name, "ok", fw.detail, _lower_numpy)
+        elif name.startswith("torch"):
+            out[name] = _Target(name, "ok", fw.detail, _torch_lowering(fw.device))
+        else:
+            out[name] = _Target(name, "ok", fw.detail, _jax_lowering(fw.device))
     return out
 
 
@@ -172,11 +123,13 @@ def _lower_numpy(md: Any) -> tuple[Any, dict[str, Any]]:
     return md, {"path": "host metadata (numpy), nothing lowered", "h2d_copies": 0, "syncs": NO_DEVICE}
 
 
-def _torch_lowering(torch_adapter: Any, device: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+def _torch_lowering(device: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+    from .adapters import torch as torch_adapter
+
     def lower(md: Any) -> tuple[Any, dict[str, Any]]:
         stager = torch_adapter.default_stager(device)
         before = stager.stats.copies
-        if device == "cpu":
+        if device.type == "cpu":
             lowered = torch_adapter.lower(md, device=device)
             path = "CPU tensors viewing one packed host buffer (no copy)"
             syncs: Any = NO_DEVICE
@@ -188,37 +141,17 @@ def _torch_lowering(torch_adapter: Any, device: str) -> Callable[[Any], tuple[An
     return lower
 
 
-def _jax_lowering(jax_adapter: Any, device: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+def _jax_lowering(device: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+    from .adapters import jax as jax_adapter
+
     def lower(md: Any) -> tuple[Any, dict[str, Any]]:
+        info = {"path": "one packed int32 buffer, one jax.device_put", "h2d_copies": 1}  # the adapter's one put
         if device.platform == "cpu":
-            lowered = jax_adapter.lower(md, device)
-            return lowered, {
-                "path": "one packed int32 buffer, one jax.device_put",
-                "h2d_copies": 1,  # the adapter's single device_put
-                "syncs": NO_DEVICE,
-            }
-        stager = _torch_stager_for(device)
-        before = stager.stats.copies if stager is not None else 0
+            return jax_adapter.lower(md, device), {**info, "syncs": NO_DEVICE}
         lowered, syncs = _guarded(lambda: jax_adapter.lower(md, device))
-        copies = stager.stats.copies - before if stager is not None else 0
-        if copies:
-            path = "torch pinned staging (one non_blocking copy), fields imported over DLPack"
-        else:
-            path, copies = "one packed int32 buffer, one jax.device_put", 1
-        return lowered, {"path": path, "h2d_copies": copies, "syncs": syncs}
+        return lowered, {**info, "syncs": syncs}
 
     return lower
-
-
-def _torch_stager_for(jax_device: Any) -> Any:
-    """The torch stager the JAX adapter uses for `jax_device` on a GPU, if torch has CUDA."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    from .adapters import torch as torch_adapter
-
-    index = jax_device.local_hardware_id if jax_device.local_hardware_id is not None else jax_device.id
-    return torch_adapter.default_stager(torch.device("cuda", index))
 
 
 def _guarded(fn: Callable[[], Any]) -> tuple[Any, Any]:
@@ -230,7 +163,7 @@ def _guarded(fn: Callable[[], Any]) -> tuple[Any, Any]:
             return fn(), 0
     except RuntimeError as exc:
         # The guard raised: lower again unguarded so the fields can still be shown.
-        return fn(), f"error: {_error_text(exc)}"
+        return fn(), f"error: {error_text(exc)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +207,10 @@ def _build_for(name: str, batch: Batch) -> tuple[Any, dict[str, Any]]:
         if exc.name == BACKENDS[name]:
             reason = f"registered, but module {BACKENDS[name]} does not exist yet"
         else:
-            reason = f"import failed ({_error_text(exc)})"
+            reason = f"import failed ({error_text(exc)})"
         return None, {**report, "status": "skipped", "reason": reason}
     except Exception as exc:
-        return None, {**report, "status": "skipped", "reason": f"import failed ({_error_text(exc)})"}
+        return None, {**report, "status": "skipped", "reason": f"import failed ({error_text(exc)})"}
     required = [
         p.name for p in inspect.signature(module.build).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
@@ -293,14 +226,14 @@ def _build_for(name: str, batch: Batch) -> tuple[Any, dict[str, Any]]:
     except SpecError as exc:
         return None, {**report, "status": "skipped", "reason": f"refuses this batch: {exc}"}
     except Exception as exc:
-        return None, {**report, "status": "error", "reason": f"build failed: {_error_text(exc)}"}
+        return None, {**report, "status": "error", "reason": f"build failed: {error_text(exc)}"}
     return md, {**report, "status": "ok", "metadata_class": type(md).__name__, "options": options}
 
 
 def run_demo(*, backends: Sequence[str], frameworks: Sequence[str]) -> dict[str, Any]:
     """Build the demo batch with `backends`, lower to `frameworks`; the report as a JSON-able dict."""
     batch = demo_batch()
-    probed = _probe_frameworks(frameworks)
+    probed = _targets(frameworks)
     doc: dict[str, Any] = {
         "attnsync": __version__,
         "python": platform.python_version(),
@@ -327,7 +260,7 @@ def run_demo(*, backends: Sequence[str], frameworks: Sequence[str]) -> dict[str,
                     report["lowerings"][fw.name] = {"status": "skipped", "reason": f"refused: {exc}"}
                     continue
                 except Exception as exc:
-                    report["lowerings"][fw.name] = {"status": "error", "reason": _error_text(exc)}
+                    report["lowerings"][fw.name] = {"status": "error", "reason": error_text(exc)}
                     continue
                 report["lowerings"][fw.name] = {"status": "ok", **info, "fields": _fields(lowered)}
         doc["backends"][name] = report
@@ -487,9 +420,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status when the reader of stdout went away (`attnsync demo | head`): 128 + SIGPIPE, what
+# a shell reports for a command that signal ended.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `attnsync` command line; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _main(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also on argparse's exit after --help: output still in the buffer meets the pipe here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device: the interpreter's exit flush would hit the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in a test)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["verify"]:
         from .verify import main as verify_main
 

@@ -243,3 +243,40 @@ def test_demo_says_whether_the_compiled_twin_ran(in_use, monkeypatch):
     line = cli.format_text(doc).splitlines()[1]
     assert line.startswith("compiled twin of the hot numpy steps (attnsync._native): ")
     assert ("not in use" not in line) is in_use
+
+
+@pytest.mark.parametrize(
+    ("args", "lines", "statuses"),
+    [
+        # far more than a pipe holds: the writer meets the closed pipe mid-way
+        (["demo", "--json"], 1, {cli.EXIT_BROKEN_PIPE}),
+        # closed before the first write
+        (["demo", "--backend", "common", "--framework", "torch-cpu"], 0, {cli.EXIT_BROKEN_PIPE}),
+        # argparse swallows the failed write of its help text itself and exits 0
+        (["--help"], 0, {0, cli.EXIT_BROKEN_PIPE}),
+    ],
+)
+def test_a_reader_that_stops_early_ends_the_command_quietly(args, lines, statuses):
+    """`attnsync demo --json | head`: no BrokenPipeError traceback, the SIGPIPE exit status."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "attnsync", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    read = [proc.stdout.readline() for _ in range(lines)]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert all(line for line in read), read
+    assert proc.returncode in statuses, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_demo_lists_the_frameworks_verify_probes():
+    """One probe for both commands: the demo's framework block is verify's probe, word for word."""
+    from attnsync.verify.frameworks import probe_frameworks
+
+    probed = probe_frameworks(cli.FRAMEWORKS)
+    doc = cli.run_demo(backends=["common"], frameworks=list(cli.FRAMEWORKS))
+    for name, fw in probed.items():
+        shown = doc["frameworks"][name]
+        assert shown["status"] == ("ok" if fw.available else "skipped"), name
+        assert shown.get("version", shown.get("reason")) == fw.detail, name

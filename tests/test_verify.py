@@ -22,6 +22,8 @@ import pytest
 import attnsync
 from attnsync import cli, verify
 from attnsync._corpus import corpus
+from attnsync.verify import runner
+from attnsync.verify.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["numpy", "torch-cpu", "jax-cpu"]
@@ -98,7 +100,9 @@ def test_expected_refusal_is_a_skip_and_an_unexpected_one_a_failure(monkeypatch)
     cases = {c.case: c for c in r.cell("flashinfer", "numpy", "metadata").cases}
     assert cases["inexact decode rows"].status == verify.SKIP
     assert "flashinfer needs exact lengths" in cases["inexact decode rows"].reason
-    monkeypatch.setattr(verify, "expected_build_refusal", lambda *a: None)
+    # without its documented refusal, FlashInfer's refusal of inexact rows is a failure
+    record = verify.backend_check("flashinfer")
+    monkeypatch.setitem(REGISTRY, "flashinfer", dataclasses.replace(record, build_refusal=None))
     r = run(**kwargs)
     cell = r.cell("flashinfer", "torch-cpu", "metadata")
     assert cell.status == verify.FAIL and "unexpected refusal by build" in cell.detail
@@ -300,7 +304,7 @@ def test_time_budget_and_interruption_give_a_partial_report(monkeypatch, capsys)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(verify, "_run_case", interrupted)
+    monkeypatch.setattr(runner, "_run_case", interrupted)
     r = verify.run_matrix(backends=["common"], frameworks=["numpy"], cases=0, progress=False)
     assert r.config["stopped"] == "interrupted" and len(calls) == 2
 
@@ -370,3 +374,22 @@ def test_flex_device_inverse_table_is_compared_with_the_host_builder():
     md = attnsync.build(verify.prepare_batch("flex", md_case), backend="flex",
                         **verify.build_options("flex", verify.prepare_batch("flex", md_case)))
     assert md.inverse_table_on_device, "the case must exercise the device-built table"
+
+
+def test_environment_names_installed_versions_without_importing_them(capsys):
+    """`attnsync verify --framework numpy` imports no JAX, yet prints the installed JAX's version."""
+    from importlib import metadata
+
+    jax_version = metadata.version("jax")  # the test environment installs JAX
+    assert verify.main(["--framework", "numpy", "--backend", "common", "--cases", "0", "--case", "empty",
+                        "--no-progress"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert f"jax {jax_version}," in line and "None" not in line, line
+    env = verify.environment({})
+    assert env["jax"] == jax_version and env["numpy"] == np.__version__
+    code = ("import sys; from attnsync.verify.frameworks import environment; env = environment({}); "
+            "print(env['jax'], 'jax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [jax_version, "False"]

@@ -1,0 +1,5 @@
+"""`python -m attnsync.verify`: the same as `attnsync verify`."""
+
+from attnsync.verify.cli import main
+
+raise SystemExit(main())
