@@ -190,13 +190,13 @@ def test_fake_tensor_column_catches_a_data_dependent_read(monkeypatch):
     pytest.importorskip("torch")
     from attnsync.adapters import torch as ast
 
-    real = ast._device_slot_mapping
+    real = ast.slots_from_device_lengths
 
     def reads_back(**kwargs):
         int(kwargs["seq_lens"].max())  # a device read: `.item()` in disguise
         return real(**kwargs)
 
-    monkeypatch.setattr(ast, "_device_slot_mapping", reads_back)
+    monkeypatch.setattr(ast, "slots_from_device_lengths", reads_back)
     r = run(backends=["common"], checks=["fake_tensor"], frameworks=["torch-cpu"], only_cases=["padded bucket"])
     cell = r.cell("common", "torch-cpu", "fake_tensor")
     assert cell.status == verify.FAIL and "slot_mapping recompute" in cell.detail

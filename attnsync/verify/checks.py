@@ -97,17 +97,16 @@ def _slot_mapping_path(case: Case) -> list[Path]:
         return []
     import torch
 
-    # The recompute has no public entry of its own: these are the adapter's internal helpers.
+    # The torch adapter's own slot recompute, checked on fake tensors.
     from ..adapters import torch as torch_adapter
 
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 - writable copies of read-only arrays
-    extra = torch_adapter._slot_mapping_inputs(md)
-    inputs = dict(seq_lens=t(case.lengths), block_table=t(md.block_table), req=t(extra["_token_req"]),
-                  back=t(extra["_token_back"]))
+    rows, back = torch_adapter.token_rows_and_back(md.query_start_loc, md.num_actual_tokens)
+    inputs = dict(seq_lens=t(case.lengths), block_table=t(md.block_table), rows=t(rows), back=t(back))
     want = (case.twin_md if case.inexact else md).slot_mapping
 
     def slots(**x: Any) -> Any:
-        return torch_adapter._device_slot_mapping(**x, block_size=md.block_size)
+        return torch_adapter.slots_from_device_lengths(**x, block_size=md.block_size)
 
     return [("slot_mapping recompute (torch adapter)", slots, inputs, want)]
 
