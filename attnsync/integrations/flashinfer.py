@@ -13,7 +13,7 @@ The flow of one step::
     for layer in layers:                                      # the run phase
         run(tmd, q, kv_cache[layer], decode_wrapper=dw, prefill_wrapper=pw, out=out)
 
-Why this is sync-free (reference C1/C2, read from FlashInfer 0.6.6's decode.py/prefill.py):
+Why this is sync-free (docs/flashinfer.md has the whole contract):
 `plan()` calls `.to("cpu")` on `qo_indptr`, `paged_kv_indptr` and `paged_kv_last_page_len`,
 which returns the tensor itself for CPU tensors and is a blocking device-to-host copy for
 device ones. We hand it the CPU tensors of the lowering. `paged_kv_indices` is only moved
@@ -25,11 +25,11 @@ partition into a pinned buffer and enqueues one host-to-device copy. Nothing wai
 Why `plan` guards FlashInfer's pinned buffer: each wrapper owns one pinned host buffer that
 every `plan()` overwrites on the host before enqueuing its copy. When the host runs more than a
 step ahead of the GPU (the point of removing syncs), plan N+1 can overwrite the buffer before
-plan N's copy has executed, and the kernels of step N read step N+1's partition (the race of
-mini-sglang#103, reference C4; an illegal memory access there). `plan` therefore rotates
+plan N's copy has executed, and the kernels of step N read step N+1's partition (an illegal
+memory access, in the worst case). `plan` therefore rotates
 each wrapper between two pinned buffers and, before reusing one, waits on the CUDA event
 recorded after its last plan: the host may run one full step ahead, never onto a pending copy.
-This is the rule of attnsync's own staging ring (DESIGN.md 4.2).
+This is the rule of attnsync's own staging ring (docs/sync-free.md).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from ..backends.flashinfer import FlashInferMetadata
 
 # Attributes of `attnsync.adapters.torch.lower(build(batch, backend="flashinfer"), device)`
 # that planning reads; checked once so a wrong object fails with a message, not deep inside.
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "make_decode_cuda_graph_wrapper", "plan", "run", "workspace_buffer"]
+
 _PLAN_FIELDS = (
     "paged_kv_indptr_cpu",
     "paged_kv_indices",

@@ -287,8 +287,7 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
 
     Deriving ``doc_ids``, ``decode_offset``, ``num_blocks_per_seq`` and ``slot_mapping`` here
     rather than staging them leaves four fewer fields for each step to pack on the host (a numpy
-    call each, 1-2.5 us on the H100 hosts, results/2026-11-27-h100/run24-prof6.json; the slot
-    mapping's also widens int32 to int64), for a few more small kernels in a graph that is
+    call each; the slot mapping's also widens int32 to int64), for a few more small kernels in a graph that is
     replayed anyway. Each equals the host builder's field bit for bit for exact lengths (the
     only ones a captured step takes): ``doc_ids`` is `doc_ids_static_device` (padding tokens on
     the last row), ``decode_offset`` is ``seq_lens - query_lens`` (0 on padding rows, whose

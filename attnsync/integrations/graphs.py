@@ -4,7 +4,7 @@ Importing this module imports torch (never flashinfer or triton: those are impor
 classes that launch their kernels).
 
 A captured CUDA graph replays fixed kernel launches: the same tensor addresses, shapes and host
-scalars every time (vllm-backends.md 4.2). What changes between replays must change *inside*
+scalars every time. What changes between replays must change *inside*
 tensors at fixed addresses. The pieces:
 
 - `PersistentLowering`: the device buffers of one bucket (`attnsync._buckets.Bucket`),
@@ -543,8 +543,8 @@ class OverlappedSteps:
     A single captured step serialises on one stream: step N+1's H2D copy (and, for FlashInfer,
     `plan()`'s uploads into the wrapper's fixed buffers: indptr, last-page fill, page ids, plan
     info) can only start once replay N has read the buffers, and the replay waits for them.
-    On the H100 host that left 83 us a step between graph mode and the planned-once limit
-    (results/2026-11-27-h100, run 3). Here the two steps own separate fixed buffers
+    That left a measurable gap a step between graph mode and the planned-once limit
+    (bench/graph_decode_loop.py). Here the two steps own separate fixed buffers
     (persistent lowering, wrapper buffers): step N+1 is prepared on a side stream that waits
     only for replay N-1 (the last reader of its buffers), and the replay stream waits for that
     preparation, which ran while replay N did. Outputs alternate between the two steps' `out`
