@@ -18,19 +18,16 @@ Importing this module imports numpy only.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._batch import Batch
 from ._validate import INT32_MAX, SpecError, as_int, as_int_array, freeze
 
-__all__ = ["BlockTableState", "BlockTableUpdates", "UpdateHeader", "apply_numpy", "bucket_count"]
+__all__ = ["BlockTableState", "BlockTableUpdates", "BlockTableView", "UpdateHeader", "apply_numpy", "bucket_count"]
 
-# `_origin` value of a row whose device content must be zeroed before its appends land: the
-# device row holds some other request's pages (it was removed, vacated or replaced this step).
-_ZERO = -1
 # Part names of a record's flat vector, in order; `set_pages` last, so the small index parts
 # sit together at the front.
 PARTS = ("copy_src", "copy_dst", "set_rows", "append_rows", "append_cols", "append_pages", "set_pages")
@@ -59,12 +56,12 @@ def _offsets(copies: int, sets: int, appends: int, width: int) -> tuple[tuple[in
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateHeader:
+class UpdateHeader(NamedTuple):
     """The host-side description of an update record: versions and entry counts, no data.
 
     A device half needs only this and the record's flat int32 vector (already on the device)
-    to apply it: every shape follows from the counts, so nothing is read back.
+    to apply it: every shape follows from the counts, so nothing is read back. (A named tuple:
+    immutable, and made every step at a fraction of a frozen dataclass's cost.)
 
     Attributes:
         base_version: the table version the record applies to (the device must be at it).
@@ -81,10 +78,6 @@ class UpdateHeader:
     num_appends: int
     width: int
     pad_row: int
-    size: int = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "size", self.offsets[-1][1])
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -94,7 +87,12 @@ class UpdateHeader:
     @property
     def offsets(self) -> tuple[tuple[int, int], ...]:
         """(start, stop) of each part of the flat vector, in `PARTS` order."""
-        return _offsets(*self.counts, self.width)
+        return _offsets(self.num_copies, self.num_sets, self.num_appends, self.width)
+
+    @property
+    def size(self) -> int:
+        """Entries of the flat vector."""
+        return 2 * self.num_copies + self.num_sets * (1 + self.width) + 3 * self.num_appends
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +124,7 @@ class BlockTableUpdates:
 
     header: UpdateHeader
     flat: np.ndarray
-    num_real: tuple[int, int, int, int]
+    num_real: tuple[int, int, int]
 
     def part(self, name: str) -> np.ndarray:
         """A view of one part of `flat` (`set_pages` as [num_sets, width])."""
@@ -245,6 +243,14 @@ def _check_entries(updates: BlockTableUpdates) -> None:
         raise SpecError("updates: a padding entry writes a non-zero page into the pad row.")
 
 
+def _int32_vector(value: Any, what: str) -> np.ndarray:
+    """`value` as a 1-D int32 array: a scheduler's own int32 array as it is (read, never
+    kept or written), anything else through the general check."""
+    if type(value) is np.ndarray and value.dtype == np.int32 and value.ndim == 1:
+        return value
+    return as_int_array(value, what, ndim=1)
+
+
 class BlockTableState:
     """The host half of a device-resident block table: a mirror plus the pending changes.
 
@@ -293,15 +299,19 @@ class BlockTableState:
         self.device_shape = (self.max_rows + 1, self.width)
         self._mirror = np.zeros(self.device_shape, dtype=np.int32)
         self._len = np.zeros(self.max_rows, dtype=np.int32)  # pages each row holds
-        self._base_len = np.zeros(self.max_rows, dtype=np.int32)  # ... as of the last record
+        # ... as of the last record, and 0 for the pad row (its origin index)
+        self._base_len = np.zeros(self.max_rows + 1, dtype=np.int32)
         self._live = np.zeros(self.max_rows, dtype=bool)
         # The device row each row's content starts from (the table as of the last record): its
-        # first `_base_len[origin]` pages are that row's, the rest are appends; _ZERO: zeros.
+        # first `_base_len[origin]` pages are that row's, the rest are appends. The pad row as
+        # origin means zeros: the device row must be cleared (a copy from the pad row) first.
         self._origin = np.arange(self.max_rows, dtype=np.int32)
         self._touched = np.zeros(self.max_rows, dtype=bool)
+        self._marks = np.zeros(self.max_rows, dtype=np.int32)  # scratch of append_many
         self._rows = freeze(np.arange(self.max_rows, dtype=np.int32))
         self.version = 0
         self.pending = False
+        self._edits = 0  # verbs applied so far: a view made before a later verb is stale
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -336,6 +346,7 @@ class BlockTableState:
             int32 [padded_num_reqs or len(rows)]: the gather index the device halves'
             `row_pages`, `slot_mapping` and `paged_kv_indices` take.
         """
+        self._require_staged("batch_rows")
         index = self._row_index(rows)
         n = index.shape[0]
         if padded_num_reqs is None:
@@ -359,13 +370,8 @@ class BlockTableState:
             int32 [len(rows), width], read-only: a view of the mirror for None or an int (it
             changes with later verbs; `Batch` copies it), a new array for a sequence.
         """
-        if self.pending and not allow_pending:
-            raise SpecError(
-                "block table: the verbs since the last take_updates() changed the table, but their "
-                "record was never taken, so the device table does not have them and a step built "
-                "now would disagree with it. Fix: call take_updates() and stage its record with "
-                "this step (or pass allow_pending=True for a host-only step)."
-            )
+        if not allow_pending:
+            self._require_staged("as_batch_table")
         if rows is None:
             view = self._mirror[: self.max_rows]
         elif isinstance(rows, int | np.integer) and not isinstance(rows, bool):
@@ -375,6 +381,12 @@ class BlockTableState:
         view = view.view()
         view.setflags(write=False)
         return view
+
+    def view(self, rows: Any) -> BlockTableView:
+        """The step's block table as a `BlockTableView`: rows of this state at its current
+        version, without a copy (see `BlockTableView`). `rows` as in `batch_rows`."""
+        self._require_staged("view")
+        return BlockTableView(self, rows)
 
     def slot_inputs(self, batch: Batch, rows: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Host inputs of the device-side slot mapping of `batch` (device halves' `slot_mapping`).
@@ -392,6 +404,7 @@ class BlockTableState:
         """
         if not isinstance(batch, Batch):
             raise TypeError(f"batch: expected an attnsync.Batch, received {type(batch).__name__}.")
+        self._require_staged("slot_inputs")
         index = self._row_index(batch.num_reqs if rows is None else rows)
         if index.shape[0] != batch.num_reqs:
             raise SpecError(
@@ -434,7 +447,7 @@ class BlockTableState:
         self._mirror[row, :n] = pages
         self._mirror[row, n:] = 0
         self._len[row] = n
-        self._origin[row] = _ZERO
+        self._origin[row] = self.pad_row
         self._touch(row)
 
     def append(self, row: int, pages: Any) -> None:
@@ -447,6 +460,7 @@ class BlockTableState:
         self._len[row] = have + n
         self._touched[row] = True
         self.pending = True
+        self._edits += 1
 
     def append_many(self, rows: Any, pages: Any) -> None:
         """One page appended per entry: `pages[i]` to the request in `rows[i]`, vectorised.
@@ -454,8 +468,7 @@ class BlockTableState:
         A row may appear several times; its pages then go in the order given. The decode
         step's verb: the rows whose sequence crossed a page boundary, with their new pages.
         """
-        rows = as_int_array(rows, "append_many: rows", ndim=1)
-        pages = as_int_array(pages, "append_many: pages", ndim=1)
+        rows, pages = _int32_vector(rows, "append_many: rows"), _int32_vector(pages, "append_many: pages")
         if rows.shape != pages.shape:
             raise SpecError(
                 f"append_many: rows has {rows.shape[0]} entries but pages has {pages.shape[0]}. "
@@ -470,39 +483,45 @@ class BlockTableState:
                 f"append_many: row {bad} does not exist (rows are 0..{self.max_rows - 1}). Fix: "
                 f"append only to rows that hold a request."
             )
-        free = ~self._live[rows]
-        if free.any():
-            bad = int(rows[np.argmax(free)])
+        if not self._live[rows].all():
+            bad = int(rows[np.argmin(self._live[rows])])
             raise SpecError(
                 f"append_many: row {bad} holds no request. Fix: add(row, pages) a request there "
                 f"first; append only grows a live row."
             )
         self._check_page_ids(pages, "append_many: pages", None)
-        counts = np.bincount(rows, minlength=self.max_rows)
-        repeated = bool(counts.max() > 1)
-        grown = self._len.astype(np.int64) + counts
-        over = grown > self.width
-        if over.any():
-            bad = int(np.argmax(over))
+        cols = self._len[rows]
+        # A repeated row is found in O(entries): each entry marks its row, and an entry whose
+        # mark was overwritten shares its row with a later one.
+        entry = np.arange(rows.size, dtype=np.int32)
+        self._marks[rows] = entry
+        if (self._marks[rows] != entry).any():
+            order = np.argsort(rows, kind="stable")  # each entry's rank among its row's entries
+            sorted_rows = rows[order]
+            start = np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]
+            first = np.maximum.accumulate(np.where(start, entry, 0))
+            rank = np.empty(rows.size, dtype=np.int32)
+            rank[order] = entry - first
+            cols = cols + rank
+            counts = np.bincount(rows, minlength=self.max_rows).astype(np.int32)
+        else:
+            counts = None
+        if int(cols.max()) >= self.width:
+            bad = int(rows[np.argmax(cols)])
+            total = int(self._len[bad]) + int((rows == bad).sum())
             raise SpecError(
-                f"append_many: row {bad} would hold {int(grown[bad])} pages, more than the table's "
+                f"append_many: row {bad} would hold {total} pages, more than the table's "
                 f"width {self.width}. Fix: widen the table (BlockTableState(width=...)) or "
                 f"preempt the request."
             )
-        if repeated:  # each entry's rank among its row's entries, in the order given
-            order = np.argsort(rows, kind="stable")
-            sorted_rows = rows[order]
-            start = np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]
-            first = np.maximum.accumulate(np.where(start, np.arange(rows.size), 0))
-            rank = np.empty(rows.size, dtype=np.int32)
-            rank[order] = np.arange(rows.size) - first
-            cols = self._len[rows] + rank
+        self._mirror.reshape(-1)[rows.astype(np.int64) * self.width + cols] = pages
+        if counts is None:
+            self._len[rows] += 1
         else:
-            cols = self._len[rows]
-        self._mirror[rows, cols] = pages
-        self._len += counts.astype(np.int32)
+            self._len += counts
         self._touched[rows] = True
         self.pending = True
+        self._edits += 1
 
     def remove(self, row: int) -> None:
         """The request in row `row` finished or was preempted: the row is cleared and free."""
@@ -536,7 +555,7 @@ class BlockTableState:
         for row in (a, b):
             self._touch(row)
             if not self._live[row]:
-                self._origin[row] = row if self._base_len[row] == 0 else _ZERO
+                self._origin[row] = row if self._base_len[row] == 0 else self.pad_row
 
     # -- staging ---------------------------------------------------------------------------
 
@@ -555,48 +574,53 @@ class BlockTableState:
         """
         touched = np.flatnonzero(self._touched).astype(np.int32)
         width, pad_row = self.width, self.pad_row
-        origin = self._origin[touched]
+        origin = self._origin[touched]  # the pad row: zeros (a clear)
         length = self._len[touched]
-        from_row = origin >= 0
-        kept = np.where(from_row, self._base_len[np.maximum(origin, 0)], 0)  # device pages reused
+        kept = self._base_len[origin]  # pages the device row of `origin` already holds
         extra = length - kept
         # A whole-row set costs 4 * width bytes against 12 per appended page (plus 8 for a copy
         # or a clear): rows gaining a third of the width or more go as sets.
         whole = 3 * extra >= width
-        whole &= extra > 0
-        copy = (origin != touched) & ~whole  # moved rows, and clears (from the pad row)
-        grow = ~whole & (extra > 0)
-        copy_dst = touched[copy]
-        copy_src = np.where(from_row[copy], origin[copy], np.int32(pad_row))
-        set_rows = touched[whole]
-        grow_rows, grow_from, grow_count = touched[grow], kept[grow], extra[grow]
+        if whole.any():
+            set_rows = touched[whole]
+            partial = ~whole
+            touched_p, origin_p, kept_p, extra_p = touched[partial], origin[partial], kept[partial], extra[partial]
+        else:
+            set_rows = touched[:0]
+            touched_p, origin_p, kept_p, extra_p = touched, origin, kept, extra
+        copy = origin_p != touched_p  # moved rows, and clears (from the pad row)
+        copy_dst, copy_src = touched_p[copy], origin_p[copy]
+        grow = extra_p > 0
+        grow_rows, grow_from, grow_count = touched_p[grow], kept_p[grow], extra_p[grow]
         num_appends = int(grow_count.sum())
+        if num_appends == grow_rows.shape[0]:  # one page a row (decode steps)
+            append_rows, append_cols = grow_rows, grow_from
+        else:
+            append_rows = np.repeat(grow_rows, grow_count)
+            first = np.repeat(np.cumsum(grow_count) - grow_count - grow_from, grow_count)
+            append_cols = np.arange(num_appends, dtype=np.int32) - first.astype(np.int32)
         real = (copy_dst.shape[0], set_rows.shape[0], num_appends)
         counts = ((bucket_count(real[0], MIN_PADDED_COPIES), bucket_count(real[1]),
                    bucket_count(real[2], MIN_PADDED_APPENDS)) if pad else real)
         header = UpdateHeader(self.version, self.version + 1, *counts, width, pad_row)
-        flat = np.zeros(header.size, dtype=np.int32)
-        parts = dict(zip(PARTS, header.offsets, strict=True))
-
-        def put(name: str, values: np.ndarray) -> None:
-            start, stop = parts[name]
-            flat[start : start + values.size] = values.ravel()
-            flat[start + values.size : stop] = 0 if name.endswith("pages") or name == "append_cols" else pad_row
-
-        put("copy_src", copy_src)
-        put("copy_dst", copy_dst)
-        put("set_rows", set_rows)
-        if num_appends:
-            append_rows = np.repeat(grow_rows, grow_count)
-            starts = np.repeat(np.cumsum(grow_count) - grow_count, grow_count)
-            append_cols = (np.arange(num_appends, dtype=np.int32) - starts + np.repeat(grow_from, grow_count)
-                           ).astype(np.int32)
-        else:
-            append_rows = append_cols = np.zeros(0, dtype=np.int32)
-        put("append_rows", append_rows)
-        put("append_cols", append_cols)
-        put("append_pages", self._mirror[append_rows, append_cols])
-        put("set_pages", self._mirror[set_rows])
+        flat = np.empty(header.size, dtype=np.int32)
+        (c0, c1), (d0, d1), (s0, s1), (r0, r1), (k0, k1), (p0, p1), (q0, q1) = header.offsets
+        # real entries, then padding: rows -> the pad row, columns and pages -> 0
+        flat[c0 : c0 + real[0]] = copy_src
+        flat[d0 : d0 + real[0]] = copy_dst
+        flat[s0 : s0 + real[1]] = set_rows
+        flat[r0 : r0 + num_appends] = append_rows
+        flat[k0 : k0 + num_appends] = append_cols
+        flat[p0 : p0 + num_appends] = self._mirror.reshape(-1)[append_rows.astype(np.int64) * width + append_cols]
+        flat[q0 : q0 + real[1] * width] = self._mirror[set_rows].reshape(-1)
+        if pad:
+            flat[c0 + real[0] : c1] = pad_row
+            flat[d0 + real[0] : d1] = pad_row
+            flat[s0 + real[1] : s1] = pad_row
+            flat[r0 + num_appends : r1] = pad_row
+            flat[k0 + num_appends : k1] = 0
+            flat[p0 + num_appends : p1] = 0
+            flat[q0 + real[1] * width : q1] = 0
         freeze(flat)
         # The mirror is now the device table as of the new version.
         self._origin[touched] = touched
@@ -608,16 +632,27 @@ class BlockTableState:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _require_staged(self, what: str) -> None:
+        """Refuse to describe a step while verbs have changed the table since the last record."""
+        if self.pending:
+            raise SpecError(
+                f"{what}: the verbs since the last take_updates() changed the block table, but their "
+                f"record was never taken, so the device table does not have them and a step built "
+                f"now would disagree with it. Fix: call take_updates() and stage its record with "
+                f"this step (or pass allow_pending=True for a host-only step)."
+            )
+
     def _touch(self, row: int) -> None:
         self._touched[row] = True
         self.pending = True
+        self._edits += 1
 
     def _vacate(self, row: int) -> None:
         """Row `row` becomes free and zero; its device row needs a clear unless it was empty."""
         self._mirror[row, : self._len[row]] = 0
         self._len[row] = 0
         self._live[row] = False
-        self._origin[row] = row if self._base_len[row] == 0 else _ZERO
+        self._origin[row] = row if self._base_len[row] == 0 else self.pad_row
         self._touch(row)
 
     def _row(self, row: Any, what: str) -> int:
@@ -703,3 +738,61 @@ class BlockTableState:
                 f"pad row {self.pad_row} for padding rows)."
             )
         return index
+
+
+class BlockTableView:
+    """A step's block table as rows of a `BlockTableState`, read in place (no copy).
+
+    What a batch can hold instead of its own copy of the table: the state checked every page
+    id when the verbs put it there, so nothing needs scanning again, and `pages` gives the
+    pages each batch row holds (a check that a row's sequence fits its pages is O(rows)).
+    The view is valid until the next verb changes the state; reading `table` after that is
+    refused, since the mirror then no longer shows this step's table.
+
+    Attributes:
+        rows: int32 table row of each batch row (`BlockTableState.batch_rows`).
+        version: the state's version the view belongs to (the device table must be at it).
+        condensed: True when batch row i is table row i (the device table's first rows are
+            then the batch's table, a zero-copy view).
+    """
+
+    __slots__ = ("_edits", "_state", "_table", "condensed", "rows", "version")
+
+    def __init__(self, state: BlockTableState, rows: Any) -> None:
+        self._state = state
+        self.condensed = isinstance(rows, int | np.integer) and not isinstance(rows, bool)
+        self.rows = state._row_index(rows)
+        self.version = state.version
+        self._edits = state._edits
+        self._table: np.ndarray | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """Batch rows the view covers."""
+        return int(self.rows.shape[0])
+
+    @property
+    def pages(self) -> np.ndarray:
+        """int32 [num_rows]: pages each batch row holds (0 for a pad row)."""
+        self._require_current()
+        return np.append(self._state._len, np.int32(0))[self.rows]
+
+    @property
+    def table(self) -> np.ndarray:
+        """int32 [num_rows, width], read-only: the mirror's rows (a view when condensed, else
+        one gather, made on first use)."""
+        self._require_current()
+        if self._table is None:
+            mirror = self._state._mirror
+            table = mirror[: self.num_rows].view() if self.condensed else mirror.take(self.rows, axis=0)
+            table.setflags(write=False)
+            self._table = table
+        return self._table
+
+    def _require_current(self) -> None:
+        if self._state._edits != self._edits:
+            raise SpecError(
+                f"block table view: made at version {self.version}, but verbs have changed the "
+                f"state since, so the mirror no longer shows this step's table. Fix: read the "
+                f"step's table before the next step's verbs (or keep a copy: np.array(view.table))."
+            )

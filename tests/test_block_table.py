@@ -29,8 +29,8 @@ STEPS = 1000
 
 
 def test_all_is_pinned():
-    assert _block_table.__all__ == ["BlockTableState", "BlockTableUpdates", "UpdateHeader", "apply_numpy",
-                                    "bucket_count"]
+    assert _block_table.__all__ == ["BlockTableState", "BlockTableUpdates", "BlockTableView", "UpdateHeader",
+                                    "apply_numpy", "bucket_count"]
     for name in _block_table.__all__:
         assert getattr(_block_table, name) is not None
 
@@ -86,6 +86,9 @@ def test_simulated_scheduler_numpy():
         assert np.array_equal(device, scratch)
         assert not device[state.pad_row].any()
         assert np.array_equal(state.as_batch_table(step.rows), scratch[step.rows])
+        view = state.view(step.rows)
+        assert np.array_equal(view.table, scratch[step.rows])
+        assert (view.pages * sim.block_size >= step.seq_lens).all()  # every row fits its pages
         delta_bytes += step.updates.nbytes
         full_bytes += 4 * len(step.rows) * state.width
         ours, theirs = sim.batch(step, state.mirror), sim.batch(step, scratch)
@@ -172,8 +175,10 @@ def test_record_is_read_only_and_versions_count_steps():
     assert (second.header.base_version, second.header.version, state.version) == (1, 2, 2)
     with pytest.raises(ValueError, match="read-only"):
         second.flat[0] = 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         second.header.version = 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        second.flat = None
 
 
 def test_as_batch_table_views_and_gathers():
@@ -188,6 +193,34 @@ def test_as_batch_table_views_and_gathers():
     assert state.batch_rows([1, 0], padded_num_reqs=4).tolist() == [1, 0, 4, 4]
     batch = attnsync.Batch(query_lens=[1, 1], seq_lens=[5, 2], block_table=view, block_size=4)
     assert attnsync.build(batch).slot_mapping.tolist() == [2 * 4 + 0, 3 * 4 + 1]
+
+
+def test_view_reads_the_mirror_in_place_until_the_next_verb():
+    state = BlockTableState(max_rows=4, width=3, num_cache_pages=100)
+    state.add(0, [1, 2])
+    state.add(1, [3])
+    state.take_updates()
+    condensed = state.view(2)
+    assert condensed.condensed and condensed.num_rows == 2 and condensed.version == 1
+    assert condensed.table.tolist() == [[1, 2, 0], [3, 0, 0]]
+    assert np.shares_memory(condensed.table, state.mirror)  # no copy
+    assert condensed.pages.tolist() == [2, 1]
+    gathered = state.view([1, 0, state.pad_row])
+    assert not gathered.condensed
+    assert gathered.table.tolist() == [[3, 0, 0], [1, 2, 0], [0, 0, 0]]
+    assert gathered.pages.tolist() == [1, 2, 0]
+    batch = attnsync.Batch(query_lens=[1, 1], seq_lens=[5, 2], block_table=condensed.table, block_size=4)
+    assert attnsync.build(batch).slot_mapping.tolist() == [2 * 4 + 0, 3 * 4 + 1]
+    state.append(1, [4])
+    for view in (condensed, gathered):
+        with pytest.raises(SpecError, match="made at version 1, but verbs have changed the state since"):
+            view.table  # noqa: B018 - the read is the test
+        with pytest.raises(SpecError, match="verbs have changed the state since"):
+            view.pages  # noqa: B018
+    with pytest.raises(SpecError, match="view: .*record was never taken"):
+        state.view(2)
+    state.take_updates()
+    assert state.view(2).table.tolist() == [[1, 2, 0], [3, 4, 0]]
 
 
 # -- safety: every refusal names the problem and leaves the state as it was ---------------------
@@ -228,7 +261,10 @@ def _state() -> BlockTableState:
         (lambda s: s.move(0, 1), r"move: destination row 1 already holds a request"),
         (lambda s: s.move(0, 4), r"move: destination row 4 does not exist"),
         (lambda s: s.swap(0, 5), r"swap: row 5 does not exist"),
-        (lambda s: s.as_batch_table(2), r"record was never taken.*Fix: call take_updates"),
+        (lambda s: s.as_batch_table(2), r"as_batch_table: .*record was never taken.*Fix: call take_updates"),
+        (lambda s: s.batch_rows(2), r"batch_rows: .*record was never taken"),
+        (lambda s: s.slot_inputs(attnsync.Batch(query_lens=[1], seq_lens=[3], block_table=[[1]], block_size=4)),
+         r"slot_inputs: .*record was never taken"),
     ],
 )
 def test_refusals_change_nothing(verb, match):
@@ -321,7 +357,7 @@ def test_apply_numpy_refuses_malformed_records_and_writes_nothing():
     short = BlockTableUpdates(updates.header, updates.flat[:-1], updates.num_real)
     with pytest.raises(SpecError, match="flat update vector has"):
         apply_numpy(device, short)
-    other = dataclasses.replace(updates.header, width=6)
+    other = updates.header._replace(width=6)
     with pytest.raises(SpecError, match=r"expected shape \(5, 6\)"):
         apply_numpy(device, BlockTableUpdates(other, updates.flat, updates.num_real))
     apply_numpy(device, updates)  # the untampered record still applies
