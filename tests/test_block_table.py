@@ -438,3 +438,18 @@ def test_random_verb_sequences(ops):
         assert np.array_equal(state.mirror, expected)
         assert sorted(model) == state.live_rows().tolist()
     assert np.array_equal(device, state.mirror)
+
+
+def test_host_half_imports_no_framework():
+    """The host half is core code: numpy only (checked in a fresh interpreter)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import attnsync._block_table, sys, json; "
+            "print(json.dumps([m for m in ('torch', 'jax', 'jaxlib', 'triton') if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
