@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._staging import PackedLayout, plan_layout
+from ._staging import ALIGN_BYTES, PackedLayout, plan_layout
 
 __all__ = ["LoweringPlan", "StepLayout", "plan_of"]
 
@@ -122,12 +122,22 @@ class LoweringPlan:
         return step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # made once per shape signature: identity is equality
 class StepLayout:
-    """The two packed layouts of one step: the staged (device) fields and the host mirrors."""
+    """The two packed layouts of one step: the staged (device) fields and the host mirrors.
+
+    A reusing stager keeps both in one host buffer, the mirrors from `mirror_offset` on.
+    """
 
     staged: PackedLayout
     mirrors: PackedLayout
+    mirror_offset: int = field(init=False)
+    nbytes: int = field(init=False)  # the host buffer both need
+
+    def __post_init__(self) -> None:
+        offset = -(-self.staged.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        object.__setattr__(self, "mirror_offset", offset)
+        object.__setattr__(self, "nbytes", offset + self.mirrors.nbytes)
 
 
 @functools.lru_cache(maxsize=None)

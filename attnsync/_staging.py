@@ -140,6 +140,15 @@ class SlotRing:
         """Slots in rotation."""
         return len(self._slots)
 
+    @property
+    def next_index(self) -> int:
+        """The slot the next `acquire` hands out."""
+        return self._next
+
+    def owners(self) -> list[Any]:
+        """The owner of every slot allocated so far (its memory), in slot order."""
+        return [slot[0] for slot in self._slots if slot is not None]
+
     def acquire(self, nbytes: int) -> tuple[int, Any, np.ndarray]:
         """Next slot with room for `nbytes`, once its previous copy is done.
 

@@ -22,7 +22,7 @@ import torch
 
 from .._plan import LoweringPlan, StepLayout, plan_of
 from .._spec import BUILT_MARK, check_lowerable
-from .._staging import ALIGN_BYTES, PackedLayout, StagingStats, _round_up, pack, plan_layout, unpack
+from .._staging import PackedLayout, SlotRing, StagingStats, pack, plan_layout, unpack
 from .._validate import SpecError
 from ._cuda_calls import CurrentStream, HostToDevice
 from ._pinned_tables import PinnedTables, pack_fields
@@ -110,49 +110,62 @@ class Stager:
         if persistent:
             depth = max(depth, 2)
         self.depth, self.persistent, self.check = depth, bool(persistent), bool(check)
-        self.stats = StagingStats()
         self._cuda = self.device.type == "cuda"
         self._lock = threading.Lock()
-        self._slots = [_Slot() for _ in range(depth)]
-        self._turn = 0
         self._fixed: tuple[PackedLayout, torch.Tensor] | None = None  # persistent: (layout, buffer)
         self._stream: torch.cuda.Stream | None = None  # check mode: the stream this stager serves
         self._accepted: set[str] = set()  # device names already checked against self.device
+        self._handed: list[tuple[tuple[str, weakref.ref], ...]] = [()] * depth  # check mode, per slot
         self.table_memory = PinnedTables() if self._cuda else None
+        self._ring = None
+        if depth:
+            # The one guard of reused pinned memory: a slot is repacked only once the event
+            # recorded after its last copy has completed (attnsync._staging.SlotRing).
+            self._ring = SlotRing(num_slots=depth, allocate=self._allocate_slot,
+                                  is_done=(lambda event: event.query()) if self._cuda else bool,
+                                  wait=(lambda event: event.synchronize()) if self._cuda else bool)
+        self.stats = self._ring.stats if self._ring is not None else StagingStats()
         if self._cuda and depth:
             self._current = CurrentStream(self.device.index)
             self._host_to_device = HostToDevice(self.device)
             # torch's pinned allocator does not see direct copies: a dropped stager's pinned
             # buffers are freed only after their last copies have run.
-            weakref.finalize(self, _wait_for_copies, self._slots, self.table_memory).atexit = False
+            weakref.finalize(self, _wait_for_copies, self._ring, self.table_memory).atexit = False
 
     def lower(self, plan: LoweringPlan, values: dict[str, Any]) -> dict[str, Any]:
         """Stage one step's fields (`values`: a metadata instance dict); returns the lowered
         fields by lowered name (device views and host mirrors; scalars are the caller's)."""
         step = plan.layouts(values, _WIDE)
-        if self.depth == 0:
+        if self._ring is None:
             return self._lower_fresh(plan, step, values)
         staged, mirrors = plan.staged_of(values), plan.mirrors_of(values)
         with self._lock:
             if self.persistent:
                 self._fixed_buffer(step.staged)  # refuses another layout before anything is written
-            slot = self._slots[self._turn]
-            self._turn = (self._turn + 1) % self.depth
             if self.check:
-                self._refuse_stale(slot)
-            entry = slot.entries.get(step) or slot.entry(self, step, plan)
+                self._refuse_stale(self._ring.next_index)
+            index, memory, _ = self._ring.acquire(step.nbytes)  # waits while its last copy may be pending
+            entry = memory.entries.get(step) or memory.entry(plan, step)
             table = self._table_block(plan, staged, step.staged)
             if table is None:
-                slot.wait_copied(self.stats)
                 pack_fields(entry.targets, staged + mirrors)
-                source = entry.pinned
+                self._copy(entry.device, entry.pinned, memory.event)
+                self._ring.release(index, memory.event)
             else:  # the table already lies in a pinned block: pack the rest after it, copy the block
                 pack_fields(table.targets(step.staged, entry.mirror_targets), staged[1:] + mirrors)
-                source = table.source(step.staged.nbytes)
-            self._copy(entry.device, source, slot, table)
+                self._copy(entry.device, table.source(step.staged.nbytes), table.event)
+                self._ring.release(index, None)  # the slot's own pinned buffer was not read
             if self.check:
-                return slot.hand_out(entry.fresh_views())
+                fields = entry.fresh_views()
+                self._handed[index] = tuple((name, weakref.ref(t)) for name, t in fields.items())
+                return fields
             return entry.fields
+
+    def _allocate_slot(self, nbytes: int) -> tuple[_SlotMemory, np.ndarray]:
+        """A ring slot's memory: one host buffer (pinned on CUDA) for the staged fields and the
+        mirrors after them, and the device buffer the staged fields are copied into."""
+        memory = _SlotMemory(self, nbytes)
+        return memory, memory.host.numpy()
 
     def _lower_fresh(self, plan: LoweringPlan, step: StepLayout, values: dict[str, Any]) -> dict[str, Any]:
         """Fresh memory per lowering: a new device buffer, one pinned source, new mirrors."""
@@ -193,11 +206,9 @@ class Stager:
             return None
         return self.table_memory.block_of(staged[0], layout.nbytes)
 
-    def _copy(self, device: torch.Tensor, source: torch.Tensor, slot: _Slot, table: Any) -> None:
-        """One non_blocking copy on the current stream; the event after it guards the source."""
+    def _copy(self, device: torch.Tensor, source: torch.Tensor, event: Any) -> None:
+        """One non_blocking copy on the current stream; `event`, recorded after it, guards the source."""
         if not self._cuda:  # the values were packed straight into the (host) device buffer
-            if self.persistent:
-                self.stats.copies += 1
             return
         stream = self._current.current()
         if self.check:
@@ -208,92 +219,64 @@ class Stager:
                     f"stager: it serves stream {self._stream}, but this lowering runs on {stream}; its "
                     f"device buffers are ordered on one stream only. Fix: one Stager per stream.")
         self._host_to_device(device, source, stream)
-        event = (slot if table is None else table).event
         event.record(stream)
-        self.stats.copies += 1
 
-    def _refuse_stale(self, slot: _Slot) -> None:
-        alive = slot.alive()
+    def _refuse_stale(self, index: int) -> None:
+        alive = [name for name, ref in self._handed[index] if ref() is not None]
         if alive:
+            held = ", ".join(alive[:4]) + (" ..." if len(alive) > 4 else "")
             raise StaleLoweringError(
-                f"stager: the lowering this ring slot holds ({alive}) is still referenced, and this "
+                f"stager: the lowering this ring slot holds ({held}) is still referenced, and this "
                 f"lowering would rewrite its memory (a stager of depth {self.depth} keeps a lowering valid "
                 f"for {self.depth - 1} further lowering(s)). Fix: drop it (or .clone() what you keep) "
                 f"before lowering again, or use Stager(depth={self.depth + 1}) or more.")
 
 
-def _wait_for_copies(slots: list[_Slot], tables: PinnedTables) -> None:
-    for event in [slot.event for slot in slots] + tables.events():
+def _wait_for_copies(ring: SlotRing, tables: PinnedTables) -> None:
+    for event in [memory.event for memory in ring.owners()] + tables.events():
         if event is not None:
             event.synchronize()
 
 
-class _Slot:
-    """One ring slot: its memory, grown when a step needs more, and per-layout views of it."""
+class _SlotMemory:
+    """One ring slot's memory (replaced whole when a step needs more) and its views per layout."""
 
-    __slots__ = ("pinned", "device", "event", "mirror", "entries", "handed")
+    __slots__ = ("host", "device", "event", "entries")
 
-    def __init__(self) -> None:
-        self.pinned = self.device = self.mirror = None
-        self.event: torch.cuda.Event | None = None
+    def __init__(self, stager: Stager, nbytes: int) -> None:
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=stager._cuda)
+        if stager.persistent:
+            self.device = stager._fixed[1]
+        elif stager._cuda:
+            self.device = torch.empty(nbytes, dtype=torch.uint8, device=stager.device)
+        else:  # a host device: values are packed straight into the device buffer
+            self.device = self.host
+        self.event = torch.cuda.Event() if stager._cuda else None
         self.entries: dict[StepLayout, _Entry] = {}
-        self.handed: tuple[weakref.ref, ...] = ()
 
-    def wait_copied(self, stats: StagingStats) -> None:
-        """Block until the last copy from this slot's pinned buffer has executed (rarely waits)."""
-        if self.event is not None and not self.event.query():
-            stats.event_waits += 1
-            self.event.synchronize()
-
-    def entry(self, stager: Stager, step: StepLayout, plan: LoweringPlan) -> _Entry:
-        """This slot's views for a step layout it has not served recently (grown if need be)."""
-        if self.device is None or self.device.numel() < step.staged.nbytes or self.mirror.numel() < step.mirrors.nbytes:
-            self._grow(stager, step.staged.nbytes, step.mirrors.nbytes)
+    def entry(self, plan: LoweringPlan, step: StepLayout) -> _Entry:
+        """This slot's views for a step layout it has not served recently."""
         if len(self.entries) > 64:  # shapes that drift step to step: keep the views of recent ones
             self.entries.clear()
         entry = self.entries[step] = _Entry(plan, self, step)
         return entry
 
-    def _grow(self, stager: Stager, nbytes: int, mirror_nbytes: int) -> None:
-        """Room for a larger step (an eighth more, so a drifting loop grows rarely); the old memory
-        stays with the lowerings that view it, and torch frees it in stream order."""
-        if self.device is not None:
-            self.wait_copied(stager.stats)
-            stager.stats.grows += 1
-        size = _round_up(nbytes + nbytes // 8 + ALIGN_BYTES, 4096)
-        if stager.persistent:
-            self.device = stager._fixed_buffer(stager._fixed[0])
-        else:
-            self.device = torch.empty(size, dtype=torch.uint8, device=stager.device)
-        if stager._cuda:
-            self.pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self.event = torch.cuda.Event()
-        else:  # a host device: values are packed straight into the device buffer
-            self.pinned = self.device
-        self.mirror = torch.empty(_round_up(mirror_nbytes + mirror_nbytes // 8 + ALIGN_BYTES, 4096), dtype=torch.uint8)
-        self.entries.clear()
-
-    def alive(self) -> str:
-        """What of the lowering this slot handed out is still referenced ('' if nothing)."""
-        names = [name for name, ref in self.handed if ref() is not None]
-        return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-
-    def hand_out(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self.handed = tuple((name, weakref.ref(t)) for name, t in fields.items())
-        return fields
-
 
 class _Entry:
-    """A slot's views for one step layout: pack targets in its pinned buffer, the lowered tensors."""
+    """A slot's views for one step layout: pack targets in its host buffer, the lowered tensors."""
 
     __slots__ = ("device", "pinned", "targets", "mirror_targets", "fields", "fresh_views")
 
-    def __init__(self, plan: LoweringPlan, slot: _Slot, step: StepLayout) -> None:
-        self.device = slot.device[: step.staged.nbytes]
-        self.pinned = slot.pinned[: step.staged.nbytes]
-        self.mirror_targets = tuple(unpack(step.mirrors, slot.mirror.numpy()).values())
-        self.targets = tuple(unpack(step.staged, slot.pinned.numpy()).values()) + self.mirror_targets
-        device, mirror = slot.device, slot.mirror
+    def __init__(self, plan: LoweringPlan, memory: _SlotMemory, step: StepLayout) -> None:
+        self.device = memory.device[: step.staged.nbytes]
+        self.pinned = memory.host[: step.staged.nbytes]
+        mirror = memory.host[step.mirror_offset: step.mirror_offset + step.mirrors.nbytes]
+        self.mirror_targets = tuple(unpack(step.mirrors, mirror.numpy()).values())
+        # on CUDA the staged fields are packed into the pinned buffer and copied; on a host device
+        # straight into the device buffer (a persistent one's fixed memory)
+        packed = memory.host if memory.event is not None else memory.device
+        self.targets = tuple(unpack(step.staged, packed.numpy()).values()) + self.mirror_targets
+        device = memory.device
         self.fresh_views = lambda: _named_views(plan, device, step, mirror)
         self.fields = self.fresh_views()
 
@@ -537,7 +520,8 @@ def views_of(buffer: torch.Tensor, layout: PackedLayout) -> dict[str, torch.Tens
     """Typed views of every field of a staged uint8 `buffer` (one `as_strided` per field)."""
     dtypes, recipe = _view_recipe(layout)
     typed = [buffer.view(dtype) for dtype in dtypes]
-    return {name: typed[i].as_strided(shape, strides, offset) for name, i, shape, strides, offset in recipe}
+    base = [t.storage_offset() for t in typed]  # as_strided's offsets count from the storage's start
+    return {name: typed[i].as_strided(shape, strides, base[i] + offset) for name, i, shape, strides, offset in recipe}
 
 
 @functools.lru_cache(maxsize=1024)
