@@ -294,20 +294,29 @@ def _shapes(layout: PackedLayout) -> dict[str, tuple[int, ...]]:
     return {e.name: e.shape for e in layout.entries}
 
 
-# One fresh-memory stager per device for `lower` without a stager: it owns nothing between
-# lowerings, so sharing it process-wide changes nothing a caller sees (only its stats count).
-_DEFAULT_STAGERS: dict[torch.device, Stager] = {}
+# The fresh-memory stager of each device for `lower` without a stager, under the device
+# argument as given too (resolving a device name costs more than the copy): it owns nothing
+# between lowerings, so sharing it process-wide changes nothing a caller sees but its stats.
+_DEFAULT_STAGERS: dict[Any, Stager] = {}
 
 
 def default_stager(device: Any) -> Stager:
     """The process-wide fresh-memory (``depth=0``) stager of `device`, made on first use."""
-    dev = _as_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    stager = _DEFAULT_STAGERS.get(dev)
-    if stager is None:
-        stager = _DEFAULT_STAGERS[dev] = Stager(dev, depth=0)
-    return stager
+    key = device
+    if device == "cuda" if isinstance(device, str) else isinstance(device, torch.device) and str(device) == "cuda":
+        key = ("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # the current one
+    try:
+        found = _DEFAULT_STAGERS.get(key) if key is not None else None
+    except TypeError:  # unhashable: _as_device says what a device is
+        key, found = None, None
+    if found is None:
+        dev = _as_device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        found = _DEFAULT_STAGERS.get(dev) or _DEFAULT_STAGERS.setdefault(dev, Stager(dev, depth=0))
+        if key is not None:
+            _DEFAULT_STAGERS[key] = found
+    return found
 
 
 @functools.lru_cache(maxsize=None)
@@ -477,28 +486,10 @@ def _plan_of(md: Any) -> LoweringPlan:
     return plan
 
 
-# Device arguments seen before -> their default stager: resolving and checking a device name
-# costs more than a lowering's copy. "cuda" without an index means the current device, so its
-# key carries the current device index.
-_RESOLVED: dict[Any, Stager] = {}
-
-
 def _stager_for(device: Any, stager: Stager | None) -> Stager:
     """The stager of a lowering, checked against the device asked for."""
     if stager is None:
-        key = device
-        if (device == "cuda" if isinstance(device, str) else
-                isinstance(device, torch.device) and device.type == "cuda" and device.index is None):
-            key = ("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        try:
-            found = _RESOLVED.get(key) if key is not None else None
-        except TypeError:  # unhashable: _as_device says what a device is
-            key, found = None, None
-        if found is None:
-            found = default_stager(device)
-            if key is not None:
-                _RESOLVED[key] = found
-        return found
+        return default_stager(device)
     if not isinstance(stager, Stager):
         raise TypeError(f"stager: expected an attnsync.adapters.torch.Stager, received {type(stager).__name__}.")
     try:
