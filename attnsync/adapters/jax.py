@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._buckets import Bucket, scalar_roles
-from .._spec import array_fields, check_lowerable, scalar_fields
+from .._spec import BUILT_MARK, array_fields, check_lowerable, scalar_fields
 from .._validate import INT32_MAX, INT32_MIN, SpecError
 
 __all__ = ["Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered"]
@@ -81,7 +81,11 @@ _PLAIN_SCALARS = frozenset({int, bool, str, float, tuple, type(None)})
 # Layouts kept per lowering variant: varying unbucketed shapes must not grow memory forever.
 _LAYOUT_CACHE = 512
 _RESERVED = ("packed", "layout")  # attributes of a lowered object itself
+# Vectors of at least this many int32 words bound for a CPU device start 64-byte aligned.
+_ALIGN_FROM, _ALIGN_WORDS = 1 << 14, 16
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 _setattr = object.__setattr__
+_NO_DICT: dict[str, Any] = {}
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
@@ -353,9 +357,11 @@ def _plan(md_class: type) -> _Plan:
 # Host side: checks and packing.
 
 
-def _prepare(md: Any, bucket: Bucket | None) -> tuple[_Plan, Any]:
-    """The plan of `md` after every refusal that needs no device (bucket bounds applied)."""
+def _prepare(md: Any, bucket: Bucket | None) -> tuple[_Plan, Any, bool]:
+    """The plan of `md` after every refusal that needs no device (bucket bounds applied), and
+    whether `md` is unedited output of `attnsync.build`."""
     plan = _plan(type(md))
+    built = bool(getattr(md, "__dict__", _NO_DICT).get(BUILT_MARK))
     check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
     if getattr(md, "slot_mapping_exact", True) is False:
         raise SpecError(
@@ -367,7 +373,7 @@ def _prepare(md: Any, bucket: Bucket | None) -> tuple[_Plan, Any]:
         if not isinstance(bucket, Bucket):
             raise TypeError(f"bucket: expected a Bucket from BucketLadder.bucket_for, received {bucket!r}.")
         md = bucket.bound(md)  # refuses metadata of other shapes before any transfer
-    return plan, md
+    return plan, md, built
 
 
 def _host_values(values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -398,11 +404,30 @@ def _refuse_wide(name: str, value: np.ndarray) -> None:
             )
 
 
-def _pack(plan: _Plan, md: Any, bucketed: bool) -> tuple[np.ndarray, Layout]:
-    """One fresh int32 host vector holding every data field of `md`, and its layout."""
+def _fresh_vector(size: int, aligned: bool) -> np.ndarray | None:
+    """New int32 host memory for a packed vector; 64-byte aligned where asked and large.
+
+    JAX on the CPU aliases 64-byte aligned host memory instead of copying it. numpy aligns
+    small arrays so, but places large ones just past a page boundary: those get an aligned
+    start by hand (None: let numpy allocate).
+    """
+    if not aligned or size < _ALIGN_FROM:
+        return None
+    raw = np.empty(size + _ALIGN_WORDS, dtype=np.int32)
+    start = (-raw.ctypes.data % (4 * _ALIGN_WORDS)) // 4
+    return raw[start : start + size]
+
+
+def _pack(plan: _Plan, md: Any, bucketed: bool, *, built: bool = False,
+          aligned: bool = False) -> tuple[np.ndarray, Layout]:
+    """One fresh int32 host vector holding every data field of `md`, and its layout.
+
+    `built`: `md` came from `attnsync.build` unedited (its scalars are plain Python values).
+    `aligned`: the vector goes to a CPU device, which may then alias it rather than copy.
+    """
     variant = plan.bucketed if bucketed else plan.plain
     values = plan.get_arrays(md)
-    fields = variant.fields_for((tuple([v.shape for v in values]), tuple([v.dtype for v in values])))
+    fields = variant.fields_for((tuple(map(_SHAPE, values)), tuple(map(_DTYPE, values))))
     parts = list(values)
     for i in fields.wide:
         _refuse_wide(plan.arrays[i], parts[i])
@@ -412,10 +437,15 @@ def _pack(plan: _Plan, md: Any, bucketed: bool) -> tuple[np.ndarray, Layout]:
         parts[i] = parts[i].view(np.int32)  # the same bits: the device side bitcasts back
     if bucketed:
         parts.append(_step_vector(plan, md))
-    # One C call for every field; the result is always new memory, never shared with a
-    # lowering before or after (see "Aliasing and donation").
-    vector = np.concatenate(parts, dtype=np.int32, casting="unsafe")
-    return vector, Layout(variant.cls, fields, _host_values(variant.get_static(md)))
+    # One C call for every field, into new memory never shared with a lowering before or
+    # after (see "Aliasing and donation").
+    vector = _fresh_vector(fields.size, aligned)
+    if vector is None:
+        vector = np.concatenate(parts, dtype=np.int32, casting="unsafe")
+    else:
+        np.concatenate(parts, out=vector, casting="unsafe")
+    static = variant.get_static(md)
+    return vector, Layout(variant.cls, fields, static if built else _host_values(static))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,9 +530,10 @@ def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding
     """
     if removed:
         _refuse_keywords(removed)
-    plan, md = _prepare(md, bucket)
+    plan, md, built = _prepare(md, bucket)
     target = _target(device, sharding)
-    vector, layout = _pack(plan, md, bucket is not None)
+    on_cpu = sharding is None and target.platform == "cpu"
+    vector, layout = _pack(plan, md, bucket is not None, built=built, aligned=on_cpu)
     return _new(layout.cls, jax.device_put(vector, target), layout)
 
 
@@ -527,7 +558,7 @@ def lower_replicated(md: Any, devices: Iterable[Any], *, bucket: Bucket | None =
         >>> [j.slot_mapping.tolist() for j in lower_replicated(md, jax.devices("cpu")[:1])]
         [[10]]
     """
-    plan, md = _prepare(md, bucket)
+    plan, md, built = _prepare(md, bucket)
     if isinstance(devices, jax.Device) or not isinstance(devices, Iterable):
         raise TypeError(f"devices: expected a sequence of jax.Device, received {devices!r}.")
     targets = list(devices)
@@ -538,11 +569,20 @@ def lower_replicated(md: Any, devices: Iterable[Any], *, bucket: Bucket | None =
             raise TypeError(f"devices: expected jax.Device entries (e.g. jax.devices()), received {d!r}.")
     if len(set(targets)) != len(targets):
         raise SpecError(f"devices: expected distinct devices, received {[str(d) for d in targets]}.")
-    vector, layout = _pack(plan, md, bucket is not None)
+    on_cpu = [d.platform == "cpu" for d in targets]
+    vector, layout = _pack(plan, md, bucket is not None, built=built, aligned=on_cpu[0])
     # A CPU device may alias the host vector it is given: each gets its own, so a donation on
     # one device can never reach another's values.
-    hosts = [vector if i == 0 or d.platform != "cpu" else vector.copy() for i, d in enumerate(targets)]
+    hosts = [vector if i == 0 or not cpu else _copy(vector) for i, cpu in enumerate(on_cpu)]
     return tuple(_new(layout.cls, buffer, layout) for buffer in jax.device_put(hosts, targets))
+
+
+def _copy(vector: np.ndarray) -> np.ndarray:
+    out = _fresh_vector(vector.size, True)
+    if out is None:
+        return vector.copy()
+    np.copyto(out, vector)
+    return out
 
 
 def pack(md: Any, *, bucket: Bucket | None = None) -> tuple[np.ndarray, Layout]:
@@ -561,8 +601,8 @@ def pack(md: Any, *, bucket: Bucket | None = None) -> tuple[np.ndarray, Layout]:
         >>> step(vector, layout).tolist()
         [112, 128, 130]
     """
-    plan, md = _prepare(md, bucket)
-    return _pack(plan, md, bucket is not None)
+    plan, md, built = _prepare(md, bucket)
+    return _pack(plan, md, bucket is not None, built=built)
 
 
 def unpack(vector: Any, layout: Layout) -> Any:

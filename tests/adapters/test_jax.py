@@ -356,6 +356,19 @@ def test_a_later_lowering_never_changes_an_earlier_one(monkeypatch):
     for i, a in enumerate(vectors):
         for b in vectors[i + 1 :]:
             assert not np.shares_memory(a, b)
+    # large vectors (aligned by hand so the CPU device aliases them rather than copying)
+    vectors.clear()
+    big = []
+    for step in range(6):
+        table = rng.integers(0, 1 << 20, (64, 512)).astype(np.int32)
+        md = attnsync.build(attnsync.Batch(query_lens=np.ones(64, np.int32), seq_lens=np.full(64, 8000),
+                                           block_table=table, block_size=16))
+        big.append((md, lower_guarded(md)))
+    aliased = sum(out.packed.unsafe_buffer_pointer() == v.ctypes.data for (_, out), v in zip(big, vectors))
+    assert aliased == len(big), "large CPU lowerings alias their own fresh host vector"
+    for md, out in big:
+        np.testing.assert_array_equal(np.asarray(out.block_table), md.block_table)
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1 :])
 
 
 def test_donating_a_lowering_into_a_jitted_consumer():
