@@ -1,6 +1,6 @@
 """Host time of the JAX lowering against its floor, one `jax.device_put` of the same bytes.
 
-    python bench/bench_jax.py [--quick] [--json PATH] [--device cpu|gpu]
+    python bench/bench_jax.py [--quick] [--out DIR | --json PATH] [--device auto|cpu|gpu]
 
 For 1, 32, 256 and 1,024 decode requests (contexts 100 to 8,192 tokens, a block table 512
 pages wide, 16-token pages), common and flashinfer backends, with the metadata built once, it
@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JAX platform to lower to (auto: the GPU if JAX has one, else the CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results to DIR/bench_jax.json")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        args.json = args.json or args.out / "bench_jax.json"
     if args.device == "auto":
         try:
             device = jax.devices("gpu")[0]

@@ -581,3 +581,28 @@ def test_three_way_empty():
 @given(kwargs=batch_kwargs(inexact=False, max_reqs=8))
 def test_three_way_random_batches(kwargs):
     assert_three_way(attnsync.build(attnsync.Batch(**kwargs)))
+
+
+# --------------------------------------------------------------------------------------------
+# The decode-server example: three metadata modes, one schedule, the same tokens
+
+
+def test_decode_server_example_modes_agree_without_recompiles():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_jax_decode_server_modes", ROOT / "examples" / "jax_decode_server.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up there
+    spec.loader.exec_module(example)
+    cfg = dataclasses.replace(example.SMALL, steps=40, seed=3, token_sizes=(8, 64))  # three buckets: few compiles
+    results = example.run_modes(cfg, device=cpu())
+    assert list(results) == ["naive", "attnsync", "prepared"]
+    outputs = [r["outputs"] for r in results.values()]
+    assert outputs[0] == outputs[1] == outputs[2] and sum(map(len, outputs[0].values())) > 50
+    for mode, r in results.items():
+        assert r["recompiles"] == 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0, mode
+    assert results["naive"]["host_reads"] == 2 * results["naive"]["steps"]
+    assert results["attnsync"]["host_reads"] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--help"])
+    assert exit_info.value.code == 0
