@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.num_q_heads} q heads, {cfg.num_kv_heads} kv heads, head dim {cfg.head_dim}, hidden {cfg.hidden}, "
           f"batch up to {cfg.max_num_reqs}, {cfg.steps} steps")
     results = run_modes(cfg, modes, device=device, check=args.check)
-    print(f"| mode | steps | tokens | seconds | tokens/s | buckets | compiles | recompiles |")
+    print("| mode | steps | tokens | seconds | tokens/s | buckets | compiles | recompiles |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, st in results.items():
         print(f"| {mode} | {st['steps']} | {st['tokens']} | {st['seconds']:.3f} | {st['tokens_per_s']:.0f} "

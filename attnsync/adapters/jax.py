@@ -43,13 +43,13 @@ Aliasing and donation:
   write memory an earlier lowering (or a transfer still in flight) reads. On the CPU,
   `device_put` may alias that host vector instead of copying it; nothing else holds it, so the
   alias is safe. Several CPU devices of one `lower_replicated` get their own copies.
-- Field arrays read outside jit are slices of the packed vector made by the one split; inside
-  jit they are views XLA fuses. Nothing aliases memory of another lowering.
+- Field arrays read outside jit are new arrays made by the one split (they own their memory);
+  inside jit they are slices XLA fuses. Nothing aliases memory of another lowering.
 - The packed vector may be donated: pass the lowering to a jitted function with
   `donate_argnums` and its vector is consumed (XLA may reuse it for an output; on the CPU it
-  does not write into host memory it aliases). After that, fields not yet read outside jit
-  are gone (reading them raises JAX's deleted-array error); fields already read stay valid,
-  they own their memory. A lowering used in several steps must not be donated.
+  does not write into host memory it aliases). After that, fields not read outside jit before
+  are gone (reading one raises a RuntimeError saying so); fields already read stay valid. A
+  lowering used in several steps must not be donated.
 
 Everything here runs under `jax.transfer_guard("disallow")`: the only transfers are the
 explicit `device_put`s.
@@ -110,7 +110,7 @@ class _Fields:
     two recipes that give the same vector give equal `_Fields`.
     """
 
-    __slots__ = ("names", "entries", "size", "ravel", "floats", "wide", "_key", "_hash", "_split")
+    __slots__ = ("_hash", "_key", "_split", "entries", "floats", "names", "ravel", "size", "wide")
 
     def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...],
                  steps: int) -> None:
@@ -178,7 +178,7 @@ class Layout:
         scalars: the static host scalars, `{name: value}`.
     """
 
-    __slots__ = ("cls", "fields", "values", "_hash")
+    __slots__ = ("_hash", "cls", "fields", "values")
 
     def __init__(self, cls: type, fields: _Fields, values: tuple[Any, ...]) -> None:
         self.cls = cls
@@ -222,7 +222,7 @@ class Layout:
 class _Lowered:
     """Base of the lowered classes: one packed vector (the only data leaf) and its `Layout`."""
 
-    __slots__ = ("packed", "layout", "_cache")
+    __slots__ = ("_cache", "layout", "packed")
     _data_names: tuple[str, ...] = ()
     _static_names: tuple[str, ...] = ()
 
@@ -294,7 +294,7 @@ def _make_class(name: str, doc: str, data: tuple[str, ...], static: tuple[str, .
 class _Variant:
     """One lowered form (plain or bucketed) of a metadata class and its cached field layouts."""
 
-    __slots__ = ("cls", "data", "static", "get_static", "steps", "layouts")
+    __slots__ = ("cls", "data", "get_static", "layouts", "static", "steps")
 
     def __init__(self, cls: type, data: tuple[str, ...], static: tuple[str, ...], steps: int) -> None:
         self.cls, self.data, self.static, self.steps = cls, data, static, steps
@@ -320,7 +320,7 @@ class _Plan:
     bucketed: _Variant
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plan(md_class: type) -> _Plan:
     """How `md_class` lowers: its device arrays, its host scalars by role, the two classes.
 
