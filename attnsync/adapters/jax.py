@@ -176,6 +176,8 @@ class Layout:
         entries: `(name, offset, shape, dtype)` of every data field, in packing order (offsets
             in int32 words; dtype "int32" or "float32").
         scalars: the static host scalars, `{name: value}`.
+        names: every field the lowering reads as an attribute: the data fields (packing
+            order, per-step scalars of a bucketed lowering last), then the static scalars.
     """
 
     __slots__ = ("_hash", "cls", "fields", "values")
@@ -209,6 +211,10 @@ class Layout:
     @property
     def scalars(self) -> dict[str, Any]:
         return dict(zip(self.cls._static_names, self.values, strict=True))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.cls._data_names + self.cls._static_names
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}@{o}{list(s)}" + ("f32" if d == "float32" else "") for n, o, s, d in self.entries)

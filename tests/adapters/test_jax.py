@@ -113,6 +113,7 @@ def test_the_packed_vector_is_the_only_leaf_and_the_layout_is_static():
         size = int(np.prod(shape))
         np.testing.assert_array_equal(vector[offset : offset + size].reshape(shape), getattr(md, name))
     assert out.layout.scalars == {name: getattr(md, name) for name in META}
+    assert out.layout.names == DATA + out._static_names and sorted(out._static_names) == sorted(META)
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(out)[0]]
     assert paths == [".packed"]
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
