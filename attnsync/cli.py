@@ -191,7 +191,9 @@ def _field(value: Any) -> dict[str, Any]:
 
 
 def _fields(lowered: Any) -> dict[str, dict[str, Any]]:
-    return {f.name: _field(getattr(lowered, f.name)) for f in dataclasses.fields(lowered)}
+    names = ([f.name for f in dataclasses.fields(lowered)] if dataclasses.is_dataclass(lowered)
+             else lowered.layout.names)  # a JAX lowering: one packed vector and its static layout
+    return {name: _field(getattr(lowered, name)) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ contexts 100 to 8192 tokens, a block table 512 pages wide) it measures the host 
 - `batch`:       `attnsync.Batch(...)` from the scheduler's numpy arrays (validation);
 - `build`:       `attnsync.build(batch)` (numpy only);
 - `build+torch`: build, then `attnsync.adapters.torch.lower` (one pinned non_blocking copy);
-- `build+jax`:   build, then `attnsync.adapters.jax.lower` (one DLPack view per field on the GPU);
-- `build+jax split`: the same with `alias=False` (one import of the staging, one jitted split);
+- `build+jax`:   build, then `attnsync.adapters.jax.lower` (one packed int32 vector, one device_put);
 - `naive`:       `attnsync.testing.naive_common_torch` (device lists, `.item()` maxima), the
   way metadata is built before attnsync, syncs included.
 
@@ -54,7 +53,7 @@ MAX_CONTEXT = WIDTH * BLOCK_SIZE
 PREFILL_EVERY = 32  # one chunked-prefill row per 32 requests: decode-heavy
 CHUNK = 32  # tokens of each prefill chunk
 TARGET_REQS, TARGET_US = 256, 50.0
-VARIANTS = ("batch", "build", "build+torch", "build+jax", "build+jax split", "naive")
+VARIANTS = ("batch", "build", "build+torch", "build+jax", "naive")
 
 
 def batch_inputs(num_reqs: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -224,7 +223,6 @@ def run(*, quick: bool) -> dict[str, Any]:
             "build": lambda batch=batch: attnsync.build(batch),
             "build+torch": None,
             "build+jax": None,
-            "build+jax split": None,
             "naive": None,
         }
         agree = None
@@ -234,7 +232,6 @@ def run(*, quick: bool) -> dict[str, Any]:
             agree = _agrees(batch, fns["build+torch"](), fns["naive"]())
         if jax_adapter is not None:
             fns["build+jax"] = lambda b=batch: jax_adapter.lower(attnsync.build(b), jax_device)
-            fns["build+jax split"] = lambda b=batch: jax_adapter.lower(attnsync.build(b), jax_device, alias=False)
         if num_reqs == SIZES[0]:
             _warm_process(fns, drain, seconds=0.1 if quick else 0.5)
         stats = {name: measure(fn, drain, reps=reps, warmup=warmup, budget_s=budget_s)

@@ -17,6 +17,7 @@ the timed calls; the device queue is drained between calls, outside the timer):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -41,7 +42,8 @@ def _table_memory(stager) -> dict:
     """`Batch(table_memory=...)` where the stager owns pinned table memory (newer trees); older
     trees pinned tables process-wide once a CUDA stager existed, so nothing is passed there."""
     memory = getattr(stager, "table_memory", None)
-    return {} if memory is None else {"table_memory": memory}
+    accepted = "table_memory" in inspect.signature(attnsync.Batch).parameters
+    return {"table_memory": memory} if memory is not None and accepted else {}
 
 
 def _decode_inputs(rows: int, width: int, low: int, high: int, seed: int) -> dict:

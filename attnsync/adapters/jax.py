@@ -1,32 +1,66 @@
-"""Lower attnsync host metadata to JAX int32 arrays: DLPack on GPU, one device_put on CPU.
+"""Lower attnsync host metadata to JAX: one packed int32 vector, one `jax.device_put` per device.
 
-Importing this module imports jax: that import is the user's choice of framework.
+Importing this module imports jax (the user's choice of framework) and nothing else: no torch,
+on any platform.
 
-`lower(md)` returns a pytree-registered frozen dataclass: the device fields of `md` are its
-data leaves (int32 JAX arrays), its host scalars are static meta fields (part of a jit cache
-key), host-only arrays stay in `md`. Two paths, both one host-to-device copy in total:
+What a lowering is. `lower(md, device)` packs every device field of `md` into one fresh int32
+numpy vector, moves it with one `jax.device_put`, and returns a pytree `Jax<MetadataClass>`
+whose only data leaf is that device vector (`jmd.packed`). Everything else is static aux data,
+the `Layout`: where each field lies in the vector (offset, shape, dtype) and the host scalars
+(plain Python ints, bools, tuples, as `attnsync.build` made them). A field is read as an
+attribute, with the name and values of the numpy metadata:
 
-- a GPU device with torch installed: the torch adapter stages an all-int32 packed buffer
-  (pinned ring, one non_blocking copy) and each field is imported with
-  `jax.dlpack.from_dlpack` (zero-copy; every field starts on a 64-byte boundary, and JAX on
-  GPU needs 16, reference A2). The JAX arrays alias torch memory: never donate them.
-- otherwise: the fields are packed into one fresh int32 numpy buffer, moved with one
-  `jax.device_put` and split by one jitted function (static slices, cached per layout). A
-  fresh buffer per call, because `device_put` on CPU aliases aligned numpy memory
-  (reference B2) and a reused buffer would rewrite earlier results.
+- inside a jitted function, `jmd.slot_mapping` is a static slice and reshape of the traced
+  vector (a bitcast back to float32 for float32 fields, such as the tree bias): XLA fuses it
+  into its consumer, so the fields cost nothing there;
+- outside jit, the first field read splits the vector once with one cached jitted function and
+  keeps every field on the object (later reads are attribute lookups).
 
-Everything runs under `jax.transfer_guard("disallow")`: the only transfers are explicit.
+Bool fields arrive as int32 0/1 (JAX gets int32 only: with x64 off it would silently wrap wider
+values, so an integer field whose values do not fit int32 is refused, never narrowed with loss).
 
-Two variants, by keyword: `bucket=` (fixed shapes and a static part that is the same for
-every step of a bucket, so jitted consumers compile once per bucket; per-step counts become
-0-d data leaves) and `sharding=` (the metadata replicated over a mesh, one copy per device).
+The zero-dispatch form. `pack(md) -> (vector, layout)` does the host half only, and
+`unpack(vector, layout)`, called inside the user's jitted step, makes the same object around the
+traced vector. Passing the numpy vector as a jit argument lets its transfer ride in the step's
+own dispatch (no separate `device_put`); JAX counts that transfer as implicit, so under
+`jax.transfer_guard("disallow")` wrap that call in `jax.transfer_guard_host_to_device("allow")`.
+`layout` is hashable: make it a static argument (`static_argnames`).
+
+Buckets. With `bucket=` (`attnsync._buckets.BucketLadder`) every step of a bucket has the same
+shapes and the same static part: the bucket's bounds replace `num_reqs`, `num_actual_tokens`,
+`max_query_len` and `max_seq_len`, and the per-step counts and flags (`num_decodes`,
+`all_exact`, ...; `attnsync._buckets.STEP_SCALARS`) ride in the packed vector and read as 0-d
+int32 arrays. A jitted consumer then compiles once per bucket.
+
+Several devices. `sharding=` a fully replicated `jax.sharding.Sharding` (for example
+`NamedSharding(mesh, PartitionSpec())`) gives one replicated vector, one transfer per device;
+`lower_replicated(md, devices)` gives one lowering per device (as the torch adapter's verb
+does), from one packed host vector.
+
+Aliasing and donation:
+
+- Every lowering packs into its own fresh host vector, never reused, so no later lowering can
+  write memory an earlier lowering (or a transfer still in flight) reads. On the CPU,
+  `device_put` may alias that host vector instead of copying it; nothing else holds it, so the
+  alias is safe. Several CPU devices of one `lower_replicated` get their own copies.
+- Field arrays read outside jit are new arrays made by the one split (they own their memory);
+  inside jit they are slices XLA fuses. Nothing aliases memory of another lowering.
+- The packed vector may be donated: pass the lowering to a jitted function with
+  `donate_argnums` and its vector is consumed (XLA may reuse it for an output; on the CPU it
+  does not write into host memory it aliases). After that, fields not read outside jit before
+  are gone (reading one raises a RuntimeError saying so); fields already read stay valid. A
+  lowering used in several steps must not be donated.
+
+Everything here runs under `jax.transfer_guard("disallow")`: the only transfers are the
+explicit `device_put`s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
+import operator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -34,187 +68,306 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._buckets import Bucket, scalar_roles
-from .._spec import array_fields, check_lowerable, scalar_fields
-from .._staging import PackedLayout, pack, plan_layout
+from .._spec import BUILT_MARK, array_fields, check_lowerable, scalar_fields
 from .._validate import INT32_MAX, INT32_MIN, SpecError
 
-JAX_DTYPE = np.int32  # JAX gets int32 only: with x64 off it silently wraps wider values (A3)
-# The one exception: float32 fields (tree attention's additive bias) stay float32. They ride
-# in the int32 packed buffer as a bitcast view (same bits, no conversion: -inf survives) and
-# are bitcast back after the split or the DLPack import.
-_BITCAST_FLOAT = np.float32
-# Name of the packed int32 vector that carries a bucketed lowering's per-step scalars.
-_STEP_VALUES = "_step_values"
+__all__ = ["Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered"]
+
+JAX_DTYPE = np.int32  # the packed vector's dtype: JAX gets int32 only (x64 off wraps wider values)
+_INT32 = np.dtype(np.int32)
+_FLOAT32 = np.dtype(np.float32)  # float32 fields ride bit for bit (a bitcast, -inf survives)
+# Host scalar types kept as they are; numpy scalars (edited metadata) become Python ones.
+_PLAIN_SCALARS = frozenset({int, bool, str, float, tuple, type(None)})
+# Layouts kept per lowering variant: varying unbucketed shapes must not grow memory forever.
+_LAYOUT_CACHE = 512
+_RESERVED = ("packed", "layout")  # attributes of a lowered object itself
+# Vectors of at least this many int32 words bound for a CPU device start 64-byte aligned.
+_ALIGN_FROM, _ALIGN_WORDS = 1 << 14, 16
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_setattr = object.__setattr__
+_NO_DICT: dict[str, Any] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _lowered_class(md_class: type) -> tuple[type, tuple[str, ...], tuple[str, ...]]:
-    data = tuple(f.name for f in array_fields(md_class) if f.metadata["place"] in ("device", "both"))
-    meta = tuple(f.name for f in scalar_fields(md_class))
-    cls = dataclasses.make_dataclass(
-        "Jax" + md_class.__name__,
-        [(name, "jax.Array") for name in data] + [(name, "int") for name in meta],
-        frozen=True,
-        kw_only=True,
-        eq=False,
-        namespace={
-            "__doc__": f"JAX lowering of `{md_class.__name__}`: int32 arrays as pytree data, "
-            "host scalars as static meta fields.",
-        },
-    )
-    jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
-    return cls, data, meta
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """A function returning the tuple of the attributes `names` (one C call for any count)."""
+    if not names:
+        return lambda obj: ()
+    if len(names) == 1:
+        one = operator.attrgetter(names[0])
+        return lambda obj: (one(obj),)
+    return operator.attrgetter(*names)
 
 
-@functools.lru_cache(maxsize=None)
-def _bucketed_class(md_class: type) -> tuple[type, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """The bucketed pytree class of `md_class`: (class, array names, step names, meta names).
+# ---------------------------------------------------------------------------------------------
+# Static structure: field positions in the packed vector, and the layout (aux data).
 
-    Data leaves: the device arrays, then every per-step host scalar as a 0-d int32 array.
-    Meta (static) fields: the bucket's bounds and the build options, equal for every step of
-    a bucket, so a jitted consumer compiles once per bucket.
+
+class _Fields:
+    """Where each data field lies in a packed int32 vector: static, compared by value.
+
+    `entries[name] = (start, stop, shape, is_float)` in int32 words. The packing recipe beside
+    it (which inputs to flatten, bitcast or range-check) depends on the input dtypes too, but
+    two recipes that give the same vector give equal `_Fields`.
     """
+
+    __slots__ = ("_hash", "_key", "_split", "entries", "floats", "names", "ravel", "size", "wide")
+
+    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...],
+                 steps: int) -> None:
+        entries, start = {}, 0
+        ravel, floats, wide = [], [], []
+        for i, (name, shape, dtype) in enumerate(zip(names[: len(shapes)], shapes, dtypes, strict=True)):
+            count = int(np.prod(shape, dtype=np.int64))
+            is_float = dtype == _FLOAT32
+            entries[name] = (start, start + count, tuple(int(s) for s in shape), is_float)
+            start += count
+            if len(shape) != 1:
+                ravel.append(i)
+            if is_float:
+                floats.append(i)
+            elif dtype != _INT32 and dtype.kind in "iu":
+                wide.append(i)
+        for j, name in enumerate(names[len(shapes):]):  # per-step scalars, after the arrays
+            entries[name] = (start + j, start + j + 1, (), False)
+        self.names = names
+        self.entries = entries
+        self.size = start + steps
+        self.ravel, self.floats, self.wide = tuple(ravel), tuple(floats), tuple(wide)
+        self._key = tuple(entries.items())
+        self._hash = hash(self._key)
+        self._split: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is _Fields and self._hash == other._hash and self._key == other._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def take(self, vector: Any, name: str) -> Any:
+        """Field `name` of a traced (or device) vector: a static slice, reshape, maybe bitcast."""
+        start, stop, shape, is_float = self.entries[name]
+        part = jax.lax.slice(vector, (start,), (stop,)).reshape(shape)
+        return jax.lax.bitcast_convert_type(part, jnp.float32) if is_float else part
+
+    def take_numpy(self, vector: np.ndarray, name: str) -> np.ndarray:
+        """Field `name` of a host vector (a numpy view; float fields viewed as float32)."""
+        start, stop, shape, is_float = self.entries[name]
+        part = vector[start:stop].reshape(shape)
+        return part.view(np.float32) if is_float else part
+
+    def split(self, vector: Any) -> tuple[Any, ...]:
+        """Every field of a device vector, with one cached jitted function (one dispatch)."""
+        if self._split is None:
+            names = self.names
+            self._split = jax.jit(lambda v: tuple(self.take(v, name) for name in names))
+        return self._split(vector)
+
+
+class Layout:
+    """The static half of a lowering: the lowered class, field positions and host scalars.
+
+    Hashable and compared by value, so it is the pytree's aux data (part of every jit cache
+    key) and a valid static argument. `pack(md)` returns it beside the host vector;
+    `unpack(vector, layout)` rebuilds the lowering from both.
+
+    Attributes:
+        cls: the lowered pytree class (`Jax<MetadataClass>` or `JaxBucketed<MetadataClass>`).
+        size: int32 words of the packed vector.
+        entries: `(name, offset, shape, dtype)` of every data field, in packing order (offsets
+            in int32 words; dtype "int32" or "float32").
+        scalars: the static host scalars, `{name: value}`.
+        names: every field the lowering reads as an attribute: the data fields (packing
+            order, per-step scalars of a bucketed lowering last), then the static scalars.
+    """
+
+    __slots__ = ("_hash", "cls", "fields", "values")
+
+    def __init__(self, cls: type, fields: _Fields, values: tuple[Any, ...]) -> None:
+        self.cls = cls
+        self.fields = fields
+        self.values = values
+        self._hash: int | None = None
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.cls, self.fields, self.values))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return (type(other) is Layout and self.cls is other.cls and hash(self) == hash(other)
+                and self.fields == other.fields and self.values == other.values)
+
+    @property
+    def size(self) -> int:
+        return self.fields.size
+
+    @property
+    def entries(self) -> tuple[tuple[str, int, tuple[int, ...], str], ...]:
+        return tuple((name, start, shape, "float32" if is_float else "int32")
+                     for name, (start, _, shape, is_float) in self.fields.entries.items())
+
+    @property
+    def scalars(self) -> dict[str, Any]:
+        return dict(zip(self.cls._static_names, self.values, strict=True))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.cls._data_names + self.cls._static_names
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}@{o}{list(s)}" + ("f32" if d == "float32" else "") for n, o, s, d in self.entries)
+        return f"Layout({self.cls.__name__}, int32[{self.size}]: {fields})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The lowered pytree classes.
+
+
+class _Lowered:
+    """Base of the lowered classes: one packed vector (the only data leaf) and its `Layout`."""
+
+    __slots__ = ("_cache", "layout", "packed")
+    _data_names: tuple[str, ...] = ()
+    _static_names: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: lower new metadata instead of setting {name!r}.")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: {name!r} cannot be deleted.")
+
+    def _data(self, name: str) -> Any:
+        cache = self._cache
+        if cache is not None:
+            return cache[name]
+        packed, fields = self.packed, self.layout.fields
+        if isinstance(packed, jax.core.Tracer):
+            return fields.take(packed, name)  # inside a trace: a static slice, nothing kept
+        if isinstance(packed, np.ndarray):
+            return fields.take_numpy(packed, name)  # `unpack` of a host vector: numpy views
+        if packed.is_deleted():
+            raise RuntimeError(
+                f"{name}: this lowering's packed vector was donated (or deleted) before the field was "
+                f"read. Fix: read the fields needed outside jit before donating the lowering, or do "
+                f"not donate a lowering that is read later."
+            )
+        parts = fields.split(packed)
+        out = dict(zip(fields.names, parts, strict=True))
+        # Inside some other trace (a lowering closed over by a jitted function) the parts are
+        # tracers: keeping them would leak them past their trace.
+        if not parts or not isinstance(parts[0], jax.core.Tracer):
+            _setattr(self, "_cache", out)
+        return out[name]
+
+    def __repr__(self) -> str:
+        packed = self.packed
+        where = ""
+        if isinstance(packed, jax.Array) and not isinstance(packed, jax.core.Tracer):
+            where = " on " + ", ".join(sorted(str(d) for d in packed.devices()))
+        scalars = ", ".join(f"{k}={v!r}" for k, v in self.layout.scalars.items())
+        return f"{type(self).__name__}(packed=int32[{self.layout.size}]{where}; {scalars})"
+
+
+def _new(cls: type, packed: Any, layout: Layout) -> Any:
+    obj = object.__new__(cls)
+    _setattr(obj, "packed", packed)
+    _setattr(obj, "layout", layout)
+    _setattr(obj, "_cache", None)
+    return obj
+
+
+def _make_class(name: str, doc: str, data: tuple[str, ...], static: tuple[str, ...]) -> type:
+    clash = set(_RESERVED) & set(data + static)
+    assert not clash, f"metadata field(s) {sorted(clash)} shadow the lowered object's own attributes"
+    namespace: dict[str, Any] = {"__slots__": (), "__doc__": doc, "_data_names": data, "_static_names": static}
+    for field in data:
+        namespace[field] = property(lambda self, f=field: self._data(f), doc=f"{field} (data: a slice of `packed`).")
+    for i, field in enumerate(static):
+        namespace[field] = property(lambda self, i=i: self.layout.values[i], doc=f"{field} (static host scalar).")
+    cls = type(name, (_Lowered,), namespace)
+    cls.__module__ = __name__
+    jax.tree_util.register_pytree_with_keys(
+        cls,
+        lambda obj: (((jax.tree_util.GetAttrKey("packed"), obj.packed),), obj.layout),
+        lambda layout, leaves: _new(cls, leaves[0], layout),
+        lambda obj: ((obj.packed,), obj.layout),
+    )
+    return cls
+
+
+class _Variant:
+    """One lowered form (plain or bucketed) of a metadata class and its cached field layouts."""
+
+    __slots__ = ("cls", "data", "get_static", "layouts", "static", "steps")
+
+    def __init__(self, cls: type, data: tuple[str, ...], static: tuple[str, ...], steps: int) -> None:
+        self.cls, self.data, self.static, self.steps = cls, data, static, steps
+        self.get_static = _getter(static)
+        self.layouts: dict[Any, _Fields] = {}
+
+    def fields_for(self, key: tuple[tuple[Any, ...], tuple[Any, ...]]) -> _Fields:
+        fields = self.layouts.get(key)
+        if fields is None:
+            if len(self.layouts) >= _LAYOUT_CACHE:
+                self.layouts.clear()
+            fields = self.layouts[key] = _Fields(self.data, key[0], key[1], self.steps)
+        return fields
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    arrays: tuple[str, ...]
+    step: tuple[str, ...]
+    get_arrays: Callable[[Any], tuple[Any, ...]]
+    get_step: Callable[[Any], tuple[Any, ...]]
+    plain: _Variant
+    bucketed: _Variant
+
+
+@functools.cache
+def _plan(md_class: type) -> _Plan:
+    """How `md_class` lowers: its device arrays, its host scalars by role, the two classes.
+
+    The one place this module reads the metadata declarations (`array_field(place=...)`).
+    Raises TypeError for anything that is not a metadata class (not cached).
+    """
+    if not dataclasses.is_dataclass(md_class) or not isinstance(md_class, type) or not array_fields(md_class):
+        raise TypeError(f"lower: expected metadata from attnsync.build(...), received {md_class.__name__}.")
     arrays = tuple(f.name for f in array_fields(md_class) if f.metadata["place"] in ("device", "both"))
+    scalars = tuple(f.name for f in scalar_fields(md_class))
     bound, step, static = scalar_roles(md_class)
-    meta = bound + static
-    cls = dataclasses.make_dataclass(
-        "JaxBucketed" + md_class.__name__,
-        [(name, "jax.Array") for name in arrays + step] + [(name, "int") for name in meta],
-        frozen=True,
-        kw_only=True,
-        eq=False,
-        namespace={
-            "__doc__": f"Bucketed JAX lowering of `{md_class.__name__}`: int32 arrays and the "
-            f"per-step counts {list(step)} (0-d int32 arrays) as pytree data; the bucket's bounds "
-            f"{list(bound)} and the build options as static meta fields.",
-        },
+    base = md_class.__name__
+    plain_cls = _make_class(
+        "Jax" + base,
+        f"JAX lowering of `{base}`: one packed int32 vector (`packed`, the only pytree leaf) and a "
+        f"static `Layout`; fields {list(arrays)} read as slices of it, host scalars as static ints.",
+        arrays, scalars,
     )
-    jax.tree_util.register_dataclass(cls, data_fields=[*arrays, *step], meta_fields=list(meta))
-    return cls, arrays, step, meta
+    bucketed_cls = _make_class(
+        "JaxBucketed" + base,
+        f"Bucketed JAX lowering of `{base}`: one packed int32 vector holding the arrays and the "
+        f"per-step counts {list(step)} (0-d int32 arrays); the bucket's bounds {list(bound)} and "
+        f"the build options are static.",
+        arrays + step, bound + static,
+    )
+    return _Plan(
+        arrays=arrays, step=step, get_arrays=_getter(arrays), get_step=_getter(step),
+        plain=_Variant(plain_cls, arrays, scalars, 0),
+        bucketed=_Variant(bucketed_cls, arrays + step, bound + static, len(step)),
+    )
 
 
-def _int32_fields(md: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The device fields of `md` as int32, refusing values that would wrap (never let JAX)."""
-    out = {}
-    for name in names:
-        value = np.asarray(getattr(md, name))
-        if value.dtype.kind == "b":
-            value = value.astype(np.int32)
-        elif value.dtype == _BITCAST_FLOAT:
-            value = np.ascontiguousarray(value).view(np.int32)
-        elif value.dtype != np.int32:
-            if value.size and (int(value.max()) > INT32_MAX or int(value.min()) < INT32_MIN):
-                bad = int(value.max()) if int(value.max()) > INT32_MAX else int(value.min())
-                raise SpecError(
-                    f"{name}: value {bad} does not fit int32, and JAX (x64 off) would silently wrap "
-                    f"it. Fix: keep every count, page id and slot id below 2**31."
-                )
-            value = value.astype(np.int32)
-        out[name] = value
-    return out
+# ---------------------------------------------------------------------------------------------
+# Host side: checks and packing.
 
 
-@functools.lru_cache(maxsize=256)
-def _layout(fields: tuple[tuple[str, tuple[int, ...]], ...]) -> PackedLayout:
-    return plan_layout([(name, shape, JAX_DTYPE) for name, shape in fields])
-
-
-@functools.lru_cache(maxsize=256)
-def _splitter(layout: PackedLayout, floats: frozenset[str] = frozenset()):
-    """One jitted function splitting a packed int32 buffer into every field (static slices);
-    the fields named in `floats` are bitcast back to float32, and the per-step vector
-    `_STEP_VALUES` (a bucketed lowering's scalars) comes out as one 0-d array per value, after
-    the other fields."""
-
-    def split(buffer: jax.Array) -> tuple[jax.Array, ...]:
-        parts = [buffer[e.offset // 4 : e.offset // 4 + e.nbytes // 4].reshape(e.shape) for e in layout.entries]
-        out, scalars = [], []
-        for e, part in zip(layout.entries, parts, strict=True):
-            if e.name == _STEP_VALUES:
-                scalars = [part[i] for i in range(e.shape[0])]
-            else:
-                out.append(jax.lax.bitcast_convert_type(part, jnp.float32) if e.name in floats else part)
-        return (*out, *scalars)
-
-    return jax.jit(split)
-
-
-@functools.lru_cache(maxsize=64)
-def _unstacker(count: int):
-    """A jitted function turning an int32 [count] vector into `count` 0-d arrays."""
-    return jax.jit(lambda vector: tuple(vector[i] for i in range(count)))
-
-
-def _torch_device_for(device: Any):
-    """The torch CUDA device of a JAX GPU device, or None when DLPack staging does not apply."""
-    if device.platform not in ("gpu", "cuda"):
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.device("cuda", device.local_hardware_id if device.local_hardware_id is not None else device.id)
-
-
-def lower(
-    md: Any,
-    device: Any = None,
-    *,
-    stager: Any = None,
-    bucket: Bucket | None = None,
-    sharding: Any = None,
-    alias: bool = True,
-) -> Any:
-    """Lower host metadata `md` (from `attnsync.build`) to int32 JAX arrays on `device`.
-
-    Args:
-        md: a metadata dataclass from `attnsync.build`.
-        device: a `jax.Device` (default: `jax.devices()[0]`). Arrays are committed to it, so
-            warm jitted consumers up with arrays from this function (reference A7).
-        stager: on GPU, an optional `attnsync.adapters.torch.Stager` for the torch staging
-            (persistent addresses, or a stager per bucket).
-        bucket: a `Bucket` of an `attnsync._buckets.BucketLadder`; `md` must be built from
-            `ladder.pad(batch, bucket)`. The lowering then has a static part that is the same
-            for every step of the bucket: the bucket's bounds replace `num_reqs`,
-            `num_actual_tokens`, `max_query_len` and `max_seq_len` (`Bucket.bound`), and the
-            per-step counts and flags (`num_decodes`, `all_exact`, ...; see
-            `attnsync._buckets.STEP_SCALARS`) become 0-d int32 data leaves. A jitted consumer
-            of the pytree compiles once per bucket. Use the per-step values inside jit as
-            values only (masks, `jnp.where`), never as shapes.
-        sharding: a fully replicated `jax.sharding.Sharding` (for example
-            `NamedSharding(mesh, PartitionSpec())`) instead of `device`: the metadata of a
-            tensor-parallel server, the same on every device of the mesh. One host-to-device
-            copy per device: on GPUs one torch staging and one DLPack import per device, then
-            `jax.make_array_from_single_device_arrays`; elsewhere one `jax.device_put`.
-        alias: on a GPU (DLPack from the torch staging), True (default) imports every field
-            as its own zero-copy view of the staged buffer, one DLPack import per field.
-            False imports the staged buffer once and splits it with one jitted function
-            (device-to-device copies on the GPU, no sync, still one H2D copy): arrays that own
-            their memory, so they may be donated and no later staging into the same memory
-            (a persistent stager) can change them. Host time is about the same either way
-            (703 against 731 us for 256 requests on an H100 host:
-            results/2026-11-27-h100/run12-bench-common-quick.json). Elsewhere the fields are
-            always split from one `jax.device_put`, and `alias` changes nothing.
-
-    Returns:
-        A frozen pytree dataclass `Jax<MetadataClass>` (with `bucket`:
-        `JaxBucketed<MetadataClass>`): device fields as int32 arrays (data; float32 fields,
-        such as the tree bias, stay float32 bit for bit), host ints as static meta fields.
-
-    Example:
-        >>> import attnsync, jax
-        >>> md = attnsync.build(attnsync.Batch(query_lens=[1, 2], seq_lens=[9, 2],
-        ...                                    block_table=[[3], [4]], block_size=16))
-        >>> jmd = lower(md, jax.devices("cpu")[0])
-        >>> jmd.slot_mapping.tolist(), jmd.max_seq_len
-        ([56, 64, 65], 9)
-    """
-    if not dataclasses.is_dataclass(md) or isinstance(md, type) or not array_fields(md):
-        raise TypeError(f"lower: expected metadata from attnsync.build(...), received {type(md).__name__}.")
-    if not isinstance(alias, bool):
-        raise TypeError(f"alias: expected True or False, received {alias!r}.")
+def _prepare(md: Any, bucket: Bucket | None) -> tuple[_Plan, Any, bool]:
+    """The plan of `md` after every refusal that needs no device (bucket bounds applied), and
+    whether `md` is unedited output of `attnsync.build`."""
+    plan = _plan(type(md))
+    built = bool(getattr(md, "__dict__", _NO_DICT).get(BUILT_MARK))
     check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
     if getattr(md, "slot_mapping_exact", True) is False:
         raise SpecError(
@@ -226,11 +379,107 @@ def lower(
         if not isinstance(bucket, Bucket):
             raise TypeError(f"bucket: expected a Bucket from BucketLadder.bucket_for, received {bucket!r}.")
         md = bucket.bound(md)  # refuses metadata of other shapes before any transfer
-    if sharding is not None:
-        if device is not None or stager is not None:
+    return plan, md, built
+
+
+def _host_values(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Host scalars as plain Python values (numpy scalars of edited metadata converted)."""
+    if set(map(type, values)) <= _PLAIN_SCALARS:
+        return values
+    return tuple(bool(v) if isinstance(v, np.bool_) else int(v) if isinstance(v, np.integer) else v for v in values)
+
+
+def _step_vector(plan: _Plan, md: Any) -> np.ndarray:
+    """The per-step host scalars of `md` as one int32 vector (bools as 0/1)."""
+    values = plan.get_step(md)
+    for name, value in zip(plan.step, values, strict=True):
+        if not isinstance(value, int | np.integer):  # bool is an int
+            raise TypeError(f"{name}: a per-step scalar must be an int or bool, received {value!r}.")
+        if not INT32_MIN <= int(value) <= INT32_MAX:
+            raise SpecError(f"{name}: value {int(value)} does not fit int32, and JAX would wrap it.")
+    return np.array(values, dtype=np.int32)
+
+
+def _refuse_wide(name: str, value: np.ndarray) -> None:
+    if value.size:
+        hi, lo = int(value.max()), int(value.min())
+        if hi > INT32_MAX or lo < INT32_MIN:
             raise SpecError(
-                "sharding: pass either device= (and stager=) or sharding=, not both; with a "
-                "sharding every device of the mesh gets its own staging."
+                f"{name}: value {hi if hi > INT32_MAX else lo} does not fit int32, and JAX (x64 off) would "
+                f"silently wrap it. Fix: keep every count, page id and slot id below 2**31."
+            )
+
+
+def _fresh_vector(size: int, aligned: bool) -> np.ndarray | None:
+    """New int32 host memory for a packed vector; 64-byte aligned where asked and large.
+
+    JAX on the CPU aliases 64-byte aligned host memory instead of copying it. numpy aligns
+    small arrays so, but places large ones just past a page boundary: those get an aligned
+    start by hand (None: let numpy allocate).
+    """
+    if not aligned or size < _ALIGN_FROM:
+        return None
+    raw = np.empty(size + _ALIGN_WORDS, dtype=np.int32)
+    start = (-raw.ctypes.data % (4 * _ALIGN_WORDS)) // 4
+    return raw[start : start + size]
+
+
+def _pack(plan: _Plan, md: Any, bucketed: bool, *, built: bool = False,
+          aligned: bool = False) -> tuple[np.ndarray, Layout]:
+    """One fresh int32 host vector holding every data field of `md`, and its layout.
+
+    `built`: `md` came from `attnsync.build` unedited (its scalars are plain Python values).
+    `aligned`: the vector goes to a CPU device, which may then alias it rather than copy.
+    """
+    variant = plan.bucketed if bucketed else plan.plain
+    values = plan.get_arrays(md)
+    fields = variant.fields_for((tuple(map(_SHAPE, values)), tuple(map(_DTYPE, values))))
+    parts = list(values)
+    for i in fields.wide:
+        _refuse_wide(plan.arrays[i], parts[i])
+    for i in fields.ravel:
+        parts[i] = parts[i].reshape(-1)
+    for i in fields.floats:
+        parts[i] = parts[i].view(np.int32)  # the same bits: the device side bitcasts back
+    if bucketed:
+        parts.append(_step_vector(plan, md))
+    # One C call for every field, into new memory never shared with a lowering before or
+    # after (see "Aliasing and donation").
+    vector = _fresh_vector(fields.size, aligned)
+    if vector is None:
+        vector = np.concatenate(parts, dtype=np.int32, casting="unsafe")
+    else:
+        np.concatenate(parts, out=vector, casting="unsafe")
+    static = variant.get_static(md)
+    return vector, Layout(variant.cls, fields, static if built else _host_values(static))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public verbs.
+
+_REMOVED = {
+    "stager": "the JAX adapter no longer stages through torch: it packs one int32 vector and "
+              "moves it with one jax.device_put. Fix: drop stager= (a bucket keeps the shapes "
+              "fixed; see attnsync.adapters.jax's module docs).",
+    "alias": "every JAX lowering now owns one packed device vector and its fields are slices of "
+             "it (no DLPack views to choose between). Fix: drop alias=; the lowering may be "
+             "donated whole (see attnsync.adapters.jax's module docs).",
+}
+
+
+def _refuse_keywords(extra: dict[str, Any]) -> None:
+    for name in extra:
+        if name in _REMOVED:
+            raise TypeError(f"{name}=: removed, {_REMOVED[name]}")
+    raise TypeError(f"lower() got an unexpected keyword argument {next(iter(extra))!r}.")
+
+
+def _target(device: Any, sharding: Any) -> Any:
+    if sharding is not None:
+        if device is not None:
+            raise SpecError(
+                "sharding: pass either device= or sharding=, not both; with a sharding every device "
+                "of the mesh gets its own copy."
             )
         if not isinstance(sharding, jax.sharding.Sharding):
             raise TypeError(f"sharding: expected a jax.sharding.Sharding, received {sharding!r}.")
@@ -239,124 +488,147 @@ def lower(
                 f"sharding: metadata is replicated, every device reads all of it; received "
                 f"{sharding}. Fix: NamedSharding(mesh, PartitionSpec()) (an empty spec)."
             )
-    else:
-        device = device if device is not None else jax.devices()[0]
-        if not isinstance(device, jax.Device):
-            raise TypeError(f"device: expected a jax.Device (e.g. jax.devices()[0]), received {device!r}.")
-    if bucket is None:
-        cls, data_names, meta_names = _lowered_class(type(md))
-        step_names: tuple[str, ...] = ()
-    else:
-        cls, data_names, step_names, meta_names = _bucketed_class(type(md))
-    floats = frozenset(name for name in data_names if getattr(md, name).dtype == _BITCAST_FLOAT)
-    arrays = _int32_fields(md, data_names)
-    fields = [(name, arrays[name].shape) for name in data_names]
-    if step_names:
-        arrays[_STEP_VALUES] = _step_vector(md, step_names)
-        fields.append((_STEP_VALUES, (len(step_names),)))
-    layout = _layout(tuple(fields))
-    if sharding is None:
-        leaves = _to_device(layout, arrays, floats, device, stager, alias=alias)
-    else:
-        leaves = _to_sharding(layout, arrays, floats, sharding)
-    values = dict(zip(data_names + step_names, leaves, strict=True))
-    return cls(**values, **{name: getattr(md, name) for name in meta_names})
+        return sharding
+    if device is None:
+        return jax.devices()[0]
+    if not isinstance(device, jax.Device):
+        raise TypeError(f"device: expected a jax.Device (e.g. jax.devices()[0]), received {device!r}.")
+    return device
 
 
-def _step_vector(md: Any, names: tuple[str, ...]) -> np.ndarray:
-    """The per-step host scalars of `md` as one int32 vector (bools as 0/1)."""
-    values = []
-    for name in names:
-        value = getattr(md, name)
-        if not isinstance(value, int | np.integer):  # bool is an int
-            raise TypeError(f"{name}: a per-step scalar must be an int or bool, received {value!r}.")
-        if not INT32_MIN <= int(value) <= INT32_MAX:
-            raise SpecError(f"{name}: value {int(value)} does not fit int32, and JAX would wrap it.")
-        values.append(int(value))
-    return np.array(values, dtype=np.int32)
+def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding: Any = None,
+          **removed: Any) -> Any:
+    """Lower host metadata `md` (from `attnsync.build`) to JAX: one int32 `device_put`.
 
+    Args:
+        md: a metadata dataclass from `attnsync.build`.
+        device: a `jax.Device` (default: `jax.devices()[0]`). The vector is committed to it, so
+            warm jitted consumers up with lowerings from this function.
+        bucket: a `Bucket` of an `attnsync._buckets.BucketLadder`; `md` must be built from
+            `ladder.pad(batch, bucket)`. The static part is then the same for every step of
+            the bucket: the bucket's bounds replace `num_reqs`, `num_actual_tokens`,
+            `max_query_len` and `max_seq_len` (`Bucket.bound`), and the per-step counts and
+            flags (`attnsync._buckets.STEP_SCALARS`) read as 0-d int32 arrays. Use those inside
+            jit as values only (masks, `jnp.where`), never as shapes.
+        sharding: a fully replicated `jax.sharding.Sharding` (for example
+            `NamedSharding(mesh, PartitionSpec())`) instead of `device`: the metadata of a
+            tensor-parallel server, the same on every device of the mesh; one transfer per
+            device.
 
-def _to_device(
-    layout: PackedLayout, arrays: dict[str, np.ndarray], floats: frozenset[str], device: Any, stager: Any,
-    *, alias: bool = True,
-) -> tuple[jax.Array, ...]:
-    """Every field on one device, in layout order, per-step scalars (if any) last."""
-    torch_device = _torch_device_for(device)
-    if torch_device is None:
-        host = np.empty(layout.nbytes, dtype=np.uint8)
-        pack(layout, arrays, host)
-        packed = jax.device_put(host.view(np.int32), device)
-        return _splitter(layout, floats)(packed)
-    from . import torch as torch_adapter
+    Returns:
+        A `Jax<MetadataClass>` (with `bucket`: `JaxBucketed<MetadataClass>`) pytree: its one
+        data leaf is the packed int32 vector, its aux data the static `Layout`; device fields
+        read as attributes (int32, float32 fields bit for bit), host scalars as Python values.
 
-    torch_stager = stager if stager is not None else torch_adapter.default_stager(torch_device)
-    buffer = torch_stager.stage(layout, arrays)
-    int32 = torch_adapter.TORCH_DTYPES["int32"]
-    if not alias:  # one import of the whole staging, one jitted split (device copies)
-        with _exporting_from(torch_device):
-            packed = jax.dlpack.from_dlpack(buffer[: layout.nbytes].view(int32))
-        return _splitter(layout, floats)(packed)
-    leaves, scalars = [], ()
-    with _exporting_from(torch_device):
-        for e in layout.entries:
-            view = buffer[e.offset : e.offset + e.nbytes].view(int32).view(e.shape)
-            if e.name in floats:
-                view = view.view(torch_adapter.TORCH_DTYPES["float32"])  # bitcast, zero-copy
-            assert view.data_ptr() % 16 == 0, "JAX on GPU needs 16-byte aligned buffers"
-            if e.name == _STEP_VALUES:
-                # One import and one small jitted split, rather than one import per scalar.
-                scalars = _unstacker(e.shape[0])(jax.dlpack.from_dlpack(view))
-            else:
-                leaves.append(jax.dlpack.from_dlpack(view))
-    return (*leaves, *scalars)
+    Raises:
+        TypeError: `md` is not metadata, a wrong argument type, or a removed keyword
+            (`stager=`, `alias=`).
+        SpecError: edited metadata (`attnsync._spec.check_lowerable`), values beyond int32,
+            inexact slot mappings, metadata outside `bucket`, a sharding that is not replicated.
 
-
-def _exporting_from(torch_device: Any) -> Any:
-    """A context in which torch's current CUDA device is `torch_device`, for DLPack exports.
-
-    torch exports a CUDA tensor over DLPack only while its device is the current one (else
-    `BufferError: Can't export tensors on a different CUDA device index`), and the current
-    device is not always what the caller set: on the two-GPU H100 host (results/2026-11-27-h100,
-    run 5) torch's current device read 1 in processes where JAX had initialised both GPUs.
-    Entering the device costs a few microseconds, so only when it differs.
+    Example:
+        >>> import attnsync, jax
+        >>> md = attnsync.build(attnsync.Batch(query_lens=[1, 2], seq_lens=[9, 2],
+        ...                                    block_table=[[3], [4]], block_size=16))
+        >>> jmd = lower(md, jax.devices("cpu")[0])
+        >>> jmd.slot_mapping.tolist(), jmd.max_seq_len
+        ([56, 64, 65], 9)
     """
-    import torch
+    if removed:
+        _refuse_keywords(removed)
+    plan, md, built = _prepare(md, bucket)
+    target = _target(device, sharding)
+    on_cpu = sharding is None and target.platform == "cpu"
+    vector, layout = _pack(plan, md, bucket is not None, built=built, aligned=on_cpu)
+    return _new(layout.cls, jax.device_put(vector, target), layout)
 
-    if torch.cuda.current_device() == torch_device.index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(torch_device)
+
+def lower_replicated(md: Any, devices: Iterable[Any], *, bucket: Bucket | None = None) -> tuple[Any, ...]:
+    """Lower one host metadata `md` to several devices: one lowering per device.
+
+    For tensor-parallel engines whose ranks each hold a device: pack once on the host, then one
+    `jax.device_put` per device (issued in one call). Returns one lowering per device, in the
+    order of `devices`, each committed to its device and owning its own device vector, so each
+    may be donated independently. (For one array replicated over a mesh, use
+    `lower(md, sharding=NamedSharding(mesh, PartitionSpec()))`.)
+
+    Args:
+        md: a metadata dataclass from `attnsync.build`.
+        devices: distinct `jax.Device`s.
+        bucket: as in `lower`.
+
+    Example:
+        >>> import attnsync, jax
+        >>> md = attnsync.build(attnsync.Batch(query_lens=[1], seq_lens=[3], block_table=[[2]],
+        ...                                    block_size=4))
+        >>> [j.slot_mapping.tolist() for j in lower_replicated(md, jax.devices("cpu")[:1])]
+        [[10]]
+    """
+    plan, md, built = _prepare(md, bucket)
+    if isinstance(devices, jax.Device) or not isinstance(devices, Iterable):
+        raise TypeError(f"devices: expected a sequence of jax.Device, received {devices!r}.")
+    targets = list(devices)
+    if not targets:
+        raise SpecError("devices: expected at least one device, received none.")
+    for d in targets:
+        if not isinstance(d, jax.Device):
+            raise TypeError(f"devices: expected jax.Device entries (e.g. jax.devices()), received {d!r}.")
+    if len(set(targets)) != len(targets):
+        raise SpecError(f"devices: expected distinct devices, received {[str(d) for d in targets]}.")
+    on_cpu = [d.platform == "cpu" for d in targets]
+    vector, layout = _pack(plan, md, bucket is not None, built=built, aligned=on_cpu[0])
+    # A CPU device may alias the host vector it is given: each gets its own, so a donation on
+    # one device can never reach another's values.
+    hosts = [vector if i == 0 or not cpu else _copy(vector) for i, cpu in enumerate(on_cpu)]
+    return tuple(_new(layout.cls, buffer, layout) for buffer in jax.device_put(hosts, targets))
 
 
-def _to_sharding(
-    layout: PackedLayout, arrays: dict[str, np.ndarray], floats: frozenset[str], sharding: Any
-) -> tuple[jax.Array, ...]:
-    """Every field replicated over `sharding`: one copy per device, then one jitted split."""
-    devices = sorted(sharding.addressable_devices, key=lambda d: d.id)
-    torch_devices = [_torch_device_for(d) for d in devices]
-    if all(t is not None for t in torch_devices):
-        from . import torch as torch_adapter
+def _copy(vector: np.ndarray) -> np.ndarray:
+    out = _fresh_vector(vector.size, True)
+    if out is None:
+        return vector.copy()
+    np.copyto(out, vector)
+    return out
 
-        int32 = torch_adapter.TORCH_DTYPES["int32"]
-        parts = []
-        for jax_device, torch_device in zip(devices, torch_devices, strict=True):
-            buffer = torch_adapter.default_stager(torch_device).stage(layout, arrays)
-            with _exporting_from(torch_device):
-                part = jax.dlpack.from_dlpack(buffer[: layout.nbytes].view(int32))
-            if part.devices() != {jax_device}:
-                raise SpecError(
-                    f"sharding: torch's {torch_device} imported as JAX {part.devices()}, not "
-                    f"{jax_device}. Fix: make torch and JAX number the GPUs alike (same "
-                    f"CUDA_VISIBLE_DEVICES)."
-                )
-            parts.append(part)
-        packed = jax.make_array_from_single_device_arrays((layout.nbytes // 4,), sharding, parts)
-    else:
-        host = np.empty(layout.nbytes, dtype=np.uint8)
-        pack(layout, arrays, host)
-        packed = jax.device_put(host.view(np.int32), sharding)
-    return _splitter(layout, floats)(packed)
+
+def pack(md: Any, *, bucket: Bucket | None = None) -> tuple[np.ndarray, Layout]:
+    """The host half of `lower`: `(int32 numpy vector, Layout)`, with the same refusals.
+
+    Hand the vector to a jitted step (its transfer rides in that dispatch) with the layout as a
+    static argument, and call `unpack(vector, layout)` inside. The vector is fresh memory:
+    nothing else writes it.
+
+    Example:
+        >>> import attnsync, jax
+        >>> md = attnsync.build(attnsync.Batch(query_lens=[1, 2], seq_lens=[9, 2],
+        ...                                    block_table=[[3], [4]], block_size=16))
+        >>> vector, layout = pack(md)
+        >>> step = jax.jit(lambda v, layout: unpack(v, layout).slot_mapping * 2, static_argnums=1)
+        >>> step(vector, layout).tolist()
+        [112, 128, 130]
+    """
+    plan, md, built = _prepare(md, bucket)
+    return _pack(plan, md, bucket is not None, built=built)
+
+
+def unpack(vector: Any, layout: Layout) -> Any:
+    """The lowering around `vector` (traced, a device array, or the numpy vector of `pack`).
+
+    Inside jit its fields are static slices of the traced vector; on a numpy vector they are
+    numpy views (for inspection on the host).
+    """
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout: expected the Layout that pack() returned, received {type(layout).__name__}.")
+    shape, dtype = getattr(vector, "shape", None), getattr(vector, "dtype", None)
+    if shape != (layout.size,) or dtype != _INT32:
+        raise SpecError(
+            f"vector: expected an int32 vector of shape ({layout.size},) for this layout, received "
+            f"{type(vector).__name__} of shape {shape} and dtype {dtype}. Fix: pass the vector pack() "
+            f"returned with this layout."
+        )
+    return _new(layout.cls, vector, layout)
 
 
 def zeros_like_lowered(lowered: Any) -> Any:
-    """A lowered object of the same class with zero arrays (for warm-up shapes in tests)."""
+    """A lowering of the same class and layout with a zero vector (warm-up shapes in tests)."""
     return jax.tree_util.tree_map(jnp.zeros_like, lowered)
