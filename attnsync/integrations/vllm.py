@@ -13,8 +13,9 @@ Back to vLLM:
   `CommonAttentionMetadata` when vLLM is importable, else `vllm_common_fields`'s dict;
 - `vllm_split` and `vllm_split_with_extends`: the decode/prefill counts vLLM's
   `split_decodes_and_prefills` and `split_decodes_prefills_and_extends` return for the same
-  step, from host arrays only (vLLM's count padding rows in the last group and read the split
-  off positions; attnsync's own `num_decodes`... count real rows by kind);
+  step, from host arrays only (vLLM's functions read the split off row positions and count
+  padded rows in the last group; attnsync's own `num_decodes`, `num_extends` and
+  `num_prefills` count the real rows of each kind);
 - `vllm_reorder`: the row order vLLM's `reorder_batch_to_split_decodes_and_prefills` gives
   (its regions and its swaps, which differ from `attnsync.reorder`: see docs/vllm.md).
 
@@ -121,7 +122,7 @@ def batch_from_vllm(
 ) -> Batch:
     """An `attnsync.Batch` from vLLM's `CommonAttentionMetadata`, reading host fields only.
 
-    Reads `query_start_loc_cpu`, `seq_lens_cpu_upper_bound` (or, on vLLM before 0.12, the exact
+    Reads `query_start_loc_cpu`, `seq_lens_cpu_upper_bound` (or, on older vLLM, the exact
     `_seq_lens_cpu`), `num_reqs`, `num_actual_tokens`, `is_prefilling` and `causal`: host
     tensors and ints. It never touches a device value: not `query_start_loc`, `seq_lens`,
     `slot_mapping`, not a `seq_lens_cpu` property (older vLLM copied `seq_lens` from the GPU
@@ -142,7 +143,7 @@ def batch_from_vllm(
         async_spec_decode: whether vLLM runs speculative decoding with async scheduling
             (`uses_async_spec_decode(vllm_config)`): then rows with context that are not
             prefilling hold only an upper bound. None: read it from the metadata where vLLM
-            still marks it (`_seq_lens_cpu is None`, before 0.12), else False.
+            still marks it (older vLLM: `_seq_lens_cpu is None`), else False.
         short_extends_as_decodes: clear `is_prefilling` on rows of at most `decode_threshold`
             tokens, so they count as decodes, as vLLM's default split does (and as its model
             runner V2 orders them). Keep False for the Mamba backend, which tells them apart.
@@ -213,7 +214,7 @@ def batch_from_vllm(
         prefilling = prefilling[:n]
     if seq_lens_exact is None:
         if async_spec_decode is None:
-            # vLLM before 0.12 left `_seq_lens_cpu` None exactly under async speculative decoding.
+            # Older vLLM left `_seq_lens_cpu` None exactly under async speculative decoding.
             async_spec_decode = hasattr(cam, "_seq_lens_cpu") and cam._seq_lens_cpu is None
         seq_lens_exact = _inexact_rows(query_lens[:n], seq[:n], prefilling) if async_spec_decode else True
     elif not isinstance(seq_lens_exact, bool | np.bool_):
