@@ -25,6 +25,7 @@ from attnsync.kernels.reference import paged_attention_reference, relative_error
 
 torch = pytest.importorskip("torch")
 from attnsync.adapters import torch as ast  # noqa: E402
+from attnsync.integrations import vllm as av  # noqa: E402
 from attnsync.integrations.vllm import batch_from_vllm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,6 +203,143 @@ def test_batch_from_vllm_refuses_to_read_device_values():
     # Older vLLM without the bound: the exact host lengths are used.
     old = dataclasses.replace(cam, seq_lens_cpu_upper_bound=None)
     assert batch_from_vllm(old, block_size=16, block_table_cpu=host_table(2)).seq_lens.tolist() == [9, 17]
+
+
+def test_vllm_module_surface_is_pinned():
+    assert av.__all__ == ["VLLM_COMMON_FIELDS", "batch_from_vllm", "batch_from_vllm_state", "to_vllm_common",
+                          "uses_async_spec_decode", "vllm_common_fields", "vllm_regions", "vllm_reorder",
+                          "vllm_split", "vllm_split_with_extends"]
+
+
+def vllm_033(cam: StandInCommonAttentionMetadata):
+    """The same metadata as vLLM 0.33 holds it: no `_seq_lens_cpu` attribute at all."""
+    fields = {f.name: getattr(cam, f.name) for f in dataclasses.fields(cam)
+              if f.name not in ("_seq_lens_cpu", "_num_computed_tokens_cpu")}
+    return _Plain(**fields)
+
+
+class _Plain:
+    """Attributes only, like a dataclass instance of another class."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def test_batch_from_vllm_033_takes_async_spec_decode_from_the_caller():
+    cam = vllm_033(stand_in([3, 3, 20], [40, 23, 20], prefilling=[False, False, True]))
+    assert not hasattr(cam, "_seq_lens_cpu")
+    assert batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4)).all_exact  # nothing says otherwise
+    batch = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4), async_spec_decode=True)
+    assert batch.seq_lens_exact.tolist() == [False, False, True]
+    config = lambda tokens, asynchronous: _Plain(  # noqa: E731
+        speculative_config=None if tokens is None else _Plain(num_speculative_tokens=tokens),
+        scheduler_config=_Plain(async_scheduling=asynchronous))
+    assert av.uses_async_spec_decode(config(3, True))
+    assert not av.uses_async_spec_decode(config(3, False)) and not av.uses_async_spec_decode(config(None, True))
+    with pytest.raises(SpecError, match="per-row tensor"):
+        batch_from_vllm(_Plain(**{**cam.__dict__, "causal": torch.ones(3, dtype=torch.bool)}), block_size=16,
+                        block_table_cpu=host_table(4))
+
+
+def test_batch_from_vllm_short_extends_as_decodes():
+    # vLLM's model runner V2 sorts a one-token prompt among the decodes.
+    cam = vllm_033(stand_in([1, 1, 1, 9], [40, 1, 90, 9], prefilling=[False, True, False, True]))
+    kept = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4))
+    assert kept.is_prefilling.tolist() == [False, True, False, True]
+    with pytest.raises(SpecError, match="decode-first order"):
+        attnsync.build(kept, "flashinfer")
+    short = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4), short_extends_as_decodes=True)
+    assert short.is_prefilling.tolist() == [False, False, False, True]
+    assert attnsync.build(short, "flashinfer").num_decodes == 3
+    wide = batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(4), short_extends_as_decodes=True,
+                           decode_threshold=9)
+    assert wide.is_prefilling.tolist() == [False, False, False, False]
+
+
+def test_batch_from_vllm_state_is_the_runners_arithmetic():
+    table = host_table(8, seed=4)
+    batch = av.batch_from_vllm_state(num_scheduled_tokens=[1, 1, 5, 24], num_computed_tokens=[32, 16, 0, 40, 7],
+                                     num_prompt_tokens=[10, 16, 5, 100, 3], block_table=table, block_size=16,
+                                     num_reqs_padded=6, num_tokens_padded=40)
+    assert batch.seq_lens.tolist() == [33, 17, 5, 64]
+    assert batch.is_prefilling.tolist() == [False, False, True, True]
+    assert (batch.padded_num_reqs, batch.padded_num_tokens) == (6, 40) and batch.all_exact
+    same = batch_from_vllm(stand_in([1, 1, 5, 24], [33, 17, 5, 64], pad_reqs=2, pad_tokens=9,
+                                    prefilling=[False, False, True, True]), block_size=16, block_table_cpu=table)
+    for name in ("query_lens", "seq_lens", "block_table", "is_prefilling", "padded_num_reqs", "padded_num_tokens"):
+        assert np.array_equal(getattr(batch, name), getattr(same, name)), name
+    inexact = av.batch_from_vllm_state(num_scheduled_tokens=[4, 9], num_computed_tokens=[30, 0],
+                                       num_prompt_tokens=[5, 9], block_table=table, block_size=16,
+                                       async_spec_decode=True)
+    assert inexact.seq_lens_exact.tolist() == [False, True]
+    with pytest.raises(SpecError, match="num_computed_tokens: 1 entries for 2"):
+        av.batch_from_vllm_state(num_scheduled_tokens=[4, 9], num_computed_tokens=[30], block_table=table,
+                                 block_size=16)
+
+
+def test_vllm_common_fields_have_vllms_names_and_dtypes():
+    cam = stand_in([1, 1, 5], [33, 17, 5], pad_reqs=1, pad_tokens=2, prefilling=[False, False, True])
+    table = host_table(8, seed=5)
+    lowered = ast.lower(attnsync.build(batch_from_vllm(cam, block_size=16, block_table_cpu=table)), "cpu")
+    fields = av.vllm_common_fields(lowered)
+    assert fields["query_start_loc"].tolist() == [0, 1, 2, 7, 7] and fields["query_start_loc_cpu"].tolist() == [0, 1, 2, 7, 7]
+    assert fields["seq_lens_cpu_upper_bound"].tolist() == [33, 17, 5, 0]
+    assert fields["is_prefilling"].tolist() == [False, False, True, False]
+    assert fields["slot_mapping"].dtype == torch.int64 and fields["slot_mapping"][-2:].tolist() == [-1, -1]
+    assert fields["block_table_tensor"].shape == (4, 8) and fields["block_table_tensor"][3].sum() == 0
+    assert (fields["num_reqs"], fields["num_actual_tokens"], fields["max_query_len"], fields["max_seq_len"]) == (4, 9, 5, 33)
+    assert fields["causal"] is True and fields["positions"] is None
+    for name, (_, dtype, _) in av.VLLM_COMMON_FIELDS.items():
+        assert fields[name].dtype == dtype, name
+    triton = ast.lower(attnsync.build(batch_from_vllm(cam, block_size=16, block_table_cpu=table), "triton",
+                                      num_q_heads=4, num_kv_heads=2, head_dim=16), "cpu")
+    from_triton = av.vllm_common_fields(triton)  # its table is `block_table`, no is_prefilling
+    assert torch.equal(from_triton["block_table_tensor"], fields["block_table_tensor"])
+    assert from_triton["is_prefilling"] is None
+    with pytest.raises(SpecError, match="slot_mapping: vLLM expects a torch.int64"):
+        av.vllm_common_fields(ast.with_fields(lowered, slot_mapping=lowered.slot_mapping.to(torch.int32)))
+    with pytest.raises(SpecError, match="query_start_loc: the lowering"):
+        av.vllm_common_fields(_Plain(seq_lens=lowered.seq_lens))
+    common = av.to_vllm_common(lowered)  # without vLLM installed: the dict
+    assert common.keys() == fields.keys() if isinstance(common, dict) else common.num_reqs == 4
+
+
+def test_vllm_split_follows_vllms_positional_convention():
+    # Decode, decode, short extend (prefilling, 1 token), long extend, prefill; one padded row.
+    cam = stand_in([1, 1, 1, 6, 9], [40, 20, 12, 30, 9], pad_reqs=1, pad_tokens=3,
+                   prefilling=[False, False, True, True, True])
+    md = attnsync.build(batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(8)))
+    assert (md.num_decodes, md.num_extends, md.num_prefills) == (2, 2, 1)  # attnsync's own counts: real rows
+    # vLLM: the split is the first row of more tokens; padding counts with the prefills.
+    assert av.vllm_split(md) == (3, 3, 3, 18)
+    assert av.vllm_split(md, treat_short_extends_as_decodes=False) == (2, 4, 2, 19)
+    assert av.vllm_split_with_extends(md) == (3, 1, 2, 3, 6, 12)
+    assert av.vllm_split(md, decode_threshold=9) == (6, 0, 21, 0)
+    assert av.vllm_split(md, decode_threshold=6) == (4, 2, 9, 12)
+    decodes = attnsync.build(batch_from_vllm(stand_in([1, 1], [9, 4], pad_reqs=2, pad_tokens=2), block_size=16,
+                                             block_table_cpu=host_table(4)))
+    assert av.vllm_split(decodes) == (4, 0, 4, 0)  # padding counts with the decodes
+    assert av.vllm_split(decodes, require_uniform=True, decode_threshold=4) == (4, 0, 4, 0)
+    with pytest.raises(SpecError, match="needs is_prefilling"):
+        av.vllm_split(ast.lower(attnsync.build(batch_from_vllm(cam, block_size=16, block_table_cpu=host_table(8)),
+                                               "triton", num_q_heads=2, num_kv_heads=2, head_dim=8), "cpu"),
+                      treat_short_extends_as_decodes=False)
+
+
+def test_vllm_reorder_moves_only_rows_outside_their_region():
+    # Rows: prefill, decode, decode. vLLM swaps the misplaced prefill with the last decode.
+    batch = attnsync.Batch(query_lens=[9, 1, 1], seq_lens=[9, 30, 20], block_table=host_table(3), block_size=16)
+    perm, reordered = av.vllm_reorder(batch)
+    assert perm.tolist() == [2, 1, 0] and reordered.query_lens.tolist() == [1, 1, 9]
+    assert attnsync.reorder(batch)[0].tolist() == [1, 2, 0]  # attnsync sorts stably instead
+    # A one-token prompt without context: a prefill in vLLM, a short extend in attnsync.
+    fresh = attnsync.Batch(query_lens=[1, 1, 4], seq_lens=[1, 30, 40], block_table=host_table(3), block_size=16,
+                           is_prefilling=[True, False, True])
+    assert av.vllm_regions(fresh).tolist() == [3, 0, 2]
+    assert fresh.regions().tolist() == [1, 0, 2]
+    assert av.vllm_reorder(fresh)[0].tolist() == [1, 2, 0]
+    with pytest.raises(TypeError, match="expected an attnsync.Batch"):
+        av.vllm_reorder([1, 2])
 
 
 # ---------------------------------------------------------------------------------------------
