@@ -595,7 +595,9 @@ class _Reusable:
         native = _accel.native
         self.fast = None
         direct = stager._direct
-        if native is not None and (not stager._cuda or (direct is not None and direct.addresses)):
+        # (a compiled module without the whole-step functions: the Python step runs)
+        if (native is not None and hasattr(native, "lower_step")
+                and (not stager._cuda or (direct is not None and direct.addresses))):
             cuda = None
             if stager._cuda:
                 cuda = direct.addresses + self.copy_args[:3] + (
