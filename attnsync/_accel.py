@@ -1,27 +1,20 @@
 """Whether the compiled twin of attnsync's hot numpy steps is in use (`native`, else None).
 
-`attnsync/_native.c` holds functions that do in one call what a few numpy calls (or Python
-steps) do in the builders, the torch lowering and `Batch`:
+`attnsync/_native.c` holds functions that do in one call what a few numpy calls do:
 
-- `pack`: the lowering's per-field copies;
-- `decode_slots`, `decode_rows`: a one-token row's slot (and, for a decode step without
-  padding, its computed-token count beside it, in one array);
-- `token_slots`, `split_regions`: a batch with any query lengths: every token's row and slot,
-  and the decode-first split (rows and tokens per region, decode-first or not);
-- `paged_kv_counts`, `gather_pages`: FlashInfer's page offsets, last-page fills and page list
-  (`decode_rows` writes all three for a decode step);
+- the field derivations of attnsync/_fields.py, each chosen inside the function of the field it
+  computes (one test of `native` there; the numpy form below it is the reference):
+  `slot_mapping`, `token_to_req`, `region_split` (the decode-first split), and FlashInfer's
+  `paged_kv_indptr`, `paged_kv_last_page_len` and `paged_kv_indices`;
 - `check_batch`: `Batch`'s copies and length checks of plain int32 input, and the table's
   largest page id found while copying it where the CPU has AVX2 (it only accepts: on anything
   it would refuse it returns None and the numpy checks run and name the problem);
-- `lower_step`, `lower_users`: a reused torch lowering's whole step (users count, event
-  query, pack, copy, event record, scalar fields) through the CUDA runtime calls torch loaded
-  (attnsync.adapters._cudart), in the order the Python step makes them.
+- `pack`: the torch lowering's per-field copies.
 
-On the GPU hosts each numpy call costs 1-2.5 us whatever its size, and a decode step makes a
-few dozen (results/2026-11-27-h100/README.md). The numpy forms stay the reference:
-tests/test_native.py checks each compiled function against them bit for bit (and `Batch`'s
-fields and errors with and without it, and `lower_step` against stand-in CUDA calls), and every
-caller keeps its numpy (or Python) path for when this module is missing.
+Each numpy call has a fixed overhead whatever its size, and a decode step would make a few
+dozen. The numpy forms stay the reference: tests/test_native.py checks each compiled function
+against them bit for bit (and `Batch`'s fields and errors with and without it), and every
+caller keeps its numpy path for when this module is missing.
 
 The module is built by `pip install` where a C compiler is present (setup.py marks it optional)
 or by `python -m attnsync._native_build` in a source checkout. Set ATTNSYNC_PURE_NUMPY=1 to run
@@ -35,7 +28,7 @@ import warnings
 from types import ModuleType
 
 # The `VERSION` of attnsync/_native.c this code calls (its functions and their behaviour).
-NATIVE_VERSION = 7
+NATIVE_VERSION = 8
 
 native: ModuleType | None = None
 if os.environ.get("ATTNSYNC_PURE_NUMPY", "0") in ("", "0"):

@@ -8,12 +8,13 @@ attnsync builds is derived from it, so it is checked here once, completely.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import _accel
+from ._fields import DECODE, LONG_EXTEND, PREFILL, REGION_NAMES, SHORT_EXTEND, pages_per_seq, regions
 from ._validate import (
     INT32_MAX,
     SpecError,
@@ -23,10 +24,8 @@ from ._validate import (
     freeze,
 )
 
-# Region codes of the decode-first order (vllm-backends.md 1.4): decode, short extend,
-# long extend, prefill. A backend that needs decode-first order needs rows sorted by region.
-DECODE, SHORT_EXTEND, LONG_EXTEND, PREFILL = 0, 1, 2, 3
-REGION_NAMES = ("decode", "short extend", "long extend", "prefill")
+__all__ = ["DECODE", "LONG_EXTEND", "PREFILL", "REGION_NAMES", "SHORT_EXTEND", "Batch", "TableMemory",
+           "decode_first_error", "reorder", "require_decode_first"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,18 +35,33 @@ def _uniform_flags(length: int, value: bool) -> np.ndarray:
     return freeze(np.full(length, value, dtype=bool))
 
 
-# Where `Batch` copies a block table of at least PINNED_TABLE_MIN_BYTES: numpy's allocator while
-# this is None, which it is until a CUDA lowering installs its pool of pinned blocks
-# (attnsync.adapters._pinned_tables.PinnedTables). A reused CUDA lowering then copies such a table to
-# the device straight from the batch's own copy instead of packing it first: the pack of a
-# 256 x 512 table was most of a 256-decode lowering on the H100 host (a 512 KB copy is 17-27 us
-# there, results/2026-11-27-h100 run 66 and prof27). Called with the table's shape, it returns
-# a writable C-contiguous int32 array of that shape, or None (numpy's allocator, then).
-table_memory: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
-PINNED_TABLE_MIN_BYTES = 1 << 16  # smaller tables pack in a few microseconds
+class TableMemory(Protocol):
+    """Where a `Batch` copies its block table (see `Batch`'s `table_memory`)."""
+
+    def table_buffer(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """A writable C-contiguous int32 array of exactly `shape`, or None (numpy allocates)."""
 
 
-def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple | None:
+def _table_buffer(table_memory: TableMemory, shape: tuple[int, int]) -> np.ndarray | None:
+    """The buffer `table_memory` offers for a table of `shape`, checked; None if it offers none."""
+    buffer = table_memory.table_buffer(shape)
+    if buffer is None:
+        return None
+    if not (type(buffer) is np.ndarray and buffer.dtype == np.int32 and buffer.shape == shape
+            and buffer.flags.c_contiguous and buffer.flags.writeable):
+        what = (f"a {'' if buffer.flags.writeable else 'read-only '}"
+                f"{'C-contiguous' if buffer.flags.c_contiguous else 'strided'} {buffer.dtype} array of shape "
+                f"{buffer.shape}" if isinstance(buffer, np.ndarray) else type(buffer).__name__)
+        raise TypeError(
+            f"table_memory: table_buffer({shape}) returned {what}; expected a writable C-contiguous "
+            f"int32 numpy array of shape {shape}, or None. Fix: return exactly that (or None to let "
+            f"numpy allocate the table)."
+        )
+    return buffer
+
+
+def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any,
+                      table_memory: TableMemory | None) -> tuple | None:
     """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
     pass (copies, total tokens, the longest query and sequence, the table's largest entry as
     uint32 or None); None otherwise, and the numpy checks run (and name any problem)."""
@@ -58,9 +72,9 @@ def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any) -> tuple
     if native is None or not type(query_lens) is type(seq_lens) is type(block_table) is np.ndarray:
         return None
     table_copy = None
-    if (table_memory is not None and block_table.nbytes >= PINNED_TABLE_MIN_BYTES
-            and block_table.dtype == np.int32 and block_table.ndim == 2):
-        table_copy = table_memory(block_table.shape)
+    if (table_memory is not None and block_table.dtype == np.int32 and block_table.ndim == 2
+            and block_table.flags.c_contiguous):  # (else the numpy checks run, and ask then)
+        table_copy = _table_buffer(table_memory, block_table.shape)
     copies = (np.empty_like(query_lens), np.empty_like(seq_lens),
               np.empty_like(block_table) if table_copy is None else table_copy)
     found = native.check_batch(query_lens, seq_lens, block_table, *copies)
@@ -94,6 +108,16 @@ class Batch:
         padded_num_reqs: rows to pad the batch to (a CUDA-graph or jit bucket), >= R.
         padded_num_tokens: tokens to pad the batch to, >= sum(query_lens).
         num_cache_pages: optional number of pages in the KV cache; page ids must be below it.
+        table_memory: optional, init-only: where to copy the block table. An object with one
+            method, `table_buffer(shape: tuple[int, int]) -> numpy.ndarray | None`, returning a
+            writable C-contiguous int32 array of exactly that shape for the batch's copy of its
+            table, or None (numpy allocates it as usual). The torch adapter's `Stager` offers
+            one that hands out pinned host memory, from which a CUDA lowering copies the table
+            to the device without packing it again; the object decides which sizes it serves,
+            and `Batch` asks it for every table. The batch keeps the array, not the object
+            (it is not a field), and a batch refused during validation needs no give-back: the
+            object reclaims a buffer once nothing references it. A wrong array (shape, dtype,
+            layout or read-only) is refused with a `TypeError`.
 
     Attributes:
         num_reqs: R, the real request count.
@@ -119,6 +143,7 @@ class Batch:
     padded_num_reqs: int | None = None
     padded_num_tokens: int | None = None
     num_cache_pages: int | None = None
+    table_memory: InitVar[TableMemory | None] = None
     num_reqs: int = field(init=False)
     num_tokens: int = field(init=False)
     all_exact: bool = field(init=False)
@@ -126,11 +151,11 @@ class Batch:
     max_seq_len: int = field(init=False)
     any_prefilling: bool = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, table_memory: TableMemory | None) -> None:
         block_size = self.block_size
         if not (type(block_size) is int and 1 <= block_size <= INT32_MAX):  # (the common case inline)
             block_size = as_int(block_size, "block_size", minimum=1, maximum=INT32_MAX)
-        checked = _checked_natively(self.query_lens, self.seq_lens, self.block_table)
+        checked = _checked_natively(self.query_lens, self.seq_lens, self.block_table, table_memory)
         if checked is not None:
             # The compiled happy path (attnsync/_accel.py): the three arrays copied, lengths
             # checked >= 0 and query_len <= seq_len, in one call. Everything else is checked
@@ -142,6 +167,10 @@ class Batch:
             num_reqs = query_lens.shape[0]
             max_query_len = int(query_lens.max()) if num_reqs else 0
             max_page = None
+            buffer = None if table_memory is None else _table_buffer(table_memory, block_table.shape)
+            if buffer is not None:
+                buffer[...] = block_table
+                block_table = buffer
         if max_page is None:
             # Seen as uint32, a negative page id is >= 2**31: one max() finds both the largest
             # page and any negative one (the table is the biggest input: R x W, 512 KB at 256 x
@@ -151,7 +180,7 @@ class Batch:
             raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
         width = block_table.shape[1]
         if -(-max_seq_len // block_size) > width:  # the longest row decides; find the first one
-            pages_needed = -(-seq_lens.astype(np.int64) // block_size)
+            pages_needed = pages_per_seq(seq_lens, block_size)
             narrow = pages_needed > width
             row = int(np.argmax(narrow))
             raise SpecError(
@@ -160,17 +189,21 @@ class Batch:
                 f"columns. Fix: widen the table to at least {int(pages_needed.max())} columns "
                 f"(pad unused entries with 0)."
             )
-        if max_page > INT32_MAX:  # a negative id: the general check names it and its index
-            as_int_array(block_table, "block_table", ndim=2, minimum=0)
-            raise AssertionError("a page id >= 2**31 in an int32 table")
+        if max_page > INT32_MAX:  # seen as uint32, a negative id
+            index = np.unravel_index(int(np.argmin(block_table)), block_table.shape)
+            raise SpecError(
+                f"block_table: expected every value >= 0, received {int(block_table.min())} at index "
+                f"{tuple(int(i) for i in index)}. Fix: block_table cannot be negative; check how it was "
+                f"computed."
+            )
         if (max_page + 1) * block_size - 1 > INT32_MAX:
             raise SpecError(
                 f"block_table: page id {max_page} at block_size {block_size} gives "
                 f"slot ids beyond int32. Fix: the KV cache cannot have that many slots."
             )
-        self._check_cache_pages(block_table, max_page)
+        num_cache_pages = self._check_cache_pages(block_table, max_page)
         self._finish(block_size, query_lens, seq_lens, block_table, num_reqs, total_tokens,
-                     max_query_len, max_seq_len)
+                     max_query_len, max_seq_len, num_cache_pages)
 
     def _check_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
         """The general path: query_lens, seq_lens and block_table validated and copied, the
@@ -206,11 +239,11 @@ class Batch:
         max_seq_len = int(seq_lens.max()) if num_reqs else 0
         return query_lens, seq_lens, block_table, total_tokens, max_seq_len
 
-    def _check_cache_pages(self, block_table: np.ndarray, max_page: int) -> None:
-        """Page ids below `num_cache_pages`, when given (kept as a Python int)."""
+    def _check_cache_pages(self, block_table: np.ndarray, max_page: int) -> int | None:
+        """`num_cache_pages` as a Python int (None when not given), every page id below it."""
+        num_pages = None
         if self.num_cache_pages is not None:
             num_pages = as_int(self.num_cache_pages, "num_cache_pages", minimum=1)
-            object.__setattr__(self, "num_cache_pages", num_pages)  # a Python int from here on
             if block_table.size and max_page >= num_pages:
                 bad = np.unravel_index(int(np.argmax(block_table)), block_table.shape)
                 raise SpecError(
@@ -218,10 +251,11 @@ class Batch:
                     f"is outside the cache of num_cache_pages={num_pages} pages. Fix: page ids must "
                     f"be below num_cache_pages."
                 )
+        return num_pages
 
     def _finish(self, block_size: int, query_lens: np.ndarray, seq_lens: np.ndarray,
                 block_table: np.ndarray, num_reqs: int, total_tokens: int, max_query_len: int,
-                max_seq_len: int) -> None:
+                max_seq_len: int, num_cache_pages: int | None) -> None:
         """The per-row flags and padded sizes, checked; every field set."""
         if type(self.seq_lens_exact) is bool:  # one flag for every row: a shared read-only array
             exact = _uniform_flags(num_reqs, self.seq_lens_exact)
@@ -265,11 +299,11 @@ class Batch:
                 f"padded_num_tokens: {padded_tokens} is smaller than the batch's {total_tokens} "
                 f"tokens. Fix: choose a bucket >= {total_tokens} (or leave it None)."
             )
-        query_lens.setflags(write=False)
-        seq_lens.setflags(write=False)
-        block_table.setflags(write=False)
-        # Every field in one update of the instance dict, past the frozen class's __setattr__
-        # (what 14 object.__setattr__ calls did, about 1 us a step less on the CPU host).
+        query_lens.setflags(False)  # (write=False, by position: cheaper than the keyword)
+        seq_lens.setflags(False)
+        block_table.setflags(False)
+        # Every field in one update of the instance dict: the one place a Batch is written past
+        # its frozen class's __setattr__ (cheaper than one object.__setattr__ per field).
         self.__dict__.update({
             "block_size": block_size,
             "query_lens": query_lens,
@@ -279,6 +313,7 @@ class Batch:
             "is_prefilling": prefilling,
             "padded_num_reqs": padded_reqs,
             "padded_num_tokens": padded_tokens,
+            "num_cache_pages": num_cache_pages,
             "num_reqs": num_reqs,
             "num_tokens": total_tokens,
             "all_exact": all_exact,
@@ -300,13 +335,7 @@ class Batch:
         context). Without `is_prefilling`, short rows count as decodes.
         """
         threshold = as_int(decode_threshold, "decode_threshold", minimum=1)
-        short = self.query_lens <= threshold
-        # long rows: 2 (long extend) or 3 (prefill: no context yet); int8 throughout (bools
-        # viewed as int8 are 0/1), so no int64 temporaries
-        long_region = (self.seq_lens <= self.query_lens).view(np.int8) + np.int8(LONG_EXTEND)
-        # 1 = short extend
-        short_region = np.int8(DECODE) if self.is_prefilling is None else self.is_prefilling.view(np.int8)
-        return np.where(short, short_region, long_region)
+        return regions(self.query_lens, self.seq_lens, self.is_prefilling, threshold)
 
     def take(self, rows: np.ndarray) -> Batch:
         """A new batch holding `rows` of this one, in that order (padding sizes kept)."""
@@ -360,14 +389,23 @@ def require_decode_first(batch: Batch, *, decode_threshold: int, backend: str, s
     With `strict`, all four regions must be sorted (Mamba); otherwise only decodes must come
     before everything else (FlashInfer, TurboQuant, Tree).
     """
+    error = decode_first_error(batch, decode_threshold=decode_threshold, backend=backend, strict=strict)
+    if error is not None:
+        raise error
+
+
+def decode_first_error(batch: Batch, *, decode_threshold: int, backend: str, strict: bool) -> SpecError | None:
+    """The error `require_decode_first` raises for `batch`, naming the first row out of order;
+    None when the batch is in order."""
     region = batch.regions(decode_threshold)
     key = region if strict else np.minimum(region, 1)
-    if key.size > 1 and (np.diff(key) < 0).any():
-        row = int(np.argmax(np.diff(key) < 0)) + 1
-        raise SpecError(
-            f"batch: backend {backend!r} needs decode-first order (decode_threshold="
-            f"{decode_threshold}), but row {row} is a {REGION_NAMES[int(region[row])]} row after a "
-            f"{REGION_NAMES[int(region[row - 1])]} row. Fix: "
-            f"`perm, batch = attnsync.reorder(batch, decode_threshold={decode_threshold})` and apply "
-            f"`perm` to your per-request state."
-        )
+    if key.size < 2 or not (np.diff(key) < 0).any():
+        return None
+    row = int(np.argmax(np.diff(key) < 0)) + 1
+    return SpecError(
+        f"batch: backend {backend!r} needs decode-first order (decode_threshold="
+        f"{decode_threshold}), but row {row} is a {REGION_NAMES[int(region[row])]} row after a "
+        f"{REGION_NAMES[int(region[row - 1])]} row. Fix: "
+        f"`perm, batch = attnsync.reorder(batch, decode_threshold={decode_threshold})` and apply "
+        f"`perm` to your per-request state."
+    )

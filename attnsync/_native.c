@@ -1,26 +1,30 @@
 /* attnsync._native: the compiled twin of attnsync's hot numpy steps (optional).
  *
- * Why it exists: on the GPU hosts every numpy call costs 1-2.5 us of interpreter and dispatch
- * overhead (results/2026-11-27-h100: "numpy add, 256 int32" probe), and a decode step's build
- * and lowering are a few dozen such calls on arrays of a few hundred elements. These functions
- * do the same work as the code they stand in for, in one call each:
+ * Why it exists: a numpy call costs interpreter and dispatch overhead whatever its size, and
+ * a serving step's build would be a few dozen such calls on arrays of a few hundred elements.
+ * Each function here does, in one call, what one field's numpy form in attnsync/_fields.py does
+ * in several (attnsync/_fields.py names the field; its numpy form is the reference):
  *
- *   pack(targets, sources)                 the lowering's per-field np.copyto loop
- *   decode_slots(table, positions, page, out)   attnsync._spec._decode_slots
- *   decode_rows(table, seq_lens, page, out)     a decode step's computed counts and slots
- *   token_slots(...), split_regions(...)   any batch's per-token rows and slots; its split
- *   paged_kv_counts(seq_lens, page, indptr, last) -> total    FlashInfer's indptr/last_page_len
- *   gather_pages(table, indptr, out)       FlashInfer's paged_kv_indices
+ *   slot_mapping(...)                      _fields.slot_mapping
+ *   token_to_req(...)                      _fields.token_to_req
+ *   region_split(...)                      _fields.region_split
+ *   paged_kv_indptr(seq_lens, page)        _fields.paged_kv_indptr
+ *   paged_kv_last_page_len(seq_lens, page) _fields.paged_kv_last_page_len
+ *   paged_kv_indices(table, indptr)        _fields.paged_kv_indices
  *   check_batch(...)                       attnsync.Batch's checks and copies, happy path only
- *   lower_step(fast, values), lower_users(fast)   a reused torch lowering's step
+ *   pack(targets, sources)                 the torch lowering's per-field np.copyto loop
+ *
+ * The field functions write their array into a new `bytes` object and return numpy's view of
+ * it (np.frombuffer, called from here): read-only from the start, so no allocation call and no
+ * freeze in Python. They take only their happy path's input: where an input is not a
+ * C-contiguous int32 (or bool) array of its dimensions they return None, and the numpy form
+ * runs on it.
  *
  * Each is tested bit for bit against its numpy form (tests/test_native.py), and attnsync runs
  * without this module (it is built when a C compiler is present; ATTNSYNC_PURE_NUMPY=1 turns
  * it off). Only Python's C API is used: arrays arrive through the buffer protocol, so no numpy
- * headers are needed to build it; CUDA runtime functions arrive as addresses (lower_step), so
- * no CUDA headers or libraries are needed either. No function reads or writes outside the
- * buffers it is given: every index is checked, and a violation raises instead of reading past
- * the end.
+ * headers are needed to build it. No function reads or writes outside the buffers it is given:
+ * every index is checked, and a violation raises instead of reading past the end.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -89,11 +93,10 @@ static int copy_pair(Py_buffer *dst, const Py_buffer *src) {
     return 0;
 }
 
-/* Copy `source` into `target` as copy_pair does, or (shift != 0) into the bytes `shift` past
- * target's, which must lie inside [lo, hi); 0 (no error set) where either is not a
- * C-contiguous buffer or the pair is not one copy_pair handles, -1 (ValueError set) where a
- * shifted target would leave [lo, hi). */
-static int pack_shifted(PyObject *target, PyObject *source, intptr_t shift, uintptr_t lo, uintptr_t hi) {
+
+/* Copy `source` into `target` as copy_pair does; 0 (no error set) where either is not a
+ * C-contiguous buffer or the pair is not one copy_pair handles. */
+static int pack_one(PyObject *target, PyObject *source) {
     Py_buffer dst, src;
     if (PyObject_GetBuffer(target, &dst, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
         PyErr_Clear();
@@ -104,24 +107,10 @@ static int pack_shifted(PyObject *target, PyObject *source, intptr_t shift, uint
         PyBuffer_Release(&dst);
         return 0;
     }
-    int copied;
-    void *own = dst.buf;
-    uintptr_t start = (uintptr_t)dst.buf + (uintptr_t)shift;
-    if (shift != 0 && (start < lo || start > hi || (uintptr_t)dst.len > hi - start)) {
-        PyErr_SetString(PyExc_ValueError, "lower_step: a field would be packed outside the pinned table's block");
-        copied = -1;
-    } else {
-        dst.buf = (void *)start;
-        copied = copy_pair(&dst, &src);
-        dst.buf = own;  /* released as it was received */
-    }
+    int copied = copy_pair(&dst, &src);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return copied;
-}
-
-static int pack_one(PyObject *target, PyObject *source) {
-    return pack_shifted(target, source, 0, 0, 0);
 }
 
 PyDoc_STRVAR(pack_doc,
@@ -161,24 +150,22 @@ static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromSsize_t(k);
 }
 
-/* What one int32 argument must be: its position in the call, dimensions, writability, name. */
+/* What one int32 argument must be: its position in the call and its dimensions. */
 typedef struct {
     int arg;
     int ndim;
-    int writable;
-    const char *what;
 } int32_arg;
 
-/* The C-contiguous int32 buffers `specs` describe, all or none: on a missing or wrong one
- * (TypeError naming it) every buffer got so far is released and -1 returned. */
+/* The C-contiguous int32 buffers `specs` describe, all or none: 0 when every one is such a
+ * buffer; -1, with no error set and every buffer got so far released, when one is not (the
+ * caller returns None, and the numpy form runs on such input). */
 static int int32_buffers(PyObject *const *args, const int32_arg *specs, int count, Py_buffer *views) {
     for (int k = 0; k < count; k++) {
-        int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (specs[k].writable ? PyBUF_WRITABLE : 0);
-        int ok = PyObject_GetBuffer(args[specs[k].arg], &views[k], flags) == 0;
-        if (ok && (kind_of(&views[k]) != 'i' || views[k].itemsize != 4 || views[k].ndim != specs[k].ndim)) {
+        int ok = PyObject_GetBuffer(args[specs[k].arg], &views[k], PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) == 0;
+        if (!ok) {
+            PyErr_Clear();
+        } else if (kind_of(&views[k]) != 'i' || views[k].itemsize != 4 || views[k].ndim != specs[k].ndim) {
             PyBuffer_Release(&views[k]);
-            PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous int32 array of %d dimension(s)",
-                         specs[k].what, specs[k].ndim);
             ok = 0;
         }
         if (!ok) {
@@ -204,261 +191,353 @@ static long page_arg(PyObject *value, const char *function) {
     return page;
 }
 
-PyDoc_STRVAR(decode_slots_doc,
-"decode_slots(block_table, positions, page, out) -> None\n\n"
-"out[r] = block_table[r, positions[r] // page] * page + positions[r] % page for every row r\n"
-"(int32 [R, W], int32 [R] >= 0, page >= 1, int32 [R]). Raises IndexError for a position\n"
-"outside its row's table.");
+/* numpy.frombuffer and numpy.dtype("int32"), looked up once (module init). */
+static PyObject *frombuffer, *int32_dtype;
 
-static PyObject *decode_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[3] = {{0, 2, 0, "decode_slots: block_table"},
-                                       {1, 1, 0, "decode_slots: positions"},
-                                       {3, 1, 1, "decode_slots: out"}};
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "decode_slots(block_table, positions, page, out)");
-        return NULL;
-    }
-    long page = page_arg(args[2], "decode_slots");
-    Py_buffer views[3];
-    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1];
-    int failed = 0;
-    if (views[1].shape[0] != rows || views[2].shape[0] != rows) {
-        PyErr_SetString(PyExc_ValueError, "decode_slots: block_table, positions and out differ in rows");
-        failed = 1;
-    } else {
-        const int32_t *t = (const int32_t *)views[0].buf, *p = (const int32_t *)views[1].buf;
-        int32_t *o = (int32_t *)views[2].buf;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            int64_t position = p[r];
-            int64_t column = position / page;
-            if (position < 0 || column >= width) {
-                PyErr_Format(PyExc_IndexError, "decode_slots: row %zd: position %lld is outside "
-                             "its %zd pages of %ld", r, (long long)position, width, page);
-                failed = 1;
-                break;
-            }
-            /* Batch refused page ids whose slots do not fit int32: int32 arithmetic, as numpy's */
-            o[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
-        }
-    }
-    release_all(views, 3);
-    if (failed) return NULL;
-    Py_RETURN_NONE;
+/* A new bytes object of `count` int32 entries, to be filled before it is wrapped (a bytes
+ * object nothing else has seen yet may be written), or NULL with MemoryError set. */
+static PyObject *new_int32s(Py_ssize_t count, int32_t **data) {
+    PyObject *made = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)sizeof(int32_t));
+    if (made != NULL) *data = (int32_t *)PyBytes_AS_STRING(made);
+    return made;
 }
 
-PyDoc_STRVAR(decode_rows_doc,
-"decode_rows(block_table, seq_lens, page, out, pages=False) -> int\n\n"
-"A one-token-per-row batch's per-row arrays in one int32 array `out` (int32 [R, W], int32 [R],\n"
-"page >= 1): out[:R] = seq_lens - 1 (each row's computed tokens, which is also its new token's\n"
-"position) and out[R:2R] its slot, block_table[r, p // page] * page + p % page with\n"
-"p = seq_lens[r] - 1. With pages true, FlashInfer's page arrays follow (paged_kv_counts' and\n"
-"gather_pages' values): out[2R:3R+1] indptr, out[3R+1:4R+1] last_page_len, the page list from\n"
-"out[4R+1]; `out`\n"
-"then needs 4R+1 entries and room for the pages. Returns the page total (0 without pages).\n"
-"Raises IndexError for a row whose length is below 1 or whose position is outside its row's\n"
-"table, ValueError where out is too short.");
-
-static PyObject *decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[3] = {{0, 2, 0, "decode_rows: block_table"},
-                                       {1, 1, 0, "decode_rows: seq_lens"},
-                                       {3, 1, 1, "decode_rows: out"}};
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "decode_rows(block_table, seq_lens, page, out, pages=False)");
-        return NULL;
-    }
-    int pages_too = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
-    if (pages_too < 0) return NULL;
-    long page = page_arg(args[2], "decode_rows");
-    Py_buffer views[3];
-    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1], size = views[2].shape[0];
-    int64_t total = 0;
-    int failed = 0;
-    if (views[1].shape[0] != rows || (pages_too ? size < 4 * rows + 1 : size != 2 * rows)) {
-        PyErr_SetString(PyExc_ValueError, pages_too ? "decode_rows: seq_lens must have R entries and out at least 4R+1"
-                                                    : "decode_rows: seq_lens must have R entries and out 2R");
-        failed = 1;
-    } else {
-        const int32_t *t = (const int32_t *)views[0].buf, *s = (const int32_t *)views[1].buf;
-        int32_t *computed = (int32_t *)views[2].buf, *slots = computed + rows;
-        int32_t *offsets = slots + rows, *fill = offsets + rows + 1, *pages_out = fill + rows;
-        Py_ssize_t room = pages_too ? size - (4 * rows + 1) : 0;
-        if (pages_too) offsets[0] = 0;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            int64_t position = (int64_t)s[r] - 1;
-            int64_t column = position / page;
-            if (position < 0 || column >= width) {
-                PyErr_Format(PyExc_IndexError, "decode_rows: row %zd: position %lld is outside "
-                             "its %zd pages of %ld", r, (long long)position, width, page);
-                failed = 1;
-                break;
-            }
-            computed[r] = (int32_t)position;
-            /* int32 arithmetic, as decode_slots (Batch refused slots that do not fit) */
-            slots[r] = (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page + (uint32_t)(position % page));
-            if (pages_too) {  /* a row of length s >= 1 has column + 1 pages, its last holding p % page + 1 */
-                if (total + column + 1 > room) {
-                    PyErr_Format(PyExc_ValueError, "decode_rows: row %zd's %lld pages do not fit the %zd "
-                                 "entries left in out", r, (long long)(column + 1), (Py_ssize_t)(room - total));
-                    failed = 1;
-                    break;
-                }
-                fill[r] = (int32_t)(position % page + 1);
-                memcpy(pages_out + total, t + r * width, (size_t)(column + 1) * sizeof(int32_t));
-                total += column + 1;
-                offsets[r + 1] = (int32_t)total;  /* the caller keeps R*W within int32 */
-            }
-        }
-    }
-    release_all(views, 3);
-    if (failed) return NULL;
-    return PyLong_FromLongLong(total);
+/* The filled bytes object `made` (its reference taken) as a numpy int32 array over it:
+ * read-only, since bytes are immutable, and made without a copy. NULL passes through. */
+static PyObject *as_array(PyObject *made) {
+    if (made == NULL || made == Py_None) return made;
+    PyObject *args[2] = {made, int32_dtype};
+    PyObject *array = PyObject_Vectorcall(frombuffer, args, 2, NULL);
+    Py_DECREF(made);
+    return array;
 }
 
-PyDoc_STRVAR(paged_kv_counts_doc,
-"paged_kv_counts(seq_lens, page, indptr, last_page_len) -> int\n\n"
-"FlashInfer's page offsets and last-page fills: with pages[r] = ceil(seq_lens[r] / page),\n"
-"indptr = [0, pages[0], pages[0] + pages[1], ...] (int32 [R+1]) and last_page_len[r] =\n"
-"seq_lens[r] - (pages[r] - 1) * page, 0 for an empty row (int32 [R]). Returns indptr[R].\n"
-"Raises ValueError for a negative length or a total beyond int32.");
+/* A page size, with its shift when it is a power of two (most page sizes are): the slot
+ * formula's division is then a shift, several times cheaper per token than a division. */
+typedef struct {
+    int64_t size;
+    int shift;  /* log2(size), or -1 when size is not a power of two */
+} paging;
 
-static PyObject *paged_kv_counts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[3] = {{0, 1, 0, "paged_kv_counts: seq_lens"},
-                                       {2, 1, 1, "paged_kv_counts: indptr"},
-                                       {3, 1, 1, "paged_kv_counts: last_page_len"}};
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "paged_kv_counts(seq_lens, page, indptr, last_page_len)");
-        return NULL;
+static paging paging_of(long page) {
+    paging p = {page, -1};
+    if ((page & (page - 1)) == 0) {
+        p.shift = 0;
+        while (((int64_t)1 << p.shift) < page) p.shift++;
     }
-    long page = page_arg(args[1], "paged_kv_counts");
-    Py_buffer views[3];
-    if (page < 0 || int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0];
-    int64_t total = 0;
-    int failed = 0;
-    if (views[1].shape[0] != rows + 1 || views[2].shape[0] != rows) {
-        PyErr_SetString(PyExc_ValueError, "paged_kv_counts: indptr must have R+1 entries, last_page_len R");
-        failed = 1;
-    } else {
-        const int32_t *s = (const int32_t *)views[0].buf;
-        int32_t *offsets = (int32_t *)views[1].buf, *fill = (int32_t *)views[2].buf;
-        offsets[0] = 0;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            int64_t length = s[r];
-            if (length < 0) {
-                PyErr_Format(PyExc_ValueError, "paged_kv_counts: row %zd has length %lld", r, (long long)length);
-                failed = 1;
-                break;
-            }
-            int64_t pages = length ? (length - 1) / page + 1 : 0;
-            fill[r] = (int32_t)(length ? length - (pages - 1) * page : 0);
-            total += pages;
-            if (total > INT32_MAX) {
-                PyErr_SetString(PyExc_ValueError, "paged_kv_counts: more pages than int32 offsets address");
-                failed = 1;
-                break;
-            }
-            offsets[r + 1] = (int32_t)total;
-        }
-    }
-    release_all(views, 3);
-    if (failed) return NULL;
-    return PyLong_FromLongLong(total);
+    return p;
 }
 
-PyDoc_STRVAR(gather_pages_doc,
-"gather_pages(block_table, indptr, out) -> None\n\n"
-"out[indptr[r] : indptr[r+1]] = block_table[r, : indptr[r+1] - indptr[r]] for every row r\n"
-"(int32 [R, W], int32 [R+1], int32 [indptr[R]]). Raises ValueError where indptr decreases, a\n"
-"row needs more than W pages, or out has another length.");
-
-static PyObject *gather_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[3] = {{0, 2, 0, "gather_pages: block_table"},
-                                       {1, 1, 0, "gather_pages: indptr"},
-                                       {2, 1, 1, "gather_pages: out"}};
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "gather_pages(block_table, indptr, out)");
-        return NULL;
-    }
-    Py_buffer views[3];
-    if (int32_buffers(args, specs, 3, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1], length = views[2].shape[0];
-    const int32_t *t = (const int32_t *)views[0].buf, *offsets = (const int32_t *)views[1].buf;
-    int32_t *o = (int32_t *)views[2].buf;
-    int failed = 0;
-    /* (the shape check comes first, so offsets[0] and offsets[rows] exist when read) */
-    if (views[1].shape[0] != rows + 1 || offsets[0] != 0 || offsets[rows] != length) {
-        PyErr_SetString(PyExc_ValueError, "gather_pages: indptr must have R+1 entries from 0 to len(out)");
-        failed = 1;
-    } else {
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            int64_t start = offsets[r], pages = (int64_t)offsets[r + 1] - start;
-            if (pages < 0 || pages > width || start + pages > length) {
-                PyErr_Format(PyExc_ValueError, "gather_pages: row %zd's pages [%lld, %lld) do not "
-                             "fit its %zd columns and an output of %zd", r, (long long)start,
-                             (long long)(start + pages), width, length);
-                failed = 1;
-                break;
-            }
-            memcpy(o + start, t + r * width, (size_t)pages * sizeof(int32_t));
-        }
-    }
-    release_all(views, 3);
-    if (failed) return NULL;
-    Py_RETURN_NONE;
+/* The page (column of the block-table row) that holds `position` >= 0. */
+static inline int64_t column_of(paging p, int64_t position) {
+    return p.shift >= 0 ? position >> p.shift : position / p.size;
 }
 
-/* A bool array's buffer (numpy's '?', one byte an element) of `length`, C-contiguous, or 0
- * with TypeError set. */
-static int bool_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t length, const char *what) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) return 0;
+/* The slot formula, the one compiled form of it: the cache slot of `position` in a row whose
+ * page ids are `row`, row[position / page] * page + position % page, with the page (column)
+ * holding it already found (column_of). The caller has checked 0 <= position and column < the
+ * row's width. Batch refused page ids whose slots do not fit int32, so the arithmetic is
+ * numpy's int32 arithmetic (wrapping, never reached). */
+static inline int32_t slot_of(const int32_t *row, int64_t column, int64_t position, paging p) {
+    return (int32_t)((uint32_t)row[column] * (uint32_t)p.size + (uint32_t)(position - column * p.size));
+}
+
+PyDoc_STRVAR(slot_mapping_doc,
+"slot_mapping(query_lens, seq_lens, block_table, page, exact, num_padded_tokens) -> numpy.ndarray | None\n\n"
+"attnsync._fields.slot_mapping: for row r's i-th new token (rows in order, tokens in order), at\n"
+"position p = seq_lens[r] - query_lens[r] + i, the slot block_table[r, p // page] * page +\n"
+"p % page, or -1 where exact is given and exact[r] is False; -1 for the tokens past\n"
+"sum(query_lens) up to num_padded_tokens. query_lens, seq_lens int32 [n]; block_table int32\n"
+"[n', W], n' >= n; exact bool [n] or None. Returns num_padded_tokens int32 (read-only); None where\n"
+"an input is not such an array. Raises IndexError for a position outside its row's table,\n"
+"ValueError for lengths that do not agree.");
+
+/* A C-contiguous bool buffer (numpy's '?', one byte an element) of `length`: 1, or 0 with no
+ * error set when `obj` is not one (the caller returns None, as for int32_buffers). */
+static int bool_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t length) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        return 0;
+    }
     if (kind_of(view) != 'b' || view->itemsize != 1 || view->ndim != 1 || view->shape[0] != length) {
         PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous bool array of %zd entries", what, length);
         return 0;
     }
     return 1;
 }
 
-PyDoc_STRVAR(split_regions_doc,
-"split_regions(query_lens, seq_lens, is_prefilling, threshold) -> (rows, tokens, decode_first)\n\n"
-"The decode-first split of attnsync._spec._split in one pass: each row's region (0 decode:\n"
+static PyObject *slot_mapping(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[3] = {{0, 1}, {1, 1}, {2, 2}};
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "slot_mapping(query_lens, seq_lens, block_table, page, exact, num_padded_tokens)");
+        return NULL;
+    }
+    long page = page_arg(args[3], "slot_mapping");
+    if (page < 0) return NULL;
+    paging pages = paging_of(page);
+    Py_ssize_t tokens = PyLong_AsSsize_t(args[5]);
+    if (tokens == -1 && PyErr_Occurred()) return NULL;
+    if (tokens < 0) {
+        PyErr_SetString(PyExc_ValueError, "slot_mapping: num_padded_tokens must be >= 0");
+        return NULL;
+    }
+    Py_buffer views[3], flags;
+    if (int32_buffers(args, specs, 3, views) != 0) Py_RETURN_NONE;
+    Py_ssize_t rows = views[0].shape[0], width = views[2].shape[1];
+    int have_flags = args[4] != Py_None;
+    if (have_flags && !bool_buffer(args[4], &flags, rows)) {
+        release_all(views, 3);
+        Py_RETURN_NONE;
+    }
+    int32_t *out = NULL;
+    PyObject *made = NULL;
+    if (views[1].shape[0] != rows || views[2].shape[0] < rows) {
+        PyErr_SetString(PyExc_ValueError, "slot_mapping: seq_lens must have n entries and block_table at least n rows");
+    } else if ((made = new_int32s(tokens, &out)) != NULL) {
+        /* (restrict: the output is a new bytes object, so it aliases no input) */
+        const int32_t *restrict q = (const int32_t *)views[0].buf, *restrict s = (const int32_t *)views[1].buf;
+        const int32_t *restrict t = (const int32_t *)views[2].buf;
+        const uint8_t *restrict exact = have_flags ? (const uint8_t *)flags.buf : NULL;
+        int32_t *restrict slots = out;
+        Py_ssize_t k = 0;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t count = q[r], last = (int64_t)s[r] - 1, start = last + 1 - count;
+            if (count == 0) continue;
+            int64_t last_column = column_of(pages, last);
+            if (count < 0 || start < 0 || k + count > tokens || last_column >= width) {
+                PyErr_Format(count < 0 || start < 0 || k + count > tokens ? PyExc_ValueError : PyExc_IndexError,
+                             "slot_mapping: row %zd (query_len %lld, seq_len %d) does not fit its %zd pages of "
+                             "%ld or the %zd tokens", r, (long long)count, (int)s[r], width, page, tokens);
+                Py_CLEAR(made);
+                break;
+            }
+            const int32_t *row = t + r * width;
+            if (exact != NULL && !exact[r]) {
+                for (int64_t i = 0; i < count; i++) slots[k++] = -1;
+            } else if (count == 1) {  /* a decode row: its one position's page is found already */
+                slots[k++] = slot_of(row, last_column, last, pages);
+            } else {
+                for (int64_t p = start; p <= last; p++) slots[k++] = slot_of(row, column_of(pages, p), p, pages);
+            }
+        }
+        if (made != NULL) {
+            for (; k < tokens; k++) slots[k] = -1;
+        }
+    }
+    if (have_flags) PyBuffer_Release(&flags);
+    release_all(views, 3);
+    return as_array(made);
+}
+
+PyDoc_STRVAR(token_to_req_doc,
+"token_to_req(query_lens, num_rows, num_padded_tokens) -> numpy.ndarray | None\n\n"
+"attnsync._fields.token_to_req: row r repeated query_lens[r] times for r = 0, 1, ..., then\n"
+"num_rows for the tokens past sum(query_lens) up to num_padded_tokens (query_lens int32 [n]).\n"
+"Returns num_padded_tokens int32 (read-only); None where query_lens is not a C-contiguous int32\n"
+"array. Raises ValueError where the rows hold more tokens.");
+
+static PyObject *token_to_req(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[1] = {{0, 1}};
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "token_to_req(query_lens, num_rows, num_padded_tokens)");
+        return NULL;
+    }
+    long long padding_row = PyLong_AsLongLong(args[1]);
+    if (padding_row == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t tokens = PyLong_AsSsize_t(args[2]);
+    if (tokens == -1 && PyErr_Occurred()) return NULL;
+    if (tokens < 0 || padding_row < 0 || padding_row > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "token_to_req: num_rows and num_padded_tokens must be in [0, 2**31)");
+        return NULL;
+    }
+    Py_buffer views[1];
+    if (int32_buffers(args, specs, 1, views) != 0) Py_RETURN_NONE;
+    int32_t *out = NULL;
+    PyObject *made = new_int32s(tokens, &out);
+    if (made != NULL) {
+        const int32_t *q = (const int32_t *)views[0].buf;
+        Py_ssize_t rows = views[0].shape[0], k = 0;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (q[r] < 0 || k + q[r] > tokens) {
+                PyErr_Format(PyExc_ValueError, "token_to_req: row %zd's %d tokens do not fit the %zd tokens",
+                             r, (int)q[r], tokens);
+                Py_CLEAR(made);
+                break;
+            }
+            for (int32_t i = 0; i < q[r]; i++) out[k++] = (int32_t)r;
+        }
+        if (made != NULL) {
+            for (; k < tokens; k++) out[k] = (int32_t)padding_row;
+        }
+    }
+    release_all(views, 1);
+    return as_array(made);
+}
+
+/* Pages of a row of `length` tokens, ceil(length / page); the caller has checked length >= 0. */
+static inline int64_t pages_of(int64_t length, paging p) {
+    return length ? column_of(p, length - 1) + 1 : 0;
+}
+
+PyDoc_STRVAR(paged_kv_indptr_doc,
+"paged_kv_indptr(seq_lens, page) -> numpy.ndarray | None\n\n"
+"attnsync._fields.paged_kv_indptr: [0, pages[0], pages[0] + pages[1], ...] with pages[r] =\n"
+"ceil(seq_lens[r] / page) (seq_lens int32 [R]), R+1 int32 (read-only); None when the total does\n"
+"not fit int32 (the numpy form names that) or seq_lens is not a C-contiguous int32 array.\n"
+"Raises ValueError for a negative length.");
+
+static PyObject *paged_kv_indptr(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[1] = {{0, 1}};
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "paged_kv_indptr(seq_lens, page)");
+        return NULL;
+    }
+    long page = page_arg(args[1], "paged_kv_indptr");
+    paging pages = paging_of(page);
+    Py_buffer views[1];
+    if (page < 0) return NULL;
+    if (int32_buffers(args, specs, 1, views) != 0) Py_RETURN_NONE;
+    Py_ssize_t rows = views[0].shape[0];
+    int32_t *out = NULL;
+    PyObject *made = new_int32s(rows + 1, &out);
+    if (made != NULL) {
+        const int32_t *s = (const int32_t *)views[0].buf;
+        int64_t total = 0;
+        out[0] = 0;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (s[r] < 0) {
+                PyErr_Format(PyExc_ValueError, "paged_kv_indptr: row %zd has length %d", r, (int)s[r]);
+                Py_CLEAR(made);
+                break;
+            }
+            total += pages_of(s[r], pages);
+            if (total > INT32_MAX) {
+                Py_CLEAR(made);
+                made = Py_NewRef(Py_None);
+                break;
+            }
+            out[r + 1] = (int32_t)total;
+        }
+    }
+    release_all(views, 1);
+    return as_array(made);
+}
+
+PyDoc_STRVAR(paged_kv_last_page_len_doc,
+"paged_kv_last_page_len(seq_lens, page) -> numpy.ndarray | None\n\n"
+"attnsync._fields.paged_kv_last_page_len: (seq_lens[r] - 1) % page + 1 for a row with context,\n"
+"0 for an empty one (seq_lens int32 [R]), R int32 (read-only); None where seq_lens is not a\n"
+"C-contiguous int32 array. Raises ValueError for a negative length.");
+
+static PyObject *paged_kv_last_page_len(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[1] = {{0, 1}};
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "paged_kv_last_page_len(seq_lens, page)");
+        return NULL;
+    }
+    long page = page_arg(args[1], "paged_kv_last_page_len");
+    paging pages = paging_of(page);
+    Py_buffer views[1];
+    if (page < 0) return NULL;
+    if (int32_buffers(args, specs, 1, views) != 0) Py_RETURN_NONE;
+    Py_ssize_t rows = views[0].shape[0];
+    int32_t *out = NULL;
+    PyObject *made = new_int32s(rows, &out);
+    if (made != NULL) {
+        const int32_t *s = (const int32_t *)views[0].buf;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (s[r] < 0) {
+                PyErr_Format(PyExc_ValueError, "paged_kv_last_page_len: row %zd has length %d", r, (int)s[r]);
+                Py_CLEAR(made);
+                break;
+            }
+            /* the tokens past the last page's start: (s - 1) % page + 1 */
+            out[r] = s[r] ? (int32_t)(s[r] - column_of(pages, (int64_t)s[r] - 1) * pages.size) : 0;
+        }
+    }
+    release_all(views, 1);
+    return as_array(made);
+}
+
+PyDoc_STRVAR(paged_kv_indices_doc,
+"paged_kv_indices(block_table, indptr) -> numpy.ndarray | None\n\n"
+"attnsync._fields.paged_kv_indices: block_table[r, : indptr[r+1] - indptr[r]] for r = 0, 1, ...,\n"
+"concatenated (int32 [R, W], int32 [R+1]), indptr[R] int32 (read-only); None where an input is not\n"
+"a C-contiguous int32 array. Raises ValueError where indptr does not start at 0, decreases, or\n"
+"gives a row more than W pages.");
+
+static PyObject *paged_kv_indices(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const int32_arg specs[2] = {{0, 2}, {1, 1}};
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "paged_kv_indices(block_table, indptr)");
+        return NULL;
+    }
+    Py_buffer views[2];
+    if (int32_buffers(args, specs, 2, views) != 0) Py_RETURN_NONE;
+    Py_ssize_t rows = views[0].shape[0], width = views[0].shape[1];
+    const int32_t *t = (const int32_t *)views[0].buf, *offsets = (const int32_t *)views[1].buf;
+    int32_t *out = NULL;
+    PyObject *made = NULL;
+    /* (the shape check comes first, so offsets[0] and offsets[rows] exist when read) */
+    if (views[1].shape[0] != rows + 1 || offsets[0] != 0 || offsets[rows] < 0) {
+        PyErr_SetString(PyExc_ValueError, "paged_kv_indices: indptr must have R+1 entries from 0");
+    } else if ((made = new_int32s(offsets[rows], &out)) != NULL) {
+        Py_ssize_t length = offsets[rows];
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int64_t start = offsets[r], pages = (int64_t)offsets[r + 1] - start;
+            if (pages < 0 || pages > width || start + pages > length) {
+                PyErr_Format(PyExc_ValueError, "paged_kv_indices: row %zd's pages [%lld, %lld) do not "
+                             "fit its %zd columns and an output of %zd", r, (long long)start,
+                             (long long)(start + pages), width, length);
+                Py_CLEAR(made);
+                break;
+            }
+            memcpy(out + start, t + r * width, (size_t)pages * sizeof(int32_t));
+        }
+    }
+    release_all(views, 2);
+    return as_array(made);
+}
+
+PyDoc_STRVAR(region_split_doc,
+"region_split(query_lens, seq_lens, is_prefilling, threshold) -> (rows, tokens, decode_first) | None\n\n"
+"The decode-first split of attnsync._fields.region_split in one pass: each row's region (0 decode:\n"
 "query_len <= threshold and not prefilling; 1 short extend: <= threshold and prefilling; 2 long\n"
 "extend: > threshold with context; 3 prefill: > threshold, seq_len <= query_len), then rows and\n"
 "tokens per region as two 4-tuples of ints, and whether no decode row follows a non-decode\n"
-"row. query_lens and seq_lens int32 [R]; is_prefilling bool [R] or None; threshold >= 1.");
+"row. query_lens and seq_lens int32 [R]; is_prefilling bool [R] or None; threshold >= 1. None\n"
+"where an input is not such a C-contiguous array.");
 
-static PyObject *split_regions(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *region_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    static const int32_arg specs[2] = {{0, 1, 0, "split_regions: query_lens"},
-                                       {1, 1, 0, "split_regions: seq_lens"}};
+    static const int32_arg specs[2] = {{0, 1}, {1, 1}};
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "split_regions(query_lens, seq_lens, is_prefilling, threshold)");
+        PyErr_SetString(PyExc_TypeError, "region_split(query_lens, seq_lens, is_prefilling, threshold)");
         return NULL;
     }
     long threshold = PyLong_AsLong(args[3]);
     if (threshold == -1 && PyErr_Occurred()) return NULL;
     if (threshold < 1) {
-        PyErr_SetString(PyExc_ValueError, "split_regions: threshold must be >= 1");
+        PyErr_SetString(PyExc_ValueError, "region_split: threshold must be >= 1");
         return NULL;
     }
     Py_buffer views[2], flags;
-    if (int32_buffers(args, specs, 2, views) != 0) return NULL;
+    if (int32_buffers(args, specs, 2, views) != 0) Py_RETURN_NONE;
     Py_ssize_t rows = views[0].shape[0];
     int have_flags = args[2] != Py_None;
     if (views[1].shape[0] != rows) {
         release_all(views, 2);
-        PyErr_SetString(PyExc_ValueError, "split_regions: query_lens and seq_lens differ in length");
-        return NULL;
+        Py_RETURN_NONE;
     }
-    if (have_flags && !bool_buffer(args[2], &flags, rows, "split_regions: is_prefilling")) {
+    if (have_flags && !bool_buffer(args[2], &flags, rows)) {
         release_all(views, 2);
-        return NULL;
+        Py_RETURN_NONE;
     }
     const int32_t *q = (const int32_t *)views[0].buf, *s = (const int32_t *)views[1].buf;
     const uint8_t *prefilling = have_flags ? (const uint8_t *)flags.buf : NULL;
@@ -485,85 +564,10 @@ static PyObject *split_regions(PyObject *self, PyObject *const *args, Py_ssize_t
                          tokens[2], tokens[3], decode_first ? Py_True : Py_False);
 }
 
-PyDoc_STRVAR(token_slots_doc,
-"token_slots(query_lens, num_computed, block_table, page, exact, token_to_req, slots) -> None\n\n"
-"The per-token fields of a batch with any query lengths: for row r's i-th new token (rows in\n"
-"order, tokens in order), token_to_req = r and, at position p = num_computed[r] + i, slot =\n"
-"block_table[r, p // page] * page + p % page, or -1 where exact is given and exact[r] is False.\n"
-"query_lens, num_computed int32 [R]; block_table int32 [R', W] with R' >= R; exact bool [R] or\n"
-"None; token_to_req and slots int32 [sum(query_lens)]. Raises IndexError for a position outside\n"
-"its row's table, ValueError for lengths that do not agree.");
-
-static PyObject *token_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    static const int32_arg specs[5] = {{0, 1, 0, "token_slots: query_lens"},
-                                       {1, 1, 0, "token_slots: num_computed"},
-                                       {2, 2, 0, "token_slots: block_table"},
-                                       {5, 1, 1, "token_slots: token_to_req"},
-                                       {6, 1, 1, "token_slots: slots"}};
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError,
-                        "token_slots(query_lens, num_computed, block_table, page, exact, token_to_req, slots)");
-        return NULL;
-    }
-    long page = page_arg(args[3], "token_slots");
-    Py_buffer views[5], flags;
-    if (page < 0 || int32_buffers(args, specs, 5, views) != 0) return NULL;
-    Py_ssize_t rows = views[0].shape[0], width = views[2].shape[1], tokens = views[3].shape[0];
-    int have_flags = args[4] != Py_None;
-    if (have_flags && !bool_buffer(args[4], &flags, rows, "token_slots: exact")) {
-        release_all(views, 5);
-        return NULL;
-    }
-    int failed = 0;
-    if (views[1].shape[0] != rows || views[2].shape[0] < rows || views[4].shape[0] != tokens) {
-        PyErr_SetString(PyExc_ValueError, "token_slots: num_computed must have R entries, block_table at least "
-                                          "R rows, and token_to_req and slots one length");
-        failed = 1;
-    } else {
-        const int32_t *q = (const int32_t *)views[0].buf, *done = (const int32_t *)views[1].buf;
-        const int32_t *t = (const int32_t *)views[2].buf;
-        int32_t *owner = (int32_t *)views[3].buf, *out = (int32_t *)views[4].buf;
-        const uint8_t *exact = have_flags ? (const uint8_t *)flags.buf : NULL;
-        Py_ssize_t k = 0;
-        for (Py_ssize_t r = 0; r < rows && !failed; r++) {
-            if (q[r] < 0 || k + q[r] > tokens) {
-                PyErr_Format(PyExc_ValueError, "token_slots: row %zd's %d tokens do not fit the %zd outputs",
-                             r, (int)q[r], tokens);
-                failed = 1;
-                break;
-            }
-            int keep = exact == NULL || exact[r];
-            for (int32_t i = 0; i < q[r]; i++, k++) {
-                int64_t position = (int64_t)done[r] + i;
-                int64_t column = position / page;
-                if (position < 0 || column >= width) {
-                    PyErr_Format(PyExc_IndexError, "token_slots: row %zd: position %lld is outside its %zd "
-                                 "pages of %ld", r, (long long)position, width, page);
-                    failed = 1;
-                    break;
-                }
-                owner[k] = (int32_t)r;
-                /* int32 arithmetic, as decode_slots (Batch refused slots that do not fit) */
-                out[k] = keep ? (int32_t)((uint32_t)t[r * width + column] * (uint32_t)page
-                                          + (uint32_t)(position % page)) : -1;
-            }
-        }
-        if (!failed && k != tokens) {
-            PyErr_Format(PyExc_ValueError, "token_slots: the rows hold %zd tokens, the outputs %zd", k, tokens);
-            failed = 1;
-        }
-    }
-    if (have_flags) PyBuffer_Release(&flags);
-    release_all(views, 5);
-    if (failed) return NULL;
-    Py_RETURN_NONE;
-}
-
 /* The block table's copy and its largest entry seen as uint32 (a negative page id is >= 2**31),
  * in one pass over the table: with AVX2 where the CPU has it (baseline x86-64 has no unsigned
- * 32-bit vector max, and a scalar loop took 62 us for 512 KB on the CPU host where numpy's
- * runtime-dispatched AVX2 took 3 us). Returns 1 with *best set, or 0 having only copied (the
+ * 32-bit vector max, and a scalar loop is many times slower than numpy's runtime-dispatched
+ * AVX2 maximum). Returns 1 with *best set, or 0 having only copied (the
  * caller then asks numpy for the maximum). */
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -683,219 +687,16 @@ static PyObject *check_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
     return result;
 }
 
-/* ------------------------------------------------------------------------------------------
- * The reused torch lowering's whole step (attnsync/adapters/torch.py, _Reusable.fast).
- *
- * Why: after the pool lookup, a reused lowering is a handful of steps that each cost a
- * microsecond or more of interpreter time on the GPU hosts (results/2026-11-27-h100, run 58:
- * its users count 1.2 us, the event query 0.5-1.6, the pack 3.8, the device check 0.3, the
- * copy 3.4, the event record 1.2, the 16 scalar fields 1.4, on an H200 host). Here they are
- * one call. The CUDA runtime functions are the ones torch loaded (their addresses come from
- * attnsync.adapters._cudart), called with the entry's own memory, stream and event: the same
- * calls, in the same order, as the Python path makes.
- */
-typedef int (*cuda_memcpy_async_t)(void *, const void *, size_t, int, void *);
-typedef int (*cuda_event_record_t)(void *, void *);
-typedef int (*cuda_event_query_t)(void *);
-typedef int (*cuda_get_device_t)(int *);
-typedef int (*cuda_get_last_error_t)(void);
-typedef const char *(*cuda_get_error_string_t)(int);
-
-enum { FAST_LOWERED, FAST_HELD, FAST_STORAGES, FAST_USE_COUNT, FAST_BASELINE, FAST_TARGETS, FAST_SOURCES,
-       FAST_SCALARS, FAST_FIELDS, FAST_CUDA, FAST_SIZE };
-enum { CUDA_MEMCPY, CUDA_RECORD, CUDA_QUERY, CUDA_GET_DEVICE, CUDA_LAST_ERROR, CUDA_ERROR_STRING, CUDA_DST,
-       CUDA_SRC, CUDA_NBYTES, CUDA_STREAM, CUDA_EVENT, CUDA_DEVICE, CUDA_SIZE };
-#define CUDA_SUCCESS_ 0
-#define CUDA_ERROR_NOT_READY_ 600
-
-/* The entry's `fast` tuple, checked for its shape (its contents are attnsync's own). */
-static int fast_tuple(PyObject *fast) {
-    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != FAST_SIZE || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_HELD))
-        || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_STORAGES)) || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_BASELINE))
-        || PyList_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_BASELINE)) != 1 || !PyList_Check(PyTuple_GET_ITEM(fast, FAST_TARGETS))
-        || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_SOURCES)) || !PyTuple_Check(PyTuple_GET_ITEM(fast, FAST_SCALARS))
-        || !PyDict_Check(PyTuple_GET_ITEM(fast, FAST_FIELDS))
-        || PyList_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_TARGETS)) != PyTuple_GET_SIZE(PyTuple_GET_ITEM(fast, FAST_SOURCES))) {
-        PyErr_SetString(PyExc_TypeError, "lower_step: not a reusable lowering's fast tuple");
-        return 0;
-    }
-    PyObject *cuda = PyTuple_GET_ITEM(fast, FAST_CUDA);
-    if (cuda != Py_None && (!PyTuple_Check(cuda) || PyTuple_GET_SIZE(cuda) != CUDA_SIZE)) {
-        PyErr_SetString(PyExc_TypeError, "lower_step: the CUDA part must be None or a tuple of 12 ints");
-        return 0;
-    }
-    return 1;
-}
-
-/* References to the lowering and its tensors plus the use counts of its storages: what
- * _Reusable.users() counts (with this module's own offsets, so a baseline taken here is only
- * ever compared with a count taken here). -1 with an exception set on failure. */
-static long long users_of(PyObject *fast) {
-    long long users = (long long)Py_REFCNT(PyTuple_GET_ITEM(fast, FAST_LOWERED));
-    PyObject *held = PyTuple_GET_ITEM(fast, FAST_HELD);
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(held); k++) users += (long long)Py_REFCNT(PyList_GET_ITEM(held, k));
-    PyObject *storages = PyTuple_GET_ITEM(fast, FAST_STORAGES), *use_count = PyTuple_GET_ITEM(fast, FAST_USE_COUNT);
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(storages); k++) {
-        PyObject *count = PyObject_CallOneArg(use_count, PyTuple_GET_ITEM(storages, k));
-        if (count == NULL) return -1;
-        long long value = PyLong_AsLongLong(count);
-        Py_DECREF(count);
-        if (value == -1 && PyErr_Occurred()) return -1;
-        users += value;
-    }
-    return users;
-}
-
-PyDoc_STRVAR(lower_users_doc,
-"lower_users(fast) -> int\n\n"
-"The users count lower_step compares with fast's baseline (see attnsync/adapters/torch.py).");
-
-static PyObject *lower_users(PyObject *self, PyObject *fast) {
-    (void)self;
-    if (!fast_tuple(fast)) return NULL;
-    long long users = users_of(fast);
-    return users < 0 ? NULL : PyLong_FromLongLong(users);
-}
-
-/* A pointer-sized unsigned int from an int object; sets an exception (and returns 0) if not. */
-static uintptr_t address_of(PyObject *cuda, int index) {
-    return (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cuda, index));
-}
-
-/* Raise RuntimeError for a failed CUDA call, after clearing the runtime's last error (so
- * torch's next launch check does not report it as its own), as _cudart.Runtime._fail does. */
-static PyObject *cuda_failed(const uintptr_t *fn, const char *call, int status) {
-    ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();
-    const char *message = ((cuda_get_error_string_t)fn[CUDA_ERROR_STRING])(status);
-    PyErr_Format(PyExc_RuntimeError, "%s failed with CUDA error %d (%s) while lowering attnsync metadata.",
-                 call, status, message ? message : "unknown");
-    return NULL;
-}
-
-PyDoc_STRVAR(lower_step_doc,
-"lower_step(fast, values[, table]) -> int\n\n"
-"One reused lowering's step (attnsync/adapters/torch.py, _Reusable.fast): when its users count\n"
-"equals the baseline and (on CUDA) its event has completed, pack values[sources[k]] into\n"
-"targets[k] (as pack does), then on CUDA queue the copy and record the event, and set the\n"
-"scalar fields. Returns -2 when all of that is done; -1 when the entry is held or its copy\n"
-"pending (nothing done); k >= 0 when it packed k pairs and did nothing after (a pair it does\n"
-"not handle, or another device current): the caller does the rest.\n\n"
-"table = (address, capacity, num_staged, skip), CUDA only: the block table already lies at\n"
-"`address`, the start of a pinned block of `capacity` bytes (attnsync's pinned tables). The\n"
-"first num_staged targets (in the entry's pinned buffer) are packed at the same offsets in that\n"
-"block instead, pair `skip` (the table) is not packed, and the copy reads the block; the entry's\n"
-"event is not waited for (its pinned buffer is not written). Here every\n"
-"outcome but -2 is -1: the caller then lowers the usual way, and nothing it reads was changed.");
-
-static PyObject *lower_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs < 2 || nargs > 3 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "lower_step(fast, values[, table]): values must be a dict");
-        return NULL;
-    }
-    PyObject *fast = args[0], *values = args[1];
-    if (!fast_tuple(fast)) return NULL;
-    /* the pinned table's block: where the staged fields go and the copy reads from */
-    int on_table = nargs == 3 && args[2] != Py_None;
-    uintptr_t block = 0, capacity = 0;
-    Py_ssize_t num_staged = 0, skip = -1;
-    if (on_table) {
-        PyObject *table = args[2];
-        if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) != 4 || PyTuple_GET_ITEM(fast, FAST_CUDA) == Py_None) {
-            PyErr_SetString(PyExc_TypeError, "lower_step: table must be (address, capacity, num_staged, skip), on CUDA only");
-            return NULL;
-        }
-        block = address_of(table, 0);
-        capacity = address_of(table, 1);
-        num_staged = PyLong_AsSsize_t(PyTuple_GET_ITEM(table, 2));
-        skip = PyLong_AsSsize_t(PyTuple_GET_ITEM(table, 3));
-        if (PyErr_Occurred()) return NULL;
-    }
-    long long users = users_of(fast);
-    if (users < 0) return NULL;
-    long long baseline = PyLong_AsLongLong(PyList_GET_ITEM(PyTuple_GET_ITEM(fast, FAST_BASELINE), 0));
-    if (baseline == -1 && PyErr_Occurred()) return NULL;
-    if (users != baseline) return PyLong_FromLong(-1);
-
-    PyObject *cuda = PyTuple_GET_ITEM(fast, FAST_CUDA);
-    uintptr_t fn[CUDA_SIZE] = {0};
-    if (cuda != Py_None) {
-        for (int k = 0; k < CUDA_SIZE; k++) fn[k] = address_of(cuda, k);
-        if (PyErr_Occurred()) return NULL;
-        /* On a pinned table the entry's pinned buffer is not written, so its last copy need not be
-         * done: the block's own guard is its caller's (attnsync/adapters/_pinned_tables.py). */
-        int status = on_table ? CUDA_SUCCESS_ : ((cuda_event_query_t)fn[CUDA_QUERY])((void *)fn[CUDA_EVENT]);
-        if (status == CUDA_ERROR_NOT_READY_) {  /* its last copy may still read the pinned buffer */
-            ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();  /* (not an error; torch clears it too) */
-            return PyLong_FromLong(-1);
-        }
-        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaEventQuery", status);
-        if (on_table && fn[CUDA_NBYTES] > capacity) {
-            PyErr_SetString(PyExc_ValueError, "lower_step: the entry's copy is larger than the pinned table's block");
-            return NULL;
-        }
-    }
-
-    PyObject *targets = PyTuple_GET_ITEM(fast, FAST_TARGETS), *sources = PyTuple_GET_ITEM(fast, FAST_SOURCES);
-    Py_ssize_t count = PyList_GET_SIZE(targets);
-    for (Py_ssize_t k = 0; k < count; k++) {
-        PyObject *source = PyDict_GetItemWithError(values, PyTuple_GET_ITEM(sources, k));
-        if (source == NULL) {
-            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, PyTuple_GET_ITEM(sources, k));
-            return NULL;
-        }
-        if (!on_table) {
-            if (!pack_one(PyList_GET_ITEM(targets, k), source)) return PyLong_FromSsize_t(k);
-            continue;
-        }
-        if (k == skip) continue;  /* the table, in place already */
-        int copied = k < num_staged
-            ? pack_shifted(PyList_GET_ITEM(targets, k), source, (intptr_t)(block - fn[CUDA_SRC]), block, block + capacity)
-            : pack_one(PyList_GET_ITEM(targets, k), source);  /* host mirrors: their own memory */
-        if (copied < 0) return NULL;
-        if (copied == 0) return PyLong_FromLong(-1);
-    }
-
-    if (cuda != Py_None) {
-        int device = -1;
-        if (((cuda_get_device_t)fn[CUDA_GET_DEVICE])(&device) != CUDA_SUCCESS_ || device != (int)fn[CUDA_DEVICE]) {
-            /* another device current: torch's copy_ (which sets its own device guard) does it */
-            ((cuda_get_last_error_t)fn[CUDA_LAST_ERROR])();
-            return PyLong_FromSsize_t(on_table ? -1 : count);
-        }
-        int status = ((cuda_memcpy_async_t)fn[CUDA_MEMCPY])((void *)fn[CUDA_DST],
-                                                           (const void *)(on_table ? block : fn[CUDA_SRC]),
-                                                           (size_t)fn[CUDA_NBYTES], 1 /* host to device */,
-                                                           (void *)fn[CUDA_STREAM]);
-        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaMemcpyAsync", status);
-        status = ((cuda_event_record_t)fn[CUDA_RECORD])((void *)fn[CUDA_EVENT], (void *)fn[CUDA_STREAM]);
-        if (status != CUDA_SUCCESS_) return cuda_failed(fn, "cudaEventRecord", status);
-    }
-
-    PyObject *scalars = PyTuple_GET_ITEM(fast, FAST_SCALARS), *fields = PyTuple_GET_ITEM(fast, FAST_FIELDS);
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(scalars); k++) {
-        PyObject *name = PyTuple_GET_ITEM(scalars, k);
-        PyObject *value = PyDict_GetItemWithError(values, name);
-        if (value == NULL) {
-            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, name);
-            return NULL;
-        }
-        if (PyDict_SetItem(fields, name, value) != 0) return NULL;
-    }
-    return PyLong_FromLong(-2);
-}
-
 static PyMethodDef methods[] = {
     {"check_batch", (PyCFunction)(void (*)(void))check_batch, METH_FASTCALL, check_batch_doc},
     {"pack", (PyCFunction)(void (*)(void))pack, METH_FASTCALL, pack_doc},
-    {"decode_slots", (PyCFunction)(void (*)(void))decode_slots, METH_FASTCALL, decode_slots_doc},
-    {"decode_rows", (PyCFunction)(void (*)(void))decode_rows, METH_FASTCALL, decode_rows_doc},
-    {"lower_step", (PyCFunction)(void (*)(void))lower_step, METH_FASTCALL, lower_step_doc},
-    {"lower_users", (PyCFunction)lower_users, METH_O, lower_users_doc},
-    {"paged_kv_counts", (PyCFunction)(void (*)(void))paged_kv_counts, METH_FASTCALL, paged_kv_counts_doc},
-    {"gather_pages", (PyCFunction)(void (*)(void))gather_pages, METH_FASTCALL, gather_pages_doc},
-    {"split_regions", (PyCFunction)(void (*)(void))split_regions, METH_FASTCALL, split_regions_doc},
-    {"token_slots", (PyCFunction)(void (*)(void))token_slots, METH_FASTCALL, token_slots_doc},
+    {"slot_mapping", (PyCFunction)(void (*)(void))slot_mapping, METH_FASTCALL, slot_mapping_doc},
+    {"token_to_req", (PyCFunction)(void (*)(void))token_to_req, METH_FASTCALL, token_to_req_doc},
+    {"region_split", (PyCFunction)(void (*)(void))region_split, METH_FASTCALL, region_split_doc},
+    {"paged_kv_indptr", (PyCFunction)(void (*)(void))paged_kv_indptr, METH_FASTCALL, paged_kv_indptr_doc},
+    {"paged_kv_last_page_len", (PyCFunction)(void (*)(void))paged_kv_last_page_len, METH_FASTCALL,
+     paged_kv_last_page_len_doc},
+    {"paged_kv_indices", (PyCFunction)(void (*)(void))paged_kv_indices, METH_FASTCALL, paged_kv_indices_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -907,9 +708,20 @@ static struct PyModuleDef module = {
 
 /* Bumped whenever a function is added or changes behaviour: attnsync/_accel.py ignores a module
  * built from an older source (a stale build in a checkout) instead of calling what it lacks. */
-#define ATTNSYNC_NATIVE_VERSION 7
+#define ATTNSYNC_NATIVE_VERSION 8
 
 PyMODINIT_FUNC PyInit__native(void) {
+    if (frombuffer == NULL) {
+        PyObject *numpy = PyImport_ImportModule("numpy");
+        if (numpy == NULL) return NULL;
+        frombuffer = PyObject_GetAttrString(numpy, "frombuffer");
+        int32_dtype = frombuffer == NULL ? NULL : PyObject_CallMethod(numpy, "dtype", "s", "int32");
+        Py_DECREF(numpy);
+        if (int32_dtype == NULL) {
+            Py_CLEAR(frombuffer);
+            return NULL;
+        }
+    }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "VERSION", ATTNSYNC_NATIVE_VERSION) != 0) {
         Py_DECREF(m);

@@ -22,11 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _accel
-from ._batch import DECODE, LONG_EXTEND, PREFILL, SHORT_EXTEND, Batch
+from . import _fields
+from ._batch import Batch
+from ._fields import DECODE, LONG_EXTEND, PAD_SLOT_ID, PREFILL, SHORT_EXTEND, frozen_zeros, prefix_mask
 from ._validate import INT32_MAX, INT32_MIN, SpecError, as_int, freeze
 
-PAD_SLOT_ID = -1  # slot of a padding token; cache-write kernels skip it (vLLM convention)
+__all__ = [
+    "BUILT_MARK", "PAD_SLOT_ID", "CommonMetadata", "array_field", "array_fields", "build_common",
+    "check_lowerable", "common_fields", "construct", "fields_getter", "frozen_zeros", "inexact_error",
+    "inherit", "inherit_fields", "prefix_mask", "scalar_fields",
+]
 
 
 def array_field(*, place: str, device_name: str | None = None, host_name: str | None = None) -> Any:
@@ -204,34 +209,27 @@ class CommonMetadata:
     slot_mapping_exact: bool
 
 
-def _pad(values: np.ndarray, length: int, fill: int | bool) -> np.ndarray:
-    """`values` padded with `fill` rows to `length` rows; the (read-only) input when no padding."""
-    if values.shape[0] == length:
-        return values
-    out = np.full((length,) + values.shape[1:], fill, dtype=values.dtype)
-    out[: values.shape[0]] = values
-    return out
-
-
 BUILT_MARK = "_attnsync_built"
 
 
 def construct(cls: type, values: dict[str, Any]) -> Any:
     """An instance of the frozen metadata dataclass `cls` holding `values`, one per field.
 
-    Builders call this instead of `cls(**values)`: a frozen dataclass's generated `__init__`
-    sets each field through `object.__setattr__`, about 5 us for 24 fields on the CPU host
-    against 0.2 us for one `__dict__.update` (`bench/host_primitives.py`), and builders run
-    once per step. Metadata classes have no `__post_init__` to skip; the field names are
-    checked, so a builder that forgets a field fails here, not at a later attribute read.
-    Only builders call this, with arrays derived from a validated `Batch`. The caller hands
-    `values` over: it becomes the instance's attribute dict (no copy), so pass a dict nothing
-    else keeps.
+    The one place that makes metadata past the frozen dataclass's generated `__init__`, which
+    sets each field through `object.__setattr__` and costs several times one dict assignment;
+    builders run once per step, so they call this instead of `cls(**values)`. Metadata classes
+    have no `__post_init__` to skip; the field count is checked, so a builder that forgets a
+    field fails here, not at a later attribute read. Only builders call this, with arrays
+    derived from a validated `Batch`. The caller hands `values` over: it becomes the
+    instance's attribute dict (no copy), so pass a dict nothing else keeps.
     """
-    names = _field_names(cls)
-    # A forgotten field makes the count differ (a full key comparison costs 2.5 us a step on
-    # the H100 host; builders' tests read every field, so a swapped name fails there too).
-    if len(values) != len(names):
+    # A forgotten field makes the count differ (cheaper than comparing every key each step;
+    # builders' tests read every field, so a swapped name fails there too).
+    count = _FIELD_COUNTS.get(cls)
+    if count is None:
+        count = _FIELD_COUNTS[cls] = len(dataclasses.fields(cls))
+    if len(values) != count:
+        names = {f.name for f in dataclasses.fields(cls)}
         missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
         raise AssertionError(f"{cls.__name__}: fields missing {missing}, unknown {extra}")
     md = object.__new__(cls)
@@ -242,9 +240,7 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
     return md
 
 
-@functools.lru_cache(maxsize=None)
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
+_FIELD_COUNTS: dict[type, int] = {}  # metadata class -> its number of fields
 
 
 def inherit(common: CommonMetadata, cls: type, /, **own: Any) -> Any:
@@ -274,128 +270,11 @@ def _shared_names(cls: type) -> tuple[tuple[str, ...], Any]:
 
 def fields_getter(names: tuple[str, ...]) -> Any:
     """`getter(mapping)` -> the values of `names` in order, always a tuple, in one C call for
-    two or more names (`operator.itemgetter`; per-name lookups in a Python loop cost about a
-    microsecond a step more on the H100 host for a metadata class's 10-25 fields)."""
+    two or more names (`operator.itemgetter`, cheaper than per-name lookups in a Python loop
+    for a metadata class's 10-25 fields)."""
     if len(names) > 1:
         return operator.itemgetter(*names)
     return lambda mapping: tuple(mapping[name] for name in names)
-
-
-# Read-only [0, 1, 2, ...] shared by every build: a one-token-per-row batch's query_start_loc
-# and token_to_req are prefixes of it (views, no allocation). Grown by replacement, never
-# written, so views handed out earlier stay valid.
-_ARANGE = freeze(np.arange(4097, dtype=np.int32))
-
-
-def _decode_slots(block_table: np.ndarray, position: np.ndarray, page: int) -> np.ndarray:
-    """Slot of one token per row: `block_table[r, position[r] // page] * page + position % page`.
-
-    A flat `take` at `r * W + column` instead of a two-array fancy index, and shifts for a
-    power-of-two page: 2.9 us against 4.3 us at 256 x 512 on the CPU host, which build_common
-    pays every decode step. int32 is safe: `Batch` refused page ids whose slots do not fit.
-    """
-    rows, width = block_table.shape
-    native = _accel.native
-    if native is not None and block_table.flags.c_contiguous and position.flags.c_contiguous:
-        # one compiled call for the five numpy calls below (attnsync/_accel.py)
-        slots = np.empty(rows, dtype=np.int32)
-        native.decode_slots(block_table, position, page, slots)
-        return slots
-    shift = page.bit_length() - 1
-    if page == 1 << shift:  # positions are >= 0, so shifts and masks are // and %
-        index = position >> shift
-        offset = position & (page - 1)
-    else:
-        index, offset = np.divmod(position, page)
-    starts = _row_starts(rows, width)
-    if starts.dtype == index.dtype:
-        index += starts
-    else:  # a table of more than 2**31 entries
-        index = index + starts
-    slots = block_table.ravel().take(index)  # ravel: a view of the (C-contiguous) table
-    slots *= page
-    slots += offset
-    return slots
-
-
-@functools.lru_cache(maxsize=64)
-def _row_starts(rows: int, width: int) -> np.ndarray:
-    """`r * width` for each row r: flat offsets of a C-contiguous [rows, width] table."""
-    dtype = np.int32 if rows * width <= INT32_MAX else np.int64
-    return freeze(np.arange(rows, dtype=dtype) * dtype(width))
-
-
-@functools.lru_cache(maxsize=64)
-def frozen_zeros(shape: tuple[int, ...], dtype: Any = np.int32) -> np.ndarray:
-    """A read-only zeros array of `shape` and `dtype`, shared by every build that asks for it.
-
-    For fields whose value depends only on a batch's sizes (an absent `is_prefilling`, the
-    placeholders of fields left to the device, FlashInfer's `[0]` offsets of no prefill rows):
-    a read-only array cannot be changed by any holder, so one per shape serves every step, as
-    the shared arange below does for `query_start_loc`.
-    """
-    return freeze(np.zeros(shape, dtype=dtype))
-
-
-# Row-prefix masks (row i True in its first counts[i] columns) come from a cached [W+1, W]
-# table whose row p is True in its first p columns: `table.take(counts, axis=0)` copies R rows
-# where the broadcast compare `arange(W) < counts[:, None]` computes them, 0.48 us against
-# 1.70 us at 32 x 128 on the CPU host (1.4 against 13 us at 32 x 2048). The table costs
-# (W+1)*W bytes, kept once per width (`_prefix_masks` keeps the last 4: a server meets one
-# block-table width and one flex list width): tables up to this width, 4 MiB, use it; wider
-# ones compare.
-_PREFIX_MASK_MAX_WIDTH = 2048
-
-
-def prefix_mask(counts: np.ndarray, width: int) -> np.ndarray:
-    """[len(counts), width] bool, row i True in its first `counts[i]` columns (0 <= counts <= width).
-
-    Read row-major as a mask over a [R, width] table, it selects every row's first counts[i]
-    entries in order: FlashInfer's page indices, flex's decode candidates and left-packed lists.
-    """
-    if width <= _PREFIX_MASK_MAX_WIDTH:
-        return _prefix_masks(width).take(counts, axis=0)
-    return _arange(width) < counts[:, None]
-
-
-@functools.lru_cache(maxsize=4)
-def _prefix_masks(width: int) -> np.ndarray:
-    """Read-only [width+1, width] bool: row p is True in columns [0, p), False after."""
-    columns = np.arange(width, dtype=np.int32)
-    return freeze(columns[None, :] < np.arange(width + 1, dtype=np.int32)[:, None])
-
-
-def _arange(length: int) -> np.ndarray:
-    """A read-only view of `[0, length)` as int32."""
-    global _ARANGE
-    if length > _ARANGE.shape[0]:
-        _ARANGE = freeze(np.arange(max(length, 2 * _ARANGE.shape[0]), dtype=np.int32))
-    return _ARANGE[:length]
-
-
-def _split(batch: Batch, threshold: int, query_start_loc: np.ndarray) -> tuple[Any, Any, bool]:
-    """Rows and tokens per region (decode, short extend, long extend, prefill) and whether the
-    decodes come first; host numpy (bincount and tolist read no device).
-
-    A batch already in region order (what `reorder` makes, and what every backend that needs
-    decode-first order gets) has each region as one run of rows, so its tokens are differences
-    of `query_start_loc`: no weighted bincount (float weights, 2.6 us at 256 rows on the CPU
-    host, a third of the split's cost). With attnsync's compiled twin, one pass in C
-    (`split_regions`) gives the same values; the numpy form below is the reference.
-    """
-    native = _accel.native
-    if native is not None:  # the same in one compiled pass (tests/test_native.py compares them)
-        return native.split_regions(batch.query_lens, batch.seq_lens, batch.is_prefilling, threshold)
-    region = batch.regions(threshold)  # numpy on the host: no .tolist() below reads a device
-    rows = np.bincount(region, minlength=4).tolist()
-    n = batch.num_reqs
-    if n < 2 or (region[1:] >= region[:-1]).all():
-        ends = [0, rows[0], rows[0] + rows[1], rows[0] + rows[1] + rows[2], n]
-        starts = query_start_loc[ends].tolist()  # host numpy, four values
-        return rows, [starts[k + 1] - starts[k] for k in range(4)], True
-    tokens = np.bincount(region, weights=batch.query_lens, minlength=4).astype(np.int64).tolist()
-    is_decode = region == DECODE
-    return rows, tokens, not bool((is_decode[1:] > is_decode[:-1]).any())
 
 
 def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True) -> CommonMetadata:
@@ -406,8 +285,7 @@ def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True)
         decode_threshold: rows with at most this many new tokens count as decodes in the split.
         slots: compute `slot_mapping`. False (internal: for a consumer that derives the slots
             on the device and never reads the host ones, flex's captured step) leaves it a
-            shared read-only array of zeros of the right shape, and skips the five to seven
-            numpy calls that make it.
+            shared read-only array of zeros of the right shape, and skips its derivation.
     """
     if not isinstance(batch, Batch):
         raise TypeError(
@@ -421,133 +299,42 @@ def build_common(batch: Batch, *, decode_threshold: int = 1, slots: bool = True)
 def common_fields(batch: Batch, threshold: int, slots: bool = True) -> dict[str, Any]:
     """`build_common`'s fields as a dict, its arguments already checked (`threshold` an int
     >= 1): for a backend that takes the common fields into its own metadata (`inherit`)
-    without making the `CommonMetadata` object in between."""
-    n, r_pad, t_pad = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
-    t = batch.num_tokens
-    q = batch.query_lens
-    page = batch.block_size
-    all_exact = batch.all_exact
-    max_query_len = batch.max_query_len
-    # Unpadded batches reuse the batch's read-only arrays: no copy is needed (and no _pad
-    # calls: five of them cost 2 us a step on the CPU host, a tenth of the decode build).
-    # Arrays made here are frozen at the end (`made`); the batch's own and the cached ones
-    # already are (setflags took 1.3 us a call on the H100 host under the line profiler:
-    # results/2026-11-27-h100/run13-lineprof.txt).
+    without making the `CommonMetadata` object in between.
+
+    Each array comes from its one function in attnsync/_fields.py (read-only, shared with the
+    batch where it is the batch's own array: unpadded rows are not copied)."""
+    n, rows, tokens = batch.num_reqs, batch.padded_num_reqs, batch.padded_num_tokens
+    total, longest, page = batch.num_tokens, batch.max_query_len, batch.block_size
+    q, s, table, exact = batch.query_lens, batch.seq_lens, batch.block_table, batch.seq_lens_exact
     prefilling = batch.is_prefilling
-    if r_pad == n:
-        query_lens, seq_lens, exact, block_table = q, batch.seq_lens, batch.seq_lens_exact, batch.block_table
-        made = []
+    if rows == n:  # no padding rows: the batch's own read-only arrays
+        query_lens, seq_lens, exact_rows, table_rows, prefilling_rows = q, s, exact, table, prefilling
     else:
-        query_lens = _pad(q, r_pad, 0)
-        seq_lens = _pad(batch.seq_lens, r_pad, 0)
-        exact = _pad(batch.seq_lens_exact, r_pad, True)
-        block_table = _pad(batch.block_table, r_pad, 0)
-        made = [query_lens, seq_lens, exact, block_table]
-        if prefilling is not None:
-            prefilling = _pad(prefilling, r_pad, False)
-            made.append(prefilling)
-    if prefilling is None:
-        prefilling = frozen_zeros((r_pad,), bool)
-    native = _accel.native
-    if (native is not None and slots and n and t == n == r_pad == t_pad and max_query_len == 1
-            and block_table.flags.c_contiguous):
-        # One token per row and no padding (decode steps, the hot path): both per-row arrays
-        # in one compiled call, as halves of one array (two numpy allocations, a subtraction
-        # and two read-only flags fewer: the same values as the general path below, which
-        # tests/test_native.py checks).
-        rows = np.empty(2 * n, dtype=np.int32)
-        native.decode_rows(block_table, seq_lens, page, rows)
-        if not all_exact:
-            rows[n:][~batch.seq_lens_exact] = PAD_SLOT_ID
-        rows.setflags(write=False)  # (its halves below are read-only views)
-        num_computed, slot_mapping, fused = rows[:n], rows[n:], True
+        query_lens, seq_lens = _fields.padded(q, rows, 0), _fields.padded(s, rows, 0)
+        exact_rows, table_rows = _fields.padded(exact, rows, True), _fields.padded(table, rows, 0)
+        prefilling_rows = None if prefilling is None else _fields.padded(prefilling, rows, False)
+    if slots:
+        slot_mapping = _fields.slot_mapping(q, s, table, page, tokens, None if batch.all_exact else exact)
     else:
-        num_computed, fused = seq_lens - query_lens, False
-        made.append(num_computed)
-        if not slots:
-            slot_mapping = frozen_zeros((t_pad,))  # never read (see the docstring)
-        elif t_pad > t:
-            slot_mapping = np.full(t_pad, PAD_SLOT_ID, dtype=np.int32)
-            made.append(slot_mapping)
-        else:
-            slot_mapping = None  # the slots computed below, made here
-
-    if n and t == n and max_query_len == 1:
-        # One token per row (decode steps, the hot path): token i belongs to row i, its
-        # position is seq_len - 1, and the offsets are 0, 1, ..., n. No repeat, no cumsum.
-        counting = _arange(n + 1)
-        if r_pad == n:
-            query_start_loc = counting
-        else:
-            query_start_loc = np.full(r_pad + 1, n, dtype=np.int32)
-            query_start_loc[: n + 1] = counting
-            made.append(query_start_loc)
-        if t_pad == t:
-            token_to_req = counting[:n]
-        else:
-            token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
-            token_to_req[:n] = _arange(n)
-            made.append(token_to_req)
-        if slots and not fused:
-            token_slots = _decode_slots(block_table[:n], num_computed[:n], page)
-            if not all_exact:
-                token_slots[~batch.seq_lens_exact] = PAD_SLOT_ID
-    else:
-        query_start_loc = np.zeros(r_pad + 1, dtype=np.int32)
-        np.add.accumulate(query_lens, out=query_start_loc[1:])
-        made.append(query_start_loc)
-        # Per-token arrays with one repeat each; padding tokens map to row R (one past the
-        # last). Position of token i of row r is num_computed[r] + i
-        # = arange(t) + (num_computed - qsl)[r].
-        token_to_req = np.full(t_pad, r_pad, dtype=np.int32)
-        made.append(token_to_req)
-        if slots and native is not None and block_table.flags.c_contiguous:
-            # both per-token arrays in one compiled call (the numpy form below: two repeats, a
-            # divmod, a gather and the arithmetic), inexact rows' slots -1 as below
-            token_slots = np.empty(t, dtype=np.int32)
-            native.token_slots(q, num_computed[:n], block_table, page,
-                               None if all_exact else batch.seq_lens_exact, token_to_req[:t], token_slots)
-        else:
-            token_to_req[:t] = np.repeat(_arange(n), q)
-            if slots:
-                positions = np.repeat(num_computed[:n] - query_start_loc[:n], q)
-                positions += _arange(t)
-                column, offset = np.divmod(positions, page)
-                token_slots = block_table[token_to_req[:t], column] if t else positions
-                token_slots *= page
-                token_slots += offset
-                if not all_exact:
-                    token_slots[~np.repeat(batch.seq_lens_exact, q)] = PAD_SLOT_ID
-    if slot_mapping is None:
-        slot_mapping = token_slots
-        made.append(slot_mapping)
-    elif slots and not fused:
-        slot_mapping[:t] = token_slots
-
-    if max_query_len <= threshold and not batch.any_prefilling:
-        rows_per_region = (n, 0, 0, 0)  # every row is a decode
-        tokens_per_region = (t, 0, 0, 0)
-        decode_first = True
-    else:
-        rows_per_region, tokens_per_region, decode_first = _split(batch, threshold, query_start_loc)
-    for value in made:
-        value.setflags(write=False)
-    # (a literal: dict(**keywords) of these 26 entries costs 0.7 us more on an H200 host, run 57)
+        slot_mapping = frozen_zeros((tokens,))  # never read (see build_common)
+    rows_per_region, tokens_per_region, decode_first = _fields.region_split(
+        q, s, prefilling if batch.any_prefilling else None, threshold, total, longest)
+    # (a dict literal: cheaper than dict(**keywords) for these 26 entries)
     return {
-        "query_start_loc": query_start_loc,
+        "query_start_loc": _fields.query_start_loc(q, total, longest, rows),
         "query_lens": query_lens,
         "seq_lens": seq_lens,
-        "seq_lens_exact": exact,
-        "num_computed_tokens": num_computed,
-        "is_prefilling": prefilling,
-        "block_table": block_table,
+        "seq_lens_exact": exact_rows,
+        "num_computed_tokens": _fields.num_computed_tokens(query_lens, seq_lens),
+        "is_prefilling": frozen_zeros((rows,), bool) if prefilling_rows is None else prefilling_rows,
+        "block_table": table_rows,
         "slot_mapping": slot_mapping,
-        "token_to_req": token_to_req,
-        "num_reqs": r_pad,
-        "num_actual_tokens": t_pad,
+        "token_to_req": _fields.token_to_req(q, total, longest, rows, tokens),
+        "num_reqs": rows,
+        "num_actual_tokens": tokens,
         "num_scheduled_reqs": n,
-        "num_scheduled_tokens": t,
-        "max_query_len": max_query_len,
+        "num_scheduled_tokens": total,
+        "max_query_len": longest,
         "max_seq_len": batch.max_seq_len,
         "block_size": page,
         "decode_threshold": threshold,
@@ -558,18 +345,18 @@ def common_fields(batch: Batch, threshold: int, slots: bool = True) -> dict[str,
         "num_prefills": rows_per_region[PREFILL],
         "num_prefill_tokens": tokens_per_region[PREFILL],
         "is_decode_first": decode_first,
-        "all_exact": all_exact,
-        "slot_mapping_exact": all_exact,
+        "all_exact": batch.all_exact,
+        "slot_mapping_exact": batch.all_exact,
     }
 
 
-def require_exact(common: CommonMetadata, *, backend: str, reason: str) -> None:
-    """Refuse a batch with inexact rows for a builder that needs exact host lengths."""
-    if not common.all_exact:
-        row = int(np.argmin(common.seq_lens_exact))
-        raise SpecError(
-            f"batch: backend {backend!r} needs exact sequence lengths for every row ({reason}), but "
-            f"row {row} is marked inexact (seq_lens_exact=False). Fix: pass exact seq_lens (wait "
-            f"for the previous step's accepted-draft counts), or use an option of this backend "
-            f"that reads exact lengths on the device, if it has one."
-        )
+def inexact_error(seq_lens_exact: np.ndarray, *, backend: str, reason: str) -> SpecError:
+    """The error for a batch with inexact rows given to a builder that needs exact host lengths
+    (`seq_lens_exact` has a False entry), naming the first such row."""
+    row = int(np.argmin(seq_lens_exact))
+    return SpecError(
+        f"batch: backend {backend!r} needs exact sequence lengths for every row ({reason}), but "
+        f"row {row} is marked inexact (seq_lens_exact=False). Fix: pass exact seq_lens (wait "
+        f"for the previous step's accepted-draft counts), or use an option of this backend "
+        f"that reads exact lengths on the device, if it has one."
+    )

@@ -266,7 +266,7 @@ def run(*, quick: bool) -> dict[str, Any]:
         # the lowering packs the table, as before attnsync/adapters/_pinned_tables.py), and
         # the whole step from the scheduler's arrays both ways
         small = np.arange(256, dtype=np.int32)
-        pool = _batch.table_memory
+        pool = getattr(_batch, "table_memory", None)  # (gone from Batch: the adapter's Stager offers it)
         _batch.table_memory = None
         try:
             numpy_batch = attnsync.Batch(**decode_inputs)

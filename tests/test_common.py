@@ -1,9 +1,8 @@
 """`attnsync.build(batch)` (the common backend) against references.
 
 Two references: values written out by hand below (computed on paper from the definitions
-in vllm-backends.md section 1), and `attnsync.testing.brute_force_common`, a per-row Python
-loop. The hand cases also check the brute-force reference itself, so neither is trusted
-blindly. Then >= 500 hypothesis batches compare every field with the brute force.
+of the fields), and `attnsync.testing.brute_force_common`, a per-row Python loop. The hand
+cases also check the brute-force reference itself, so neither is trusted blindly. Then >= 500 hypothesis batches compare every field with the brute force.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from strategies import batch_kwargs
 
 import attnsync
-from attnsync import _spec
+from attnsync import _fields, _spec
 from attnsync.testing import brute_force_common
 
 ARRAY_DTYPES = {
@@ -341,7 +340,8 @@ def test_invariants(kwargs):
 @pytest.mark.parametrize("page", [1, 3, 7, 16, 64])
 @pytest.mark.parametrize("layout", ["contiguous", "fortran", "padded"])
 def test_one_token_per_row_slots_equal_brute_force(page, layout):
-    """The decode fast path (flat take, shifts for power-of-two pages) against the general path."""
+    """One-token rows' slots (power-of-two and other page sizes, any table layout, padding)
+    against the brute force and the slot formula written out."""
     rng = np.random.default_rng(page)
     n, width = 9, 5
     seq = rng.integers(1, width * page + 1, n)
@@ -367,8 +367,26 @@ def test_batch_any_prefilling():
 
 def test_prefix_mask_table_matches_the_compare():
     for width in (0, 1, 7, 128):
-        table = _spec._prefix_masks(width)
+        table = _fields._prefix_masks(width)
         assert table.shape == (width + 1, width) and table.dtype == np.bool_ and not table.flags.writeable
         pages = np.arange(width + 1, dtype=np.int32)
         np.testing.assert_array_equal(table.take(pages, axis=0), np.arange(width) < pages[:, None])
-        np.testing.assert_array_equal(_spec.prefix_mask(pages, width), np.arange(width) < pages[:, None])
+        np.testing.assert_array_equal(_fields.prefix_mask(pages, width), np.arange(width) < pages[:, None])
+    wide = np.array([0, 3000, 5000], np.int32)  # wider than the cached tables: the compare itself
+    np.testing.assert_array_equal(_fields.prefix_mask(wide, 5000), np.arange(5000) < wide[:, None])
+    assert _spec.prefix_mask is _fields.prefix_mask  # (flex imports it from _spec)
+
+
+def test_arange_is_a_cached_read_only_prefix():
+    """The shared [0, n) behind a decode step's query_start_loc and token_to_req: read-only,
+    the same object for a length seen before, any length (no module state is rebound)."""
+    for length in (0, 1, 2, 3, 4097, 5000, 70000):
+        got = _fields.arange(length)
+        assert got.dtype == np.int32 and got.tolist() == list(range(length)) and not got.flags.writeable
+        assert _fields.arange(length) is got
+    assert np.shares_memory(_fields.arange(5000), _fields.arange(6000))  # one base per power of two
+    batch = attnsync.Batch(query_lens=np.ones(3, np.int32), seq_lens=[4, 9, 1], block_table=[[1], [2], [3]],
+                           block_size=16)
+    md = attnsync.build(batch)
+    assert md.query_start_loc.tolist() == [0, 1, 2, 3] and md.token_to_req.tolist() == [0, 1, 2]
+    assert np.shares_memory(md.query_start_loc, md.token_to_req)

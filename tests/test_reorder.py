@@ -1,6 +1,6 @@
 """`attnsync.reorder`: decode-first order (decode, short extend, long extend, prefill), stable.
 
-The region of each row is recomputed here from its definition (vllm-backends.md 1.4), not
+The region of each row is recomputed here from its definition, not
 taken from `Batch.regions`, so the test checks the classification too.
 """
 

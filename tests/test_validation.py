@@ -15,7 +15,7 @@ from strategies import batch_kwargs
 
 import attnsync
 from attnsync import SpecError
-from attnsync._batch import require_decode_first
+from attnsync._batch import decode_first_error, require_decode_first
 
 GOOD = dict(
     query_lens=[1, 3],
@@ -293,6 +293,22 @@ def test_unordered_batch_refused_by_decode_first_check():
     assert "Fix: `perm, batch = attnsync.reorder(batch, decode_threshold=1)`" in str(info.value)
     _, ordered = attnsync.reorder(unordered)
     require_decode_first(ordered, decode_threshold=1, backend="flashinfer", strict=False)
+
+
+def test_builders_raise_the_decode_first_error_itself():
+    """`decode_first_error` is the error `require_decode_first` raises (None for an ordered
+    batch), and the FlashInfer builder raises that same error directly, once."""
+    unordered = attnsync.Batch(query_lens=[1, 5, 1], seq_lens=[9, 5, 9], block_table=[[1], [2], [3]], block_size=16)
+    error = decode_first_error(unordered, decode_threshold=1, backend="flashinfer", strict=False)
+    assert isinstance(error, SpecError) and "row 2 is a decode row after a prefill row" in str(error)
+    with pytest.raises(SpecError) as info:
+        require_decode_first(unordered, decode_threshold=1, backend="flashinfer", strict=False)
+    assert str(info.value) == str(error)
+    with pytest.raises(SpecError) as built:
+        attnsync.build(unordered, backend="flashinfer")
+    assert str(built.value) == str(error) and built.value.__context__ is None
+    ordered = attnsync.reorder(unordered)[1]
+    assert decode_first_error(ordered, decode_threshold=1, backend="flashinfer", strict=False) is None
 
 
 def test_decode_first_strict_needs_all_regions_sorted():

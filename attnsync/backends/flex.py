@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from .._batch import Batch
+from .._fields import pages_per_seq
 from .._spec import array_field, build_common, frozen_zeros, inherit, prefix_mask
 from .._validate import INT32_MAX, SpecError, as_choice, as_int, freeze
 
@@ -211,17 +212,6 @@ def _cache_pages(batch: Batch, num_cache_pages: int | None) -> int:
     return pages
 
 
-def _blocks_per_seq(seq_lens: np.ndarray, block_size: int) -> np.ndarray:
-    """``ceil(seq_lens / block_size)`` as a new int32 array, in int32 throughout.
-
-    ``-(-s // b)`` cannot overflow: ``s`` is in [0, 2**31) (validated), so ``-s`` fits int32,
-    and `block_size` fits int32 too, so numpy keeps the int32 dtype (no int64 round trip).
-    """
-    out = np.negative(seq_lens)
-    np.floor_divide(out, block_size, out=out)
-    return np.negative(out, out=out)
-
-
 def _ragged_arange(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, index): for each i, lengths[i] entries (i, 0), (i, 1), ... concatenated."""
     total = int(lengths.sum(dtype=np.int64))
@@ -241,7 +231,7 @@ def inverse_block_table(
     """
     rows_count = block_table.shape[0]
     out = np.full((rows_count, num_pages), -1, dtype=np.int32)
-    used = -(-seq_lens.astype(np.int64) // block_size)
+    used = pages_per_seq(seq_lens, block_size)
     row, col = _ragged_arange(used)
     if row.size:
         np.maximum.at(out, (row, block_table[row, col].astype(np.int64)), col.astype(np.int32))
@@ -293,7 +283,7 @@ def device_list_bound(common: Any, *, q_block_size: int, num_q_blocks: int, num_
     if tokens == 0 or num_q_blocks == 0:
         return 0
     if pages_per_row is None:
-        pages_per_row = _blocks_per_seq(common.seq_lens, common.block_size)
+        pages_per_row = pages_per_seq(common.seq_lens, common.block_size)
     pages = pages_per_row[:rows]
     if tokens == rows and common.max_query_len == 1:
         # One token per row: query block b holds rows [b * q_block_size, ...) exactly, so its
@@ -478,7 +468,7 @@ def _build(
     if for_captured_graph:
         num_blocks_per_seq = frozen_zeros((r_pad,))  # never read (see the docstring)
     else:
-        num_blocks_per_seq = freeze(_blocks_per_seq(common.seq_lens, bs))
+        num_blocks_per_seq = pages_per_seq(common.seq_lens, bs)
     max_pages = -(-common.max_seq_len // bs)
     decode = tokens == common.num_scheduled_reqs and common.max_query_len == 1  # token i is row i
     if on_device:
@@ -493,7 +483,7 @@ def _build(
         # >= 16 * 126) is one. Other batches may span token-less rows, which the bound counts.
         if width is None or not decode or width < min(qb * max_pages, pages - 1):
             bound = device_list_bound(common, q_block_size=qb, num_q_blocks=num_q_blocks, num_pages=pages,
-                                      pages_per_row=_blocks_per_seq(common.seq_lens, bs) if for_captured_graph
+                                      pages_per_row=pages_per_seq(common.seq_lens, bs) if for_captured_graph
                                       else num_blocks_per_seq)
             if width is None:
                 width = _next_pow2(max(bound, 1))

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .._batch import DECODE, Batch, require_decode_first
+from .._fields import pages_per_seq
 from .._spec import PAD_SLOT_ID, array_field
 from .._validate import INT32_MAX, SpecError, as_choice, as_int, as_int_array, freeze
 
@@ -393,8 +394,8 @@ def build(
     if mode == "all":
         idx_p = table[nd:]
         idx_d = _pad_rows(table[:nd], decode_rows, PAD_SLOT_ID)
-        pages = -(-s.astype(np.int64) // bs)
-        done = -(-(s - q).astype(np.int64) // bs)
+        pages = pages_per_seq(s, bs)
+        done = pages_per_seq(s - q, bs)
         last_sched = _pad_rows(np.maximum(pages - 1, 0), r_pad, 0)
         last_comp = _pad_rows(np.maximum(done - 1, 0), r_pad, 0)
         first_sched = (computed_p // bs).astype(_I32)

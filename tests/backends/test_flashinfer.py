@@ -21,9 +21,6 @@ from hypothesis import strategies as st
 from strategies import exact_batches
 
 import attnsync
-import attnsync.backends.flashinfer as fi_backend
-from attnsync import _spec
-from attnsync._spec import common_fields as fi_backend_common_fields
 from attnsync.backends.flashinfer import FlashInferMetadata, paged_kv_arrays
 from attnsync.kernels.reference import paged_attention_reference, relative_error
 from attnsync.testing import brute_force_common
@@ -33,7 +30,7 @@ from attnsync.testing import brute_force_common
 
 
 def brute_force_flashinfer(batch: attnsync.Batch, *, decode_threshold: int = 1) -> dict:
-    """Every FlashInferMetadata field from first principles (vllm-backends.md section 6, item 15)."""
+    """Every FlashInferMetadata field from first principles, one row at a time."""
     n, r_pad, bs = batch.num_reqs, batch.padded_num_reqs, batch.block_size
     q = [int(x) for x in batch.query_lens] + [0] * (r_pad - n)
     s = [int(x) for x in batch.seq_lens] + [0] * (r_pad - n)
@@ -241,18 +238,17 @@ def test_speculative_threshold_moves_short_rows_to_decodes():
         attnsync.build(batch, backend="flashinfer")  # threshold 1: an extend before a decode
 
 
-def test_common_arrays_are_shared_not_copied(monkeypatch):
-    built = []
-
-    def spy(batch, *args, **kw):
-        built.append(fi_backend_common_fields(batch, *args, **kw))
-        return built[-1]
-
-    monkeypatch.setattr(fi_backend, "common_fields", spy)
-    md = attnsync.build(_batch([1, 4], [20, 4]), backend="flashinfer")
-    (common,) = built
+@pytest.mark.parametrize("padded", [False, True])
+def test_common_arrays_are_the_common_builds(padded):
+    """The fields FlashInfer shares with the common metadata hold the same values (one derivation
+    each, attnsync/_fields.py), and an unpadded batch's own arrays are shared, not copied."""
+    kw = {"padded_num_reqs": 4, "padded_num_tokens": 8} if padded else {}
+    batch = _batch([1, 4], [20, 4], **kw)
+    md = attnsync.build(batch, backend="flashinfer")
+    common = attnsync.build(batch)
     for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
-        assert getattr(md, name) is common[name], name
+        np.testing.assert_array_equal(getattr(md, name), getattr(common, name), err_msg=name)
+    assert (md.seq_lens is batch.seq_lens and md.block_table is batch.block_table) is not padded
 
 
 def test_registered_and_option_checked():
@@ -265,58 +261,20 @@ def test_registered_and_option_checked():
 # Property test over random ordered batches.
 
 
-# Force one gather strategy or leave the size rule to pick (small random tables mostly take
-# the mask gather, so "repeat" is forced for a third of the examples).
-_GATHER = {"auto": None, "mask": (10**9, 10**9), "repeat": (0, -1)}
-
-
 @settings(max_examples=300, deadline=None)
-@given(
-    batch=exact_batches(max_reqs=10),
-    threshold=st.sampled_from([1, 1, 1, 2, 4]),
-    gather=st.sampled_from(sorted(_GATHER)),
-)
-def test_random_ordered_batches_match_reference(batch, threshold, gather):
+@given(batch=exact_batches(max_reqs=10), threshold=st.sampled_from([1, 1, 1, 2, 4]))
+def test_random_ordered_batches_match_reference(batch, threshold):
     _, ordered = attnsync.reorder(batch, decode_threshold=threshold)
-    with pytest.MonkeyPatch.context() as mp:
-        if _GATHER[gather] is not None:
-            factor, slack = _GATHER[gather]
-            mp.setattr(fi_backend, "_MASK_GATHER_FACTOR", factor)
-            mp.setattr(fi_backend, "_MASK_GATHER_SLACK", slack)
-        assert_matches_reference(ordered, decode_threshold=threshold)
+    assert_matches_reference(ordered, decode_threshold=threshold)
 
 
 # ---------------------------------------------------------------------------------------------
-# The decode fast path (`seq_lens - 1` read from the common metadata, the cached prefix-mask
-# table) against the general path (subtract and clamp, broadcast-compare mask).
-
-
-def _build_general(batch: attnsync.Batch, *, decode_threshold: int = 1) -> FlashInferMetadata:
-    """`attnsync.build(batch, backend="flashinfer")` with both shortcuts switched off."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fi_backend, "_seq_lens_minus_one", lambda common: None)
-        mp.setattr(_spec, "_PREFIX_MASK_MAX_WIDTH", -1)
-        return attnsync.build(batch, backend="flashinfer", decode_threshold=decode_threshold)
-
-
-def assert_same_metadata(got: FlashInferMetadata, want: FlashInferMetadata) -> None:
-    """Every field equal: array values, dtypes, shapes, read-only and contiguity flags; ints as ints."""
-    import dataclasses
-
-    for f in dataclasses.fields(FlashInferMetadata):
-        a, b = getattr(got, f.name), getattr(want, f.name)
-        if isinstance(b, np.ndarray):
-            assert isinstance(a, np.ndarray), f.name
-            assert (a.dtype, a.shape) == (b.dtype, b.shape), f.name
-            np.testing.assert_array_equal(a, b, err_msg=f.name)
-            assert not a.flags.writeable and not b.flags.writeable, f.name
-            assert a.flags.c_contiguous == b.flags.c_contiguous, f.name
-        else:
-            assert type(a) is type(b) and a == b, (f.name, a, b)
+# Decode steps and their neighbours against the reference (the compiled twin against the numpy
+# forms is tests/test_native.py's).
 
 
 def _decode_batch(num_reqs=32, width=128, block_size=16, seed=0, **kw) -> attnsync.Batch:
-    """The issue-3 benchmark batch: one-token rows, seq_lens in [200, 2000), random page ids."""
+    """A decode step: one-token rows, seq_lens in [200, 2000), random page ids."""
     rng = np.random.default_rng(seed)
     seq = rng.integers(200, 2000, num_reqs).astype(np.int32)
     table = np.zeros((num_reqs, width), np.int32)
@@ -328,45 +286,29 @@ def _decode_batch(num_reqs=32, width=128, block_size=16, seed=0, **kw) -> attnsy
 
 
 @pytest.mark.parametrize(
-    "batch, fast",
+    "batch",
     [
-        pytest.param(_decode_batch(), True, id="benchmark-decode"),
-        pytest.param(_batch([1, 1, 1, 1], [1, 15, 16, 200]), True, id="short-decodes"),
-        pytest.param(_batch([1], [1], block_size=1), True, id="one-token-one-page"),
-        pytest.param(_decode_batch(padded_num_reqs=40, padded_num_tokens=48), False, id="padded-decode"),
-        pytest.param(_decode_batch(padded_num_tokens=48), True, id="padded-tokens-only"),
-        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37]), False, id="decode+prefill"),
-        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37], padded_num_reqs=6, padded_num_tokens=64), False,
+        pytest.param(_decode_batch(), id="benchmark-decode"),
+        pytest.param(_batch([1, 1, 1, 1], [1, 15, 16, 200]), id="short-decodes"),
+        pytest.param(_batch([1], [1], block_size=1), id="one-token-one-page"),
+        pytest.param(_decode_batch(padded_num_reqs=40, padded_num_tokens=48), id="padded-decode"),
+        pytest.param(_decode_batch(padded_num_tokens=48), id="padded-tokens-only"),
+        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37]), id="decode+prefill"),
+        pytest.param(_batch([1, 1, 20, 37], [17, 64, 50, 37], padded_num_reqs=6, padded_num_tokens=64),
                      id="decode+prefill-padded"),
-        pytest.param(_batch([1, 1, 1], [17, 64, 9], is_prefilling=[False, False, True]), True,
-                     id="decodes+short-extend"),
-        pytest.param(_batch([1, 0, 1], [17, 5, 9]), False, id="empty-row"),
+        pytest.param(_batch([1, 1, 1], [17, 64, 9], is_prefilling=[False, False, True]), id="decodes+short-extend"),
+        pytest.param(_batch([1, 0, 1], [17, 5, 9]), id="empty-row"),
+        pytest.param(_decode_batch(width=5000), id="wide-table"),
     ],
 )
-def test_decode_fast_path_equals_general_path(batch, fast):
-    common = fi_backend_common_fields(batch, 1)
-    assert (fi_backend._seq_lens_minus_one(common) is not None) == fast
+def test_decode_steps_and_neighbours_match_reference(batch):
     md = assert_matches_reference(batch)
-    assert_same_metadata(md, _build_general(batch))
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    batch=st.one_of(
-        exact_batches(max_reqs=10, kinds=("decode",), max_decode_query=1),  # mostly the fast path
-        exact_batches(max_reqs=10, max_extra_width=40),
-    ),
-    threshold=st.sampled_from([1, 1, 2]),
-)
-def test_random_batches_fast_path_equals_general_path(batch, threshold):
-    _, ordered = attnsync.reorder(batch, decode_threshold=threshold)
-    assert_same_metadata(attnsync.build(ordered, backend="flashinfer", decode_threshold=threshold),
-                         _build_general(ordered, decode_threshold=threshold))
+    assert md.paged_kv_indices.flags.c_contiguous and md.slot_mapping.flags.c_contiguous
 
 
 def test_paged_kv_arrays_returns_writeable_arrays():
     """The public helper's contract: fresh int32 arrays the caller may write (build freezes its own)."""
-    for width_extra in (0, 5000):  # both gathers
+    for width_extra in (0, 5000):  # a narrow and a wide table
         out = paged_kv_arrays(np.array([3, 40, 0], np.int32), np.ones((3, 3 + width_extra), np.int32), 16)
         assert all(a.flags.writeable and a.dtype == np.int32 for a in out)
 
@@ -691,7 +633,7 @@ def test_run_refuses_short_q():
 
 
 # ---------------------------------------------------------------------------------------------
-# The pinned plan-buffer rotation (reference C4), with stand-in CUDA events.
+# The pinned plan-buffer rotation, with stand-in CUDA events.
 
 
 class _FakeEvent:
