@@ -23,12 +23,18 @@ from typing import Any
 import numpy as np
 
 from ._staging import ALIGN_BYTES, PackedLayout, plan_layout
+from ._validate import INT32_MAX, INT32_MIN, SpecError
 
-__all__ = ["LoweringPlan", "StepLayout", "plan_of"]
+__all__ = ["BUILT_MARK", "LoweringPlan", "StepLayout", "check_lowerable", "plan_of"]
 
 # The instance-dict key `attnsync._spec.construct` sets on metadata a builder made: its dtypes
 # are the ones its class declares, and its values were validated once, at `Batch`.
 BUILT_MARK = "_attnsync_built"
+
+# Array dtypes a built metadata object holds (attnsync speaks int32; bool masks; the float32
+# tree bias). Anything else reaching an adapter was put there by hand (dataclasses.replace).
+_LOWERABLE_KINDS = {"i", "u", "b"}
+_INT32 = np.dtype(np.int32)
 
 # Shape rules a metadata class follows when it has these fields (vLLM's meanings): the field's
 # length is that scalar plus the offset; "table" rows follow num_reqs.
@@ -56,6 +62,7 @@ class LoweringPlan:
         mirrors: (field, lowered name) of every host mirror ("host" fields keep their name,
             "both" fields get `_cpu` unless they declare `host_name`).
         scalars: names of the int and bool fields (host scalars in every framework).
+        scalar_kinds: (name, "int" | "bool") of each of them, for `check_lowerable`.
         statics: names of the other non-array fields (str options), carried as they are.
         host_values: `scalars + statics`, what every lowering carries unchanged.
         arrays: every array field a lowering reads (staged, then mirror-only), in that order.
@@ -69,6 +76,7 @@ class LoweringPlan:
     staged: tuple[tuple[str, str], ...]
     mirrors: tuple[tuple[str, str], ...]
     scalars: tuple[str, ...]
+    scalar_kinds: tuple[tuple[str, str], ...]
     statics: tuple[str, ...]
     arrays: tuple[str, ...]
     length_rules: tuple[tuple[str, str | None, int], ...]
@@ -140,7 +148,7 @@ class StepLayout:
         object.__setattr__(self, "nbytes", offset + self.mirrors.nbytes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plan_of(md_class: type) -> LoweringPlan:
     """The lowering plan of a metadata dataclass (cached: one per class)."""
     if not dataclasses.is_dataclass(md_class):
@@ -164,12 +172,14 @@ def plan_of(md_class: type) -> LoweringPlan:
         else:
             rules.append((f.name, None, 0))
     staged.sort(key=lambda pair: pair[0] != "block_table")  # the table first (module docstring)
-    scalars, statics = [], []
+    scalars, kinds, statics = [], [], []
     for f in fields:
         if "place" in f.metadata:
             continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         (scalars if kind in ("int", "bool") else statics).append(f.name)
+        if kind in ("int", "bool"):
+            kinds.append((f.name, kind))
     staged_names = tuple(name for name, _ in staged)
     arrays = staged_names + tuple(name for name, _ in mirrors if name not in staged_names)
     return LoweringPlan(
@@ -177,6 +187,7 @@ def plan_of(md_class: type) -> LoweringPlan:
         staged=tuple(staged),
         mirrors=tuple(mirrors),
         scalars=tuple(scalars),
+        scalar_kinds=tuple(kinds),
         statics=tuple(statics),
         arrays=arrays,
         length_rules=tuple(rules),
@@ -189,3 +200,67 @@ def plan_of(md_class: type) -> LoweringPlan:
         host_values_of=_getter(tuple(scalars + statics)),
         arrays_of=_getter(arrays),
     )
+
+
+def check_lowerable(md: Any) -> None:
+    """Refuse metadata whose fields are not what `attnsync.build` makes (adapters call this).
+
+    Built metadata is trusted: its values were validated once, at `Batch`, and `construct`
+    marks what a builder made (`BUILT_MARK`), so it is not checked again. This is the cheap
+    structural check at the adapters' boundary against objects edited by hand (for example
+    with `dataclasses.replace`): every array field a numpy array of int32, bool or float32
+    (other integer dtypes only with values that fit int32), the common fields' lengths
+    consistent with `num_reqs` / `num_actual_tokens`, and int / bool scalars of those types,
+    ints >= 0. Raises `TypeError` or `SpecError` naming the field; O(number of fields) for
+    built metadata (value ranges are read only for non-int32 integer arrays).
+    """
+    if getattr(md, "__dict__", {}).get(BUILT_MARK):
+        return  # made by `construct` from a validated Batch; an edited copy has no mark
+    plan = plan_of(type(md))
+    for name, kind in plan.scalar_kinds:
+        value = getattr(md, name)
+        if type(value) is (bool if kind == "bool" else int) and (kind == "bool" or value >= 0):
+            continue  # the common case, without the slower abstract-class checks below
+        if kind == "bool":
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(f"{name}: expected a bool, received {value!r} ({type(value).__name__}). "
+                                f"Fix: lower the metadata attnsync.build returned, unedited.")
+        elif isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name}: expected an int, received {value!r} ({type(value).__name__}). "
+                            f"Fix: lower the metadata attnsync.build returned, unedited.")
+        elif value < 0:
+            raise SpecError(f"{name}: expected an int >= 0, received {value}. "
+                            f"Fix: lower the metadata attnsync.build returned, unedited.")
+    for name, length_of, plus in plan.length_rules:
+        value = getattr(md, name)
+        if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
+            raise TypeError(
+                f"{name}: expected a numpy array (as attnsync.build makes it), received "
+                f"{type(value).__name__}. Fix: build the metadata with attnsync.build; adapters lower "
+                f"host metadata, not framework tensors or lists."
+            )
+        dtype = value.dtype
+        if dtype != _INT32:
+            if dtype.kind not in _LOWERABLE_KINDS and dtype != np.float32:
+                raise TypeError(
+                    f"{name}: expected an int32 (or bool / float32) array, received dtype {dtype}. "
+                    f"Fix: metadata arrays are int32; build them with attnsync.build."
+                )
+            if dtype.kind in "iu" and value.size:
+                hi, lo = int(value.max()), int(value.min())
+                if hi > INT32_MAX or lo < INT32_MIN:
+                    raise SpecError(
+                        f"{name}: value {hi if hi > INT32_MAX else lo} does not fit int32; every metadata "
+                        f"array is int32 (JAX, with x64 off, would silently wrap it). Fix: keep every count, "
+                        f"page id and slot id below 2**31."
+                    )
+        if length_of is None:
+            continue
+        if length_of == "table":
+            if value.ndim != 2 or value.shape[0] != md.num_reqs:
+                raise SpecError(f"{name}: expected shape ({md.num_reqs}, W), received {value.shape}. "
+                                f"Fix: lower the metadata attnsync.build returned.")
+        elif value.shape != (getattr(md, length_of) + plus,):
+            raise SpecError(f"{name}: expected shape ({getattr(md, length_of) + plus},) ({length_of} = "
+                            f"{getattr(md, length_of)}), received {value.shape}. Fix: lower the metadata "
+                            f"attnsync.build returned.")

@@ -25,7 +25,8 @@ import numpy as np
 from . import _fields
 from ._batch import Batch
 from ._fields import DECODE, LONG_EXTEND, PAD_SLOT_ID, PREFILL, SHORT_EXTEND, frozen_zeros, prefix_mask
-from ._validate import INT32_MAX, INT32_MIN, SpecError, as_int, freeze
+from ._plan import BUILT_MARK, check_lowerable
+from ._validate import SpecError, as_int
 
 __all__ = [
     "BUILT_MARK", "PAD_SLOT_ID", "CommonMetadata", "array_field", "array_fields", "build_common",
@@ -52,96 +53,6 @@ def array_fields(md: Any) -> list[dataclasses.Field]:
 def scalar_fields(md: Any) -> list[dataclasses.Field]:
     """The host scalar fields (int, bool, str) of a metadata dataclass."""
     return [f for f in dataclasses.fields(md) if "place" not in f.metadata]
-
-
-# Array dtypes a built metadata object holds (attnsync speaks int32; bool masks; the float32
-# tree bias). Anything else reaching an adapter was put there by hand (dataclasses.replace).
-_LOWERABLE_KINDS = {"i", "u", "b"}
-_INT32 = np.dtype(np.int32)
-# Shape rules every backend's metadata follows when it has these fields (vLLM's meanings).
-_LENGTHS = {"query_start_loc": ("num_reqs", 1), "seq_lens": ("num_reqs", 0), "slot_mapping": ("num_actual_tokens", 0)}
-
-
-@functools.lru_cache(maxsize=None)
-def _lowerable_plan(cls: type) -> tuple[tuple[tuple[str, str | None, int], ...], tuple[tuple[str, str], ...]]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    arrays = []
-    for f in array_fields(cls):
-        # (field, scalar its length follows, offset); "table": rows follow num_reqs
-        rule = _LENGTHS.get(f.name)
-        if rule is not None and rule[0] in names:
-            arrays.append((f.name, rule[0], rule[1]))
-        elif f.name == "block_table" and "num_reqs" in names:
-            arrays.append((f.name, "table", 0))
-        else:
-            arrays.append((f.name, None, 0))
-    scalars = tuple((f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
-                    for f in scalar_fields(cls))
-    return tuple(arrays), tuple((name, kind) for name, kind in scalars if kind in ("int", "bool"))
-
-
-def check_lowerable(md: Any) -> None:
-    """Refuse metadata whose fields are not what `attnsync.build` makes (adapters call this).
-
-    Built metadata is trusted: its values were validated once, at `Batch`, and `construct`
-    marks what a builder made (`BUILT_MARK`), so it is not checked again. This is the cheap
-    structural check at the adapters' boundary against objects edited by hand (for example
-    with `dataclasses.replace`): every array field a numpy array of int32, bool or float32
-    (other integer dtypes only with values that fit int32), the common fields' lengths
-    consistent with `num_reqs` / `num_actual_tokens`, and int / bool scalars of those types,
-    ints >= 0. Raises `TypeError` or `SpecError` naming the field; O(number of fields) for
-    built metadata (value ranges are read only for non-int32 integer arrays).
-    """
-    if getattr(md, "__dict__", {}).get(BUILT_MARK):
-        return  # made by `construct` from a validated Batch; an edited copy has no mark
-    arrays, scalars = _lowerable_plan(type(md))
-    for name, kind in scalars:
-        value = getattr(md, name)
-        if type(value) is (bool if kind == "bool" else int) and (kind == "bool" or value >= 0):
-            continue  # the common case, without the slower abstract-class checks below
-        if kind == "bool":
-            if not isinstance(value, bool | np.bool_):
-                raise TypeError(f"{name}: expected a bool, received {value!r} ({type(value).__name__}). "
-                                f"Fix: lower the metadata attnsync.build returned, unedited.")
-        elif isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-            raise TypeError(f"{name}: expected an int, received {value!r} ({type(value).__name__}). "
-                            f"Fix: lower the metadata attnsync.build returned, unedited.")
-        elif value < 0:
-            raise SpecError(f"{name}: expected an int >= 0, received {value}. "
-                            f"Fix: lower the metadata attnsync.build returned, unedited.")
-    for name, length_of, plus in arrays:
-        value = getattr(md, name)
-        if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
-            raise TypeError(
-                f"{name}: expected a numpy array (as attnsync.build makes it), received "
-                f"{type(value).__name__}. Fix: build the metadata with attnsync.build; adapters lower "
-                f"host metadata, not framework tensors or lists."
-            )
-        dtype = value.dtype
-        if dtype != _INT32:
-            if dtype.kind not in _LOWERABLE_KINDS and dtype != np.float32:
-                raise TypeError(
-                    f"{name}: expected an int32 (or bool / float32) array, received dtype {dtype}. "
-                    f"Fix: metadata arrays are int32; build them with attnsync.build."
-                )
-            if dtype.kind in "iu" and value.size:
-                hi, lo = int(value.max()), int(value.min())
-                if hi > INT32_MAX or lo < INT32_MIN:
-                    raise SpecError(
-                        f"{name}: value {hi if hi > INT32_MAX else lo} does not fit int32; every metadata "
-                        f"array is int32 (JAX, with x64 off, would silently wrap it). Fix: keep every count, "
-                        f"page id and slot id below 2**31."
-                    )
-        if length_of is None:
-            continue
-        if length_of == "table":
-            if value.ndim != 2 or value.shape[0] != md.num_reqs:
-                raise SpecError(f"{name}: expected shape ({md.num_reqs}, W), received {value.shape}. "
-                                f"Fix: lower the metadata attnsync.build returned.")
-        elif value.shape != (getattr(md, length_of) + plus,):
-            raise SpecError(f"{name}: expected shape ({getattr(md, length_of) + plus},) ({length_of} = "
-                            f"{getattr(md, length_of)}), received {value.shape}. Fix: lower the metadata "
-                            f"attnsync.build returned.")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -209,7 +120,6 @@ class CommonMetadata:
     slot_mapping_exact: bool
 
 
-BUILT_MARK = "_attnsync_built"
 
 
 def construct(cls: type, values: dict[str, Any]) -> Any:
@@ -261,7 +171,7 @@ def inherit_fields(common: dict[str, Any], cls: type, /, **own: Any) -> Any:
     return construct(cls, values)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_names(cls: type) -> tuple[tuple[str, ...], Any]:
     mine = {f.name for f in dataclasses.fields(cls)}
     names = tuple(f.name for f in dataclasses.fields(CommonMetadata) if f.name in mine)

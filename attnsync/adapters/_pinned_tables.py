@@ -45,7 +45,7 @@ def pack_fields(targets: tuple[np.ndarray, ...], sources: tuple[np.ndarray, ...]
 class _Block:
     """One pinned block: its memory, the event after its last copy, and cached tail views."""
 
-    __slots__ = ("pinned", "host", "capacity", "event", "handed", "table", "tails", "sources")
+    __slots__ = ("capacity", "event", "handed", "host", "pinned", "sources", "table", "tails")
 
     def __init__(self, capacity: int, pin_memory: bool, event: Any) -> None:
         self.pinned = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin_memory)

@@ -30,8 +30,8 @@ from ._pinned_tables import PinnedTables, pack_fields
 __all__ = [
     "TORCH_DTYPES",
     "PinnedTables",
-    "StaleLoweringError",
     "Stager",
+    "StaleLoweringError",
     "default_stager",
     "device_slot_mapping",
     "lower",
@@ -241,7 +241,7 @@ def _wait_for_copies(ring: SlotRing, tables: PinnedTables) -> None:
 class _SlotMemory:
     """One ring slot's memory (replaced whole when a step needs more) and its views per layout."""
 
-    __slots__ = ("host", "device", "event", "entries")
+    __slots__ = ("device", "entries", "event", "host")
 
     def __init__(self, stager: Stager, nbytes: int) -> None:
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=stager._cuda)
@@ -265,7 +265,7 @@ class _SlotMemory:
 class _Entry:
     """A slot's views for one step layout: pack targets in its host buffer, the lowered tensors."""
 
-    __slots__ = ("device", "pinned", "targets", "mirror_targets", "fields", "fresh_views")
+    __slots__ = ("device", "fields", "fresh_views", "mirror_targets", "pinned", "targets")
 
     def __init__(self, plan: LoweringPlan, memory: _SlotMemory, step: StepLayout) -> None:
         self.device = memory.device[: step.staged.nbytes]
@@ -319,7 +319,7 @@ def default_stager(device: Any) -> Stager:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lowered_class(md_class: type) -> type:
     """The torch-side frozen dataclass of `md_class`: its lowered names, in plan order."""
     plan = plan_of(md_class)
@@ -391,7 +391,7 @@ def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None
     else:
         fields = _lower_device_lengths(plan, stager, md, _check_device_seq_lens(seq_lens, md, stager.device))
     fields = dict(fields)  # (the stager's dict is its cache: never handed out)
-    fields.update(zip(plan.host_values, plan.host_values_of(values)))
+    fields.update(zip(plan.host_values, plan.host_values_of(values), strict=True))
     return _instance(_lowered_class(plan.md_class), fields)
 
 

@@ -37,14 +37,14 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import torch  # noqa: TID253 - this module is the torch side of the flex backend
+import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .._batch import Batch
 from .._validate import SpecError
+from ..adapters import torch as torch_adapter
 from ..backends.flex import FlexMetadata
 from ..backends.flex import _build as _build_flex
-from ..adapters import torch as torch_adapter
 
 __all__ = [
     "CapturedBlockLists",

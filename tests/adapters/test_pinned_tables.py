@@ -173,3 +173,23 @@ def test_live_tables_keep_their_values_and_never_share_a_block(ops):
         starts = [t.ctypes.data for t, _ in live]
         assert len(set(starts)) == len(starts)
         assert pool.blocks <= 4
+
+
+def test_a_batch_copies_its_table_into_the_block_and_builds_keep_it_there():
+    """`Batch(table_memory=pool)`: the batch's own table is the block's, and so is the common and
+    FlashInfer metadata's (unpadded: the same array), which is what a CUDA lowering copies from."""
+    import attnsync
+
+    pool = make_pool()
+    rng = np.random.default_rng(0)
+    table = rng.integers(1, 1000, (256, 512)).astype(np.int32)
+    batch = attnsync.Batch(query_lens=np.ones(256, np.int32), seq_lens=np.full(256, 100, np.int32),
+                           block_table=table, block_size=16, table_memory=pool)
+    np.testing.assert_array_equal(batch.block_table, table)
+    assert pool.block_of(batch.block_table, 1) is not None
+    for backend in ("common", "flashinfer"):
+        md = attnsync.build(batch, backend=backend)
+        assert pool.block_of(md.block_table, 1) is not None, backend
+    padded = attnsync.build(attnsync.Batch(query_lens=np.ones(256, np.int32), seq_lens=np.full(256, 100, np.int32),
+                                           block_table=table, block_size=16, padded_num_reqs=260, table_memory=pool))
+    assert pool.block_of(padded.block_table, 1) is None  # a padded copy is numpy's: packed the usual way
