@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._buckets import Bucket, scalar_roles
-from .._spec import BUILT_MARK, array_fields, check_lowerable, scalar_fields
+from .._plan import BUILT_MARK, check_lowerable, plan_of
 from .._validate import INT32_MAX, INT32_MIN, SpecError
 
 __all__ = ["Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered"]
@@ -333,10 +333,15 @@ def _plan(md_class: type) -> _Plan:
     The one place this module reads the metadata declarations (`array_field(place=...)`).
     Raises TypeError for anything that is not a metadata class (not cached).
     """
-    if not dataclasses.is_dataclass(md_class) or not isinstance(md_class, type) or not array_fields(md_class):
+    try:
+        shared = plan_of(md_class)  # the lowering plan both adapters read (attnsync._plan)
+    except TypeError:
+        shared = None
+    if shared is None or not (shared.staged or shared.mirrors):
         raise TypeError(f"lower: expected metadata from attnsync.build(...), received {md_class.__name__}.")
-    arrays = tuple(f.name for f in array_fields(md_class) if f.metadata["place"] in ("device", "both"))
-    scalars = tuple(f.name for f in scalar_fields(md_class))
+    declared = [f.name for f in dataclasses.fields(md_class)]
+    arrays = tuple(sorted(shared.staged_fields, key=declared.index))  # (JAX has no pinned table to lead)
+    scalars = tuple(sorted(shared.host_values, key=declared.index))
     bound, step, static = scalar_roles(md_class)
     base = md_class.__name__
     plain_cls = _make_class(
