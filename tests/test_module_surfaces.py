@@ -24,7 +24,10 @@ SURFACES = {
         "FlashInferDecodeGraph", "GraphLadder", "OverlappedSteps", "PersistentLadder", "PersistentLowering",
         "TritonGraph", "plan_padded_decode",
     ],
-    "attnsync.integrations.vllm": ["batch_from_vllm"],
+    "attnsync.integrations.vllm": [
+        "VLLM_COMMON_FIELDS", "batch_from_vllm", "batch_from_vllm_state", "to_vllm_common", "uses_async_spec_decode",
+        "vllm_common_fields", "vllm_regions", "vllm_reorder", "vllm_split", "vllm_split_with_extends",
+    ],
 }
 
 
