@@ -352,6 +352,27 @@ def test_without_the_slot_guard_the_same_ring_corrupts(cuda, ring_steps, monkeyp
 
 
 @pytest.mark.gpu
+def test_unguarded_single_slot_corrupts_under_the_same_delay(cuda, ring_steps):
+    """The hazard itself, in plain torch: one pinned buffer rewritten without waiting for its
+    copy gets later values into earlier copies under the same delay."""
+    _, expected_np, expected = ring_steps
+    steps = 200
+    cycles = _calibrated_cycles(torch, 1.0)
+    pinned = torch.empty(expected_np.shape[1], dtype=torch.int64, pin_memory=True)
+    host = pinned.numpy()
+    mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
+    torch.cuda.synchronize()
+    for step in range(steps):
+        torch.cuda._sleep(cycles)
+        host[:] = expected_np[step]  # may overwrite data a queued copy has not read yet
+        device = torch.empty(expected_np.shape[1], dtype=torch.int64, device=cuda)
+        device.copy_(pinned, non_blocking=True)
+        mismatches += (device != expected[step]).sum()
+    torch.cuda.synchronize()
+    assert int(mismatches.item()) > 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
 def test_held_lowerings_keep_their_values_while_valid_under_a_delayed_stream(cuda, ring_steps, check):
     """A depth-4 ring: each lowering (the object, or a slice of one field) is held for 3 further

@@ -145,14 +145,16 @@ def test_one_copy_no_sync_no_stall_with_a_pinned_table(cuda, record_property):
 
 def run_delayed(cuda, steps: int) -> tuple[int, BlockSpy, ast.Stager]:
     """`steps` batches made in the loop from arrays prepared before it (so the host outruns the
-    GPU), each lowered behind ~1 ms of queued GPU work and dropped at once; every step's device
+    GPU), each lowered behind ~2 ms of queued GPU work and dropped at once; every step's device
     values compared in stream order with an upload made before the loop. Returns (mismatching
     values, the spy, the stager)."""
     stager, spy = new_stager(cuda)
     memory = stager.table_memory
     inputs = [decode_inputs(1000 + k) for k in range(steps)]
     expected = torch.from_numpy(np.stack([expected_of(attnsync.build(attnsync.Batch(**i))) for i in inputs])).to(cuda)
-    cycles = _calibrated_cycles(torch, 1.0)  # the stall probe's own calibration
+    # the stall probe's own calibration; 2 ms a step keeps the host (about 0.15 ms a step on the
+    # H100 host) far enough ahead that all 16 blocks the pool may hold are pending at times
+    cycles = _calibrated_cycles(torch, 2.0)
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
     torch.cuda.synchronize()
     for k in range(steps):
