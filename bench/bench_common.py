@@ -17,9 +17,10 @@ Batches are made as a serving loop makes them, with `table_memory=stager.table_m
 the stager has pinned table memory (CUDA), so large tables lie in pinned blocks; the 256-decode
 target is also measured side by side with batches made without it (the table in numpy memory,
 packed by the lowering). Each number is the median over many calls after a warm-up, with the
-device queue drained between calls (so the pinned ring never waits). On a CUDA host everything targets the GPU; on a
-CPU-only host it still runs (device "cpu") and the results are labelled CPU-only: there the
-lowerings copy nothing and `.item()` does not wait, so only the GPU numbers count.
+device queue drained between calls (so the pinned ring never waits). On a CUDA host everything
+targets the GPU; on a CPU-only host it still runs (device "cpu") and the results are labelled
+CPU-only: there the lowerings copy nothing and `.item()` does not wait, so only the GPU
+numbers count.
 Writes DIR/bench_common.json and prints markdown tables. Target (the issue's): build + torch
 lower for 256 decode requests under 50 microseconds of host time on an H100.
 """
