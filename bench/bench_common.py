@@ -7,15 +7,20 @@ contexts 100 to 8192 tokens, a block table 512 pages wide) it measures the host 
 
 - `batch`:       `attnsync.Batch(...)` from the scheduler's numpy arrays (validation);
 - `build`:       `attnsync.build(batch)` (numpy only);
-- `build+torch`: build, then `attnsync.adapters.torch.lower` (one pinned non_blocking copy);
+- `build+torch`: build, then `attnsync.adapters.torch.lower` through one engine-owned
+  `Stager(device)` (a ring of two slots; one pinned non_blocking copy);
 - `build+jax`:   build, then `attnsync.adapters.jax.lower` (one packed int32 vector, one device_put);
 - `naive`:       `attnsync.testing.naive_common_torch` (device lists, `.item()` maxima), the
   way metadata is built before attnsync, syncs included.
 
-Each number is the median over many calls after a warm-up, with the device queue drained
-between calls (so the pinned ring never waits). On a CUDA host everything targets the GPU; on a
-CPU-only host it still runs (device "cpu") and the results are labelled CPU-only: there the
-lowerings copy nothing and `.item()` does not wait, so only the GPU numbers count.
+Batches are made as a serving loop makes them, with `table_memory=stager.table_memory` where
+the stager has pinned table memory (CUDA), so large tables lie in pinned blocks; the 256-decode
+target is also measured side by side with batches made without it (the table in numpy memory,
+packed by the lowering). Each number is the median over many calls after a warm-up, with the
+device queue drained between calls (so the pinned ring never waits). On a CUDA host everything
+targets the GPU; on a CPU-only host it still runs (device "cpu") and the results are labelled
+CPU-only: there the lowerings copy nothing and `.item()` does not wait, so only the GPU
+numbers count.
 Writes DIR/bench_common.json and prints markdown tables. Target (the issue's): build + torch
 lower for 256 decode requests under 50 microseconds of host time on an H100.
 """
@@ -43,7 +48,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnsync
-from attnsync import _accel, _batch
+from attnsync import _accel
 from attnsync.testing import naive_common_torch
 
 SIZES = (1, 8, 32, 128, 256, 512, 1024)
@@ -214,12 +219,17 @@ def run(*, quick: bool) -> dict[str, Any]:
     jax_adapter, jax_device = (jax_triple[1], jax_triple[2]) if jax_triple is not None else (None, None)
     rng = np.random.default_rng(0)
     calibration = host_calibration(drain, reps=reps, warmup=warmup)
+    # The serving loop's own stager; its pinned table memory where it has one (CUDA; trees
+    # without `Stager.table_memory` pass nothing).
+    stager = torch_adapter.Stager(device) if torch_adapter is not None else None
+    table_memory = getattr(stager, "table_memory", None)
+    memory = {} if table_memory is None else {"table_memory": table_memory}
     rows = []
     for num_reqs in SIZES:
         inputs = batch_inputs(num_reqs, rng)
-        batch = attnsync.Batch(**inputs)
+        batch = attnsync.Batch(**inputs, **memory)
         fns: dict[str, Callable[[], Any] | None] = {
-            "batch": lambda inputs=inputs: attnsync.Batch(**inputs),
+            "batch": lambda inputs=inputs: attnsync.Batch(**inputs, **memory),
             "build": lambda batch=batch: attnsync.build(batch),
             "build+torch": None,
             "build+jax": None,
@@ -227,7 +237,7 @@ def run(*, quick: bool) -> dict[str, Any]:
         }
         agree = None
         if torch_adapter is not None:
-            fns["build+torch"] = lambda b=batch: torch_adapter.lower(attnsync.build(b), device)
+            fns["build+torch"] = lambda b=batch: torch_adapter.lower(attnsync.build(b), device, stager=stager)
             fns["naive"] = lambda b=batch: naive_common_torch(b, device)
             agree = _agrees(batch, fns["build+torch"](), fns["naive"]())
         if jax_adapter is not None:
@@ -252,43 +262,34 @@ def run(*, quick: bool) -> dict[str, Any]:
     if torch_adapter is not None:
         # the issue's literal case: 256 decode requests (no prefill chunks), same table width
         decode_inputs = all_decode_inputs(TARGET_REQS, rng)
-        decode_batch = attnsync.Batch(**decode_inputs)
+        decode_batch = attnsync.Batch(**decode_inputs, **memory)
+
+        def lowered(b: attnsync.Batch) -> Any:
+            return torch_adapter.lower(attnsync.build(b), device, stager=stager)
+
         decode_fns = {
-            "batch": lambda: attnsync.Batch(**decode_inputs),
+            "batch": lambda: attnsync.Batch(**decode_inputs, **memory),
             "build": lambda: attnsync.build(decode_batch),
-            "build+torch": lambda: torch_adapter.lower(attnsync.build(decode_batch), device),
+            "build+torch": lambda: lowered(decode_batch),
         }
         all_decode = {name: measure(fn, drain, reps=reps, warmup=warmup, budget_s=budget_s)["median"]
                       for name, fn in decode_fns.items()}
         # the same target again, in blocks alternating with the host-speed probe, so the report
         # says how fast the host was while the target was measured; next to it the same step
-        # with the table in numpy memory (a batch made while no pinned-table pool is installed:
-        # the lowering packs the table, as before attnsync/adapters/_pinned_tables.py), and
-        # the whole step from the scheduler's arrays both ways
+        # from a batch made without table_memory (its table in numpy memory: the lowering packs
+        # it), and the whole step from the scheduler's arrays both ways
         small = np.arange(256, dtype=np.int32)
-        pool = getattr(_batch, "table_memory", None)  # (gone from Batch: the adapter's Stager offers it)
-        _batch.table_memory = None
-        try:
-            numpy_batch = attnsync.Batch(**decode_inputs)
-        finally:
-            _batch.table_memory = pool
-
-        def whole_step_numpy_table():
-            _batch.table_memory = None
-            try:
-                return torch_adapter.lower(attnsync.build(attnsync.Batch(**decode_inputs)), device)
-            finally:
-                _batch.table_memory = pool
-
+        numpy_batch = attnsync.Batch(**decode_inputs)
         probed = side_by_side({"numpy add, 256 int32": lambda: small + 1,
                                "build+torch": decode_fns["build+torch"],
-                               "build+torch, table in numpy memory":
-                                   lambda: torch_adapter.lower(attnsync.build(numpy_batch), device),
-                               "batch+build+torch":
-                                   lambda: torch_adapter.lower(attnsync.build(attnsync.Batch(**decode_inputs)), device),
-                               "batch+build+torch, table in numpy memory": whole_step_numpy_table},
+                               "build+torch, table in numpy memory": lambda: lowered(numpy_batch),
+                               "batch+build+torch": lambda: lowered(attnsync.Batch(**decode_inputs, **memory)),
+                               "batch+build+torch, table in numpy memory":
+                                   lambda: lowered(attnsync.Batch(**decode_inputs))},
                               drain, rounds=4 if quick else 10, calls=30 if quick else 100)
-        table_pinned = None if pool is None else pool.block_of(decode_batch.block_table, 0) is not None
+        drain()  # the pool reports a block only once its last copy has run
+        table_pinned = (None if table_memory is None
+                        else table_memory.block_of(decode_batch.block_table, 0) is not None)
     by_size = {row["num_reqs"]: row["median_us"] for row in rows}
     growth = {name: _ratio(by_size[1024][name], by_size[256][name]) for name in VARIANTS}
     at_target = by_size[TARGET_REQS]["build+torch"]
@@ -368,7 +369,7 @@ def markdown(report: dict[str, Any]) -> str:
         verdict = {True: "met", False: "NOT met", None: "not judged (CPU-only run)"}[decode["met"]]
         parts = ", ".join(f"{name} {_cell(value)}" for name, value in decode["median_us"].items())
         where = {True: "the batch's table in a pinned block", False: "the batch's table in numpy memory",
-                 None: "no pinned-table pool here"}[decode.get("table_in_pinned_block")]
+                 None: "no pinned table memory here"}[decode.get("table_in_pinned_block")]
         lines += [f"Target: {decode['what']} < {decode['limit_us']:.0f} us: measured "
                   f"{_cell(decode['measured_us'])} us, {verdict} ({parts}; {where})."]
         probed = decode.get("side_by_side_with_probe_us")

@@ -17,9 +17,12 @@ Cases (host microseconds, lowerings to CUDA when there is a GPU, else to the CPU
 - `FlashInfer build + lower, 32 decode steps`: successive steps, contexts one token longer
   each time (the page list changes length as rows cross page boundaries);
 - `common build + lower, 256 decodes`: 512-page-wide table (the core issue's target case); on
-  CUDA the batch's table lies in a pinned block (attnsync/adapters/_pinned_tables.py), which
-  the compiled step copies from, and the numpy forms pack;
+  CUDA the batch's table lies in a pinned block of the stager (`Batch(table_memory=...)`,
+  attnsync/adapters/_pinned_tables.py), which the lowering copies from;
 - `Batch + FlashInfer build + lower, 32 decode steps`: what a decode loop pays per step.
+
+Every lowering goes through one engine-owned `Stager(device)` (a ring of two slots), as a
+serving loop's would.
 
 Writes DIR/bench_native.json and prints a markdown table. Without the compiled module (not
 built, or ATTNSYNC_PURE_NUMPY=1) it writes a "skipped" JSON saying so.
@@ -55,12 +58,14 @@ MODES = ("native", "numpy")
 
 
 def cases(device: str, rng: np.random.Generator) -> dict[str, Callable[[], Any]]:
-    """The timed calls, each a zero-argument function (lowering to `device`)."""
-    from attnsync.adapters import _pinned_tables
+    """The timed calls, each a zero-argument function (lowering to `device` through one stager)."""
     from attnsync.adapters import torch as ast
 
-    if device == "cuda":  # as a CUDA stager would: the 256-decode case's table goes to a pinned block
-        _pinned_tables.install()
+    stager = ast.Stager(device)
+    # The stager's pinned table memory where it has one (a CUDA stager of a tree that offers
+    # it): the 256-decode case's table then lies in a pinned block.
+    table_memory = getattr(stager, "table_memory", None)
+    memory = {} if table_memory is None else {"table_memory": table_memory}
 
     seq = rng.integers(200, 2001, 32).astype(np.int32)
     table = rng.integers(0, 1 << 16, (32, int(-(-(seq.max() + 400) // PAGE)))).astype(np.int32)
@@ -73,20 +78,20 @@ def cases(device: str, rng: np.random.Generator) -> dict[str, Callable[[], Any]]
     wide_table = np.where(np.arange(512) < (-(-wide // PAGE))[:, None],
                           rng.integers(1, 1 << 20, (256, 512)), 0).astype(np.int32)
     ones256 = np.ones(256, np.int32)
-    common = attnsync.Batch(query_lens=ones256, seq_lens=wide, block_table=wide_table, block_size=PAGE)
+    common = attnsync.Batch(query_lens=ones256, seq_lens=wide, block_table=wide_table, block_size=PAGE, **memory)
     return {
         "Batch, 32 decodes": lambda: attnsync.Batch(query_lens=ones, seq_lens=seq, block_table=table,
-                                                    block_size=PAGE),
+                                                    block_size=PAGE, **memory),
         "Batch, 256 decodes": lambda: attnsync.Batch(query_lens=ones256, seq_lens=wide,
-                                                     block_table=wide_table, block_size=PAGE),
+                                                     block_table=wide_table, block_size=PAGE, **memory),
         "FlashInfer build + lower, 32 decodes": lambda: ast.lower(
-            attnsync.build(fixed, backend="flashinfer"), device),
+            attnsync.build(fixed, backend="flashinfer"), device, stager=stager),
         "FlashInfer build + lower, 32 decode steps": lambda: ast.lower(
-            attnsync.build(steps[next(step) % len(steps)], backend="flashinfer"), device),
-        "common build + lower, 256 decodes": lambda: ast.lower(attnsync.build(common), device),
+            attnsync.build(steps[next(step) % len(steps)], backend="flashinfer"), device, stager=stager),
+        "common build + lower, 256 decodes": lambda: ast.lower(attnsync.build(common), device, stager=stager),
         "Batch + FlashInfer build + lower, 32 decode steps": lambda: ast.lower(attnsync.build(
             attnsync.Batch(query_lens=ones, seq_lens=seq + next(step) % 400, block_table=table,
-                           block_size=PAGE), backend="flashinfer"), device),
+                           block_size=PAGE, **memory), backend="flashinfer"), device, stager=stager),
     }
 
 

@@ -11,8 +11,9 @@ step's metadata, in one process, interleaved per repeat (medians of the repeats)
 - `naive`: what engines did before: Python lists -> `torch.tensor(list, device="cuda")` per
   field, `.item()` for the maxima, and FlashInfer's `plan()` handed CUDA indptr/last_page_len,
   which it copies back to the host (a blocking device-to-host copy, i.e. a sync per step);
-- `attnsync`: `attnsync.Batch` -> `attnsync.build` -> `attnsync.adapters.torch.lower` (one
-  pinned non_blocking copy) -> `attnsync.integrations.flashinfer.plan` with host arrays;
+- `attnsync`: `attnsync.Batch` -> `attnsync.build` -> `attnsync.adapters.torch.lower` through
+  the loop's own `Stager("cuda")` (a ring of two slots: one pinned non_blocking copy) ->
+  `attnsync.integrations.flashinfer.plan` with host arrays;
 - `once`: the metadata of step 0 built and planned before the loop; the loop only launches
   kernels. The upper limit: what the loop would run at with free metadata.
 
@@ -132,10 +133,15 @@ class Workload:
     def seq_lens(self, step: int) -> np.ndarray:
         return self.start + np.int32(step + 1)
 
-    def batch(self, step: int) -> attnsync.Batch:
+    def batch(self, step: int, stager: Any = None) -> attnsync.Batch:
+        """Step `step`'s batch; with `stager`, its table goes to the stager's pinned table memory
+        where it has one (CUDA stagers of trees that offer it; this loop's table is below the
+        size it takes, so the batch keeps numpy memory, as a serving loop's would)."""
+        memory = getattr(stager, "table_memory", None)
         return attnsync.Batch(
             query_lens=self.query_lens, seq_lens=self.seq_lens(step),
             block_table=self.block_table, block_size=PAGE,
+            **({} if memory is None else {"table_memory": memory}),
         )
 
 
@@ -163,7 +169,7 @@ def _naive_common(w: Workload, step: int) -> dict[str, Any]:
 # FlashInfer modes. Each returns a step function; the loop times it.
 
 
-def flashinfer_modes(w: Workload, split: dict[str, list[float]]) -> dict[str, Callable[[int], None]]:
+def flashinfer_modes(w: Workload, split: dict[str, list[float]], stager: Any) -> dict[str, Callable[[int], None]]:
     import flashinfer
     import torch
 
@@ -199,9 +205,9 @@ def flashinfer_modes(w: Workload, split: dict[str, list[float]]) -> dict[str, Ca
 
     def sync_free(step: int) -> None:
         t0 = time.perf_counter()
-        md = attnsync.build(w.batch(step), backend="flashinfer")
+        md = attnsync.build(w.batch(step, stager), backend="flashinfer")
         t1 = time.perf_counter()
-        tmd = ast.lower(md, device="cuda")
+        tmd = ast.lower(md, device="cuda", stager=stager)
         t2 = time.perf_counter()
         plan(tmd, decode_wrapper=wrappers["attnsync"], **plan_kw)
         t3 = time.perf_counter()
@@ -225,7 +231,8 @@ def flashinfer_modes(w: Workload, split: dict[str, list[float]]) -> dict[str, Ca
 # Triton modes.
 
 
-def triton_modes(w: Workload, split: dict[str, list[float]]) -> tuple[dict[str, Callable[[int], None]], str]:
+def triton_modes(w: Workload, split: dict[str, list[float]],
+                 stager: Any) -> tuple[dict[str, Callable[[int], None]], str]:
     import torch
 
     from attnsync.adapters import torch as ast
@@ -256,9 +263,9 @@ def triton_modes(w: Workload, split: dict[str, list[float]]) -> tuple[dict[str, 
 
     def sync_free(step: int) -> None:
         t0 = time.perf_counter()
-        md = attnsync.build(w.batch(step))
+        md = attnsync.build(w.batch(step, stager))
         t1 = time.perf_counter()
-        tmd = ast.lower(md, device="cuda")
+        tmd = ast.lower(md, device="cuda", stager=stager)
         t2 = time.perf_counter()
         launch(tmd.query_start_loc, tmd.seq_lens, tmd.block_table_tensor, tmd.max_query_len, tmd.max_seq_len)
         t3 = time.perf_counter()
@@ -266,7 +273,7 @@ def triton_modes(w: Workload, split: dict[str, list[float]]) -> tuple[dict[str, 
         split["lower"].append(t2 - t1)
         split["launches"].append(t3 - t2)
 
-    once_tmd = ast.lower(attnsync.build(w.batch(0)), device="cuda")
+    once_tmd = ast.lower(attnsync.build(w.batch(0)), device="cuda")  # fresh memory: held for the whole loop
     # Bounds for every step of the loop: correctness never depends on them (kernel contract).
     once_max = int(w.seq_lens(w.steps - 1).max())
 
@@ -307,11 +314,15 @@ def compare_modes(modes: dict[str, Callable[[int], None]], *, steps: int, repeat
 
 def micro_build_lower(reps: int) -> dict[str, float]:
     """Host us of FlashInfer build (+lower) for 32 decode requests, of one batch again and again
-    and of successive decode steps; the GPU drained between reps."""
+    and of successive decode steps; the GPU drained between reps. Lowerings go through one
+    `Stager("cuda")`, as a serving loop's; "build+lower, fresh memory" is `lower` without one."""
     import torch
 
     from attnsync.adapters import torch as ast
 
+    stager = _loop_stager()
+    table_memory = getattr(stager, "table_memory", None)
+    memory = {} if table_memory is None else {"table_memory": table_memory}
     w_rng = np.random.default_rng(1)
     seq = w_rng.integers(CONTEXT[0], CONTEXT[1] + 1, BATCH).astype(np.int32)
     width = int(-(-seq.max() // PAGE))
@@ -328,16 +339,18 @@ def micro_build_lower(reps: int) -> dict[str, float]:
                                block_table=drift_table, block_size=PAGE) for step in range(400)]
     step_of = itertools.count()
     variants = {
-        "batch": lambda: attnsync.Batch(**kwargs),
+        "batch": lambda: attnsync.Batch(**kwargs, **memory),
         "build": lambda: attnsync.build(batch, backend="flashinfer"),
-        "lower": lambda: ast.lower(md, device="cuda"),
-        "build+lower": lambda: ast.lower(attnsync.build(batch, backend="flashinfer"), device="cuda"),
+        "lower": lambda: ast.lower(md, device="cuda", stager=stager),
+        "build+lower": lambda: ast.lower(attnsync.build(batch, backend="flashinfer"), device="cuda", stager=stager),
         "batch+build+lower": lambda: ast.lower(
-            attnsync.build(attnsync.Batch(**kwargs), backend="flashinfer"), device="cuda"
+            attnsync.build(attnsync.Batch(**kwargs, **memory), backend="flashinfer"), device="cuda", stager=stager
         ),
         "build+lower, decode steps": lambda: ast.lower(
-            attnsync.build(drifting[next(step_of) % len(drifting)], backend="flashinfer"), device="cuda"
+            attnsync.build(drifting[next(step_of) % len(drifting)], backend="flashinfer"), device="cuda",
+            stager=stager,
         ),
+        "build+lower, fresh memory": lambda: ast.lower(attnsync.build(batch, backend="flashinfer"), device="cuda"),
     }
     result = {}
     for name, fn in variants.items():
@@ -354,11 +367,12 @@ def micro_build_lower(reps: int) -> dict[str, float]:
     return result
 
 
-def _staging_stats() -> Any:
-    """The counters of the stager the attnsync mode lowers through (the default CUDA one)."""
+def _loop_stager() -> Any:
+    """The stager the attnsync modes lower through, as a serving loop owns one: a ring of two
+    slots (each lowering valid until the next but one)."""
     from attnsync.adapters import torch as ast
 
-    return ast.default_stager("cuda").stats
+    return ast.Stager("cuda")
 
 
 def _staging_delta(stats: Any, before: tuple[int, int]) -> dict[str, Any]:
@@ -382,14 +396,15 @@ def run(*, steps: int, repeats: int, quick: bool) -> dict[str, Any]:
     w = Workload(steps)
     warmup = min(3 if quick else 10, steps)  # warm-up steps reuse the loop's lengths (pages sized for them)
     fi_split: dict[str, list[float]] = {k: [] for k in ("batch+build", "lower", "plan", "launches")}
-    stats = _staging_stats()
+    stager = _loop_stager()
+    stats = stager.stats
     before = (stats.copies, stats.event_waits)
-    fi = compare_modes(flashinfer_modes(w, fi_split), steps=steps, repeats=repeats, warmup=warmup)
+    fi = compare_modes(flashinfer_modes(w, fi_split, stager), steps=steps, repeats=repeats, warmup=warmup)
     report["flashinfer"] = {"modes": fi, "host_split_us": {k: _median_us(v) for k, v in fi_split.items()},
                             "staging": _staging_delta(stats, before)}
     try:
         tr_split: dict[str, list[float]] = {k: [] for k in ("batch+build", "lower", "launches")}
-        tr_modes, path = triton_modes(w, tr_split)
+        tr_modes, path = triton_modes(w, tr_split, stager)
         before = (stats.copies, stats.event_waits)
         tr = compare_modes(tr_modes, steps=steps, repeats=repeats, warmup=warmup)
         report["triton"] = {

@@ -9,9 +9,10 @@ step's attention (all 28 layers) captured once as a CUDA graph for its bucket
 (medians of the repeats):
 
 - `attnsync`: every step `attnsync.Batch` -> `BucketLadder.pad` -> `attnsync.build` -> one
-  pinned non_blocking copy (Triton: into the bucket's fixed buffers; FlashInfer: the page ids,
-  which `plan()` copies into the wrapper's fixed buffers) -> FlashInfer only: `plan()` of
-  every bucket row -> `graph.replay()`;
+  pinned non_blocking copy (Triton: into the bucket's fixed buffers, a persistent stager's;
+  FlashInfer: through the loop's own `Stager` ring, the page ids then copied by `plan()` into
+  the wrapper's fixed buffers) -> FlashInfer only: `plan()` of every bucket row ->
+  `graph.replay()`;
 - `overlapped`: the same per-step work through `attnsync.integrations.graphs.OverlappedSteps`:
   two captures of the step used in turn, each step's copy and plan uploads on a side stream
   while the other capture replays, so they no longer sit between replays on one stream;
@@ -112,9 +113,13 @@ class Loop:
         self.kv = list(zip(self.w.k, self.w.v, strict=True))
         self.scale = 1.0 / math.sqrt(dl.HEAD_DIM)
 
-    def batch(self, step: int) -> attnsync.Batch:
+    def batch(self, step: int, stager: Any = None) -> attnsync.Batch:
+        """Step `step`'s batch; with `stager`, its table goes to the stager's pinned table memory
+        where it has one (as in decode_loop.py)."""
+        memory = getattr(stager, "table_memory", None)
         return attnsync.Batch(query_lens=self.w.query_lens, seq_lens=self.w.seq_lens(step),
-                              block_table=self.table, block_size=self.dl.PAGE)
+                              block_table=self.table, block_size=self.dl.PAGE,
+                              **({} if memory is None else {"table_memory": memory}))
 
 
 def _parts() -> dict[str, list[float]]:
@@ -193,16 +198,19 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
 
     graphs = {m: make() for m in MODES}
     g = graphs["attnsync"]
+    # The loop's own ring: plan() copies the page ids into the wrapper's buffers, so the staged
+    # metadata need not sit at fixed addresses, and each lowering is used before the next.
+    stager = ast.Stager(g.device)
 
     def sync_free(step: int) -> None:
         t0 = time.perf_counter()
-        batch = loop.batch(step)
+        batch = loop.batch(step, stager)
         t1 = time.perf_counter()
         padded = loop.ladder.pad(batch, g.bucket)
         t2 = time.perf_counter()
         md = attnsync.build(padded, backend="flashinfer")
         t3 = time.perf_counter()
-        tmd = ast.lower(md, g.device)
+        tmd = ast.lower(md, g.device, stager=stager)
         t4 = time.perf_counter()
         plan_padded_decode(tmd, g.wrapper, **g.plan_args)
         t5 = time.perf_counter()
@@ -216,8 +224,6 @@ def flashinfer_modes(loop: Loop, split: dict[str, list[float]]) -> tuple[dict[st
 
     def limit(step: int) -> None:
         once.replay()
-
-    stager = ast.default_stager(g.device)
 
     def stats() -> dict[str, int]:
         rotation = _ROTATIONS.get(g.wrapper)

@@ -1,9 +1,9 @@
-"""Host cost of the torch, CUDA and numpy calls a lowering is made of, one by one.
+"""Host cost of the torch and numpy calls a lowering is made of, one by one.
 
     python bench/host_primitives.py --out DIR [--quick]
 
-A lowering's host time is a sum of a few dozen calls into numpy, torch and the CUDA driver,
-and hosts differ in how fast each one is. This script times every such primitive (and the
+A lowering's host time is a sum of a few dozen public calls into numpy and torch (which
+call the CUDA driver), and hosts differ in how fast each one is. This script times every such primitive (and the
 cheaper alternatives to some of them) on the host it runs on, so the breakdown of
 `bench_common.py`'s numbers can be read against measured per-call costs rather than guessed.
 Each value is the median host microseconds of one call over many calls (the device queue is
@@ -14,7 +14,6 @@ and CPU-torch rows run. Writes DIR/host_primitives.json and prints a markdown ta
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -22,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,17 +48,6 @@ def per_call_us(fn: Callable[[], object], *, calls: int, rounds: int, drain: Cal
     return statistics.median(samples)
 
 
-def _libcudart() -> ctypes.CDLL | None:
-    """The CUDA runtime torch loaded into this process (the library attnsync's lowering calls)."""
-    from attnsync.adapters import _cudart
-
-    path = _cudart._loaded_library_path("libcudart.so")
-    try:
-        return ctypes.CDLL(path) if path else None
-    except OSError:
-        return None
-
-
 def run(*, quick: bool) -> dict[str, object]:
     calls, rounds = (50, 9) if quick else (200, 25)
     rows: dict[str, float] = {}
@@ -83,6 +72,8 @@ def run(*, quick: bool) -> dict[str, object]:
     time_it("torch cpu: as_strided", lambda: cpu_i32.as_strided((256, 16), (16, 1), 64))
     time_it("torch cpu: split_with_sizes x4", lambda: cpu_i32.split_with_sizes([257, 256, 4096, 16384 - 4609]))
     time_it("torch cpu: slice [a:b]", lambda: cpu_i32[16:272])
+    time_it("torch cpu: numpy() of a tensor", lambda: cpu_buffer.numpy())
+    time_it("python: weakref.ref of a tensor", lambda: weakref.ref(cpu_i32))
 
     fields = [(f"f{i}", int) for i in range(24)]
     frozen = dataclasses.make_dataclass("Frozen", fields, frozen=True, kw_only=True, eq=False)
@@ -114,33 +105,16 @@ def run(*, quick: bool) -> dict[str, object]:
                 lambda: torch.empty(4096, dtype=torch.uint8, pin_memory=True))
         time_it("cuda: torch.cuda.current_stream(device)", lambda: torch.cuda.current_stream(dev))
         time_it("cuda: torch.cuda.current_stream()", lambda: torch.cuda.current_stream())
-        index = dev.index
-        time_it("cuda: torch._C._cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(index))
         event = torch.cuda.Event()
         stream = torch.cuda.current_stream(dev)
         time_it("cuda: Event.record(stream)", lambda: event.record(stream))
-        base_record = torch._C._CudaEventBase.record
-        time_it("cuda: _CudaEventBase.record(event, stream)", lambda: base_record(event, stream))
         time_it("cuda: Event.query (done)", lambda: event.query())
+        time_it("cuda: torch.cuda.Event()", lambda: torch.cuda.Event())
         time_it("cuda: view(int32)", lambda: dev_buffer.view(torch.int32))
         dev_i32 = dev_buffer.view(torch.int32)
         time_it("cuda: as_strided", lambda: dev_i32.as_strided((256, 16), (16, 1), 64))
         time_it("cuda: split_with_sizes x4", lambda: dev_i32.split_with_sizes([257, 256, 4096, (1 << 18) - 4609]))
         time_it("cuda: slice [a:b]", lambda: dev_i32[16:272])
-        cudart = _libcudart()
-        if cudart is not None:
-            memcpy = cudart.cudaMemcpyAsync
-            memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-            memcpy.restype = ctypes.c_int
-            dst, src = dev_buffer.data_ptr(), pinned.data_ptr()
-            raw = torch._C._cuda_getCurrentRawStream
-
-            def ctypes_copy() -> None:
-                assert memcpy(dst, src, 4096, 1, raw(index)) == 0
-
-            time_it("cuda: cudaMemcpyAsync 4 KB via ctypes (+ raw stream)", ctypes_copy)
-        else:
-            rows["cuda: cudaMemcpyAsync 4 KB via ctypes (+ raw stream)"] = float("nan")
     report["us_per_call"] = rows
     return report
 

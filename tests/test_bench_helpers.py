@@ -80,5 +80,5 @@ def test_bench_common_reports_the_target_next_to_the_probe(tmp_path):
     assert set(probed) == {"numpy add, 256 int32", "build+torch", "build+torch, table in numpy memory",
                            "batch+build+torch", "batch+build+torch, table in numpy memory"}
     assert all(value > 0 for value in probed.values())
-    # no CUDA stager here, so no pool: the report says so instead of claiming a pinned table
+    # no CUDA stager here, so no pinned table memory: the report says so instead of claiming a pinned table
     assert report["target_all_decode"]["table_in_pinned_block"] is None

@@ -1,23 +1,27 @@
-"""GPU tests of the core: no syncs, no host stalls, one H2D copy, DLPack aliasing, the guarded
-pinned ring under a delayed stream (and an unguarded ring that corrupts), persistent
-addresses, multi-device.
+"""GPU tests of the core: no syncs, no host stalls, one H2D copy, the `Stager` ownership
+contract under a delayed stream (a ring keeps a lowering valid for depth - 1 further lowerings,
+and the same ring without its guard corrupts), checking stagers, persistent addresses,
+fresh-memory lowerings, multi-device.
 
 Every test is marked `gpu`; tests/conftest.py skips them on a host without CUDA. The JAX
 tests also skip when JAX has no GPU backend. Host-time budgets are far below the queued
 sleep (a stall costs the whole sleep), and each probe is retried so that one noisy sample
-cannot fail the suite while a real stall fails every attempt.
+cannot fail the suite while a real stall fails every attempt. "A delayed stream" is a stream
+kept busy with `torch.cuda._sleep` before every lowering, so the host runs many steps ahead
+of the GPU and every copy is still queued when the host comes back to its memory.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import gc
 
 import numpy as np
 import pytest
 
 import attnsync
 from attnsync.testing import (
+    _calibrated_cycles,
     assert_no_host_stall,
     brute_force_common,
     count_h2d_copies,
@@ -54,6 +58,8 @@ TORCH_DEVICE_FIELDS = {  # torch name -> (CommonMetadata field, dtype)
     "slot_mapping": ("slot_mapping", torch.int64),
 }
 JAX_FIELDS = ("query_start_loc", "seq_lens", "block_table", "slot_mapping")
+# The stagers a serving loop may lower through: None is `lower` without one (fresh memory).
+STAGER_KINDS = ("default", "ring", "checked-ring", "persistent")
 
 
 def stall_free(fn, *, budget_ms: float, sleep_ms: float = 50.0, attempts: int = 3):
@@ -78,14 +84,19 @@ def assert_torch_matches(md, out, device) -> None:
     np.testing.assert_array_equal(out.seq_lens_cpu_upper_bound.numpy(), md.seq_lens)
 
 
-def cycles_per_ms() -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(2_000_000)
-    end.record()
-    end.synchronize()
-    return 2_000_000 / max(start.elapsed_time(end), 1e-3)
+def make_stager(kind: str, device):
+    """A stager of `kind` (STAGER_KINDS) on `device`; None for `lower`'s default."""
+    return {
+        "default": lambda: None,
+        "ring": lambda: ast.Stager(device),
+        "checked-ring": lambda: ast.Stager(device, check=True),
+        "persistent": lambda: ast.Stager(device, persistent=True),
+    }[kind]()
+
+
+def stats_of(stager, device):
+    """The counters `lower(..., stager=stager)` adds to (the default stager's for None)."""
+    return (stager if stager is not None else ast.default_stager(device)).stats
 
 
 @pytest.fixture(scope="module")
@@ -127,23 +138,27 @@ def test_guards_catch_a_sync_ful_builder(cuda, record_property):
 
 
 @pytest.mark.gpu
-def test_build_and_torch_lower_without_sync_or_stall(cuda, record_property):
+@pytest.mark.parametrize("kind", ["default", "ring", "persistent"])
+def test_build_and_torch_lower_without_sync_or_stall(cuda, record_property, kind):
     batch = attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16)
+    stager = make_stager(kind, cuda)
 
     def step():
         with no_sync():
-            return ast.lower(attnsync.build(batch), device=cuda)
+            return ast.lower(attnsync.build(batch), device=cuda, stager=stager)
 
     for _ in range(5):
         step()
     torch.cuda.synchronize()
     out = stall_free(step, budget_ms=2.0)
     torch.cuda.synchronize()
-    elapsed, _ = host_time_under_busy_gpu(step)
-    record_property("host_ms_under_50ms_busy_gpu", round(elapsed, 3))  # the GPU report's stall table
     md = attnsync.build(batch)
-    assert_torch_matches(md, out, cuda)
+    assert_torch_matches(md, out, cuda)  # checked while valid: no further lowering yet
     assert out.slot_mapping[:10].tolist() == MIXED_SLOTS
+    del out
+    elapsed, _ = host_time_under_busy_gpu(step)
+    # the GPU report's stall table (the default stager keeps the name it always had)
+    record_property("host_ms_under_50ms_busy_gpu" + ("" if kind == "default" else f"_{kind}"), round(elapsed, 3))
 
 
 @pytest.mark.gpu
@@ -196,21 +211,34 @@ def test_jax_lower_without_sync_or_stall(jax_gpu, record_property):
 
 
 @pytest.mark.gpu
-def test_exactly_one_h2d_copy_per_lowering(cuda):
+@pytest.mark.parametrize("kind", STAGER_KINDS)
+def test_exactly_one_h2d_copy_per_lowering(cuda, kind):
     md = attnsync.build(attnsync.Batch(**MIXED, padded_num_reqs=8, padded_num_tokens=16))
-    ast.lower(md, cuda)  # warm-up (pinned slots allocated)
-    count, out = count_h2d_copies(lambda: ast.lower(md, cuda))
-    assert count == 1
-    count, _ = count_h2d_copies(lambda: [ast.lower(md, cuda) for _ in range(3)])
-    assert count == 3
+    stager = make_stager(kind, cuda)
+    stats = stats_of(stager, cuda)
+    for _ in range(3):  # warm-up: every ring slot's memory made
+        ast.lower(md, cuda, stager=stager)
+    copies = stats.copies
+    count, out = count_h2d_copies(lambda: ast.lower(md, cuda, stager=stager))
+    assert count == 1 and stats.copies == copies + 1
+    assert_torch_matches(md, out, cuda)
+    del out  # (a checking ring refuses to come round to a lowering still held)
+
+    def three():
+        for _ in range(3):
+            out = ast.lower(md, cuda, stager=stager)
+        return out
+
+    count, _ = count_h2d_copies(three)
+    assert count == 3 and stats.copies == copies + 4
     inexact = attnsync.build(attnsync.Batch(**INEXACT))
     lens = torch.tensor(INEXACT_TRUE_LENS, dtype=torch.int32, device=cuda)
-    count, _ = count_h2d_copies(lambda: ast.lower(inexact, cuda, seq_lens=lens))
+    count, out = count_h2d_copies(lambda: ast.lower(inexact, cuda, seq_lens=lens, stager=stager))
     assert count == 1
+    assert out.slot_mapping.tolist() == INEXACT_SLOTS
     # the counter does count: the naive builder uploads one list per field
     count, _ = count_h2d_copies(lambda: naive_common_torch(attnsync.Batch(**MIXED), cuda))
     assert count >= 4
-    assert_torch_matches(md, out, cuda)
 
 
 @pytest.mark.gpu
@@ -261,7 +289,7 @@ def test_jax_lowering_donated_without_sync_or_stall(jax_gpu):
 
 
 # --------------------------------------------------------------------------------------------
-# The pinned ring under a delayed stream (reference vllm-backends.md 6, item 21)
+# The Stager contract under a delayed stream
 
 RING_STEPS = 1000
 RING_REQS, RING_WIDTH = 8, 8
@@ -296,26 +324,11 @@ def ring_steps(cuda):
     return mds, expected_np, expected
 
 
-@pytest.fixture(params=[True, False], ids=["direct-runtime-calls", "torch-calls"])
-def direct(request, monkeypatch):
-    """Stagers made in the test call the CUDA runtime directly (the default) or go through torch."""
-    monkeypatch.setattr(ast, "_USE_DIRECT_CALLS", request.param)
-    return request.param
-
-
-def new_stager(cuda, direct, **options):
-    stager = ast.Stager(cuda, **options)
-    # the direct calls must be in use where asked: a runtime that cannot be found would
-    # silently leave these tests exercising the torch path twice
-    assert (stager._direct is not None) == direct
-    return stager
-
-
-@pytest.mark.gpu
-def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps, direct):
-    mds, _, expected = ring_steps
-    cycles = int(cycles_per_ms() * 1.0)  # each step's copy waits behind ~1 ms of GPU work
-    stager = new_stager(cuda, direct, num_slots=2)
+def delayed_loop(cuda, mds, expected, stager, *, sleep_ms: float = 1.0) -> tuple[int, set[int]]:
+    """Lower every md of `mds` behind `sleep_ms` of queued GPU work, drop it at once, and compare
+    its device values with `expected` on the device, in stream order (read back once at the
+    end). Returns (mismatching values, the distinct addresses of `slot_mapping`)."""
+    cycles = _calibrated_cycles(torch, sleep_ms)
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
     addresses = set()
     torch.cuda.synchronize()
@@ -323,93 +336,45 @@ def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps, direct):
         torch.cuda._sleep(cycles)
         out = ast.lower(md, cuda, stager=stager)
         addresses.add(out.slot_mapping.data_ptr())
-        # checked on the device, in stream order; read back once at the end
         mismatches += (ring_got(out) != expected[step]).sum()
-        del out  # free for reuse two steps later: its device memory is then rewritten in stream order
+        del out  # its slot comes round depth steps later; the rewrite is queued after this check
     torch.cuda.synchronize()
-    assert int(mismatches.item()) == 0
+    return int(mismatches.item()), addresses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("depth, check", [(2, False), (2, True), (3, False)], ids=["depth2", "depth2-checked", "depth3"])
+def test_guarded_ring_under_a_delayed_stream(cuda, ring_steps, depth, check):
+    mds, _, expected = ring_steps
+    stager = ast.Stager(cuda, depth=depth, check=check)
+    wrong, addresses = delayed_loop(cuda, mds, expected, stager)
+    assert wrong == 0
     assert stager.stats.copies == RING_STEPS
     assert stager.stats.event_waits > 0, "the host ran ahead, so the guard must have waited"
-    assert len(addresses) == 2, "dropped lowerings are reused, two in turn"
+    assert len(addresses) == depth, "the ring's slots are used in turn"
+    assert stager.stats.grows == 0, "one shape: each slot's memory made once"
 
 
 @pytest.mark.gpu
-def test_held_lowerings_keep_their_values_under_a_delayed_stream(cuda, ring_steps, direct):
-    """Lowerings (or slices of them) still held are never reused: each keeps its own memory."""
+def test_without_the_slot_guard_the_same_ring_corrupts(cuda, ring_steps, monkeypatch):
+    """A slot's pinned buffer repacked without waiting for the copy that reads it: the next
+    step's values overwrite bytes a queued copy has still to read, so the check above would
+    fail (the guarded test can fail)."""
     mds, _, expected = ring_steps
-    steps = 64
-    cycles = int(cycles_per_ms() * 0.5)
-    stager = new_stager(cuda, direct, num_slots=2)
-    kept = []
-    torch.cuda.synchronize()
-    for step, md in enumerate(mds[:steps]):
-        torch.cuda._sleep(cycles)
-        out = ast.lower(md, cuda, stager=stager)
-        kept.append(out if step % 2 else out.block_table_tensor[1:])  # the object, or a slice only
-        del out
-    torch.cuda.synchronize()
-    for step, value in enumerate(kept):
-        if step % 2:
-            assert torch.equal(ring_got(value), expected[step]), step
-        else:
-            want = torch.from_numpy(mds[step].block_table[1:].astype(np.int32)).to(cuda)
-            assert torch.equal(value, want), step
-    assert len({(v.block_table_tensor if i % 2 else v).data_ptr() for i, v in enumerate(kept)}) == steps
-
-
-def retired_pinned() -> list[int]:
-    return [pinned.data_ptr() for _, pinned in ast._RETIRED]
-
-
-@pytest.mark.gpu
-def test_a_dropped_entry_keeps_its_pinned_buffer_until_its_copy_is_done(cuda, ring_steps):
-    """The direct copies are not torch's, so torch's pinned allocator cannot see them pending:
-    an entry dropped while its copy waits must keep its pinned buffer out of the allocator
-    until the copy's event completes (else a new pin_memory tensor could be written into it
-    before the copy reads it, and the held lowering would get those bytes)."""
-    mds, _, expected = ring_steps
-    stager = new_stager(cuda, True, num_slots=2)
-    ast.lower(mds[0], cuda, stager=stager)  # both entries exist, neither held
-    ast.lower(mds[1], cuda, stager=stager)
-    # a second stager whose entries exist too: making an entry allocates pinned and device
-    # memory, which may wait for the GPU, so nothing is made between the sleep and the checks
-    # except the replacement of the held entry (made after its predecessor was retired)
-    other = new_stager(cuda, True, num_slots=2)
-    ast.lower(mds[5], cuda, stager=other)
-    ast.lower(mds[6], cuda, stager=other)
-    torch.cuda.synchronize()
-    # The next copies wait behind ~3 s of GPU sleep: far longer than the host steps below
-    # (gc.collect in a big test process, made slower by parallel workers, took long enough
-    # to outlast a 100 ms sleep; the sleep's calibration under such contention runs short).
-    cycles = int(cycles_per_ms() * 500)
-    for _ in range(6):
-        torch.cuda._sleep(cycles)
-    held = ast.lower(mds[2], cuda, stager=stager)  # entry 1, copy pending, held below
-    pool = next(iter(stager._reusable.values()))
-    pending = pool[1 if pool[1].lowered is held else 2].pinned.data_ptr()
-    ast.lower(mds[3], cuda, stager=stager)  # entry 2
-    # a dropped stager retires its entries
-    ast.lower(mds[7], cuda, stager=other)  # reuses its first entry: copy pending behind the sleep
-    other_pinned = next(iter(other._reusable.values()))[1].pinned.data_ptr()
-    del other
-    gc.collect()
-    # entry 1 is held: retired with its copy pending, then replaced (the replacement's
-    # allocations come after both retirements)
-    ast.lower(mds[4], cuda, stager=stager)
-    assert pending in retired_pinned()
-    assert other_pinned in retired_pinned()
-    torch.cuda.synchronize()
-    assert torch.equal(ring_got(held), expected[2])
-    ast._retire(())  # any later retirement prunes what has completed
-    assert pending not in retired_pinned() and other_pinned not in retired_pinned()
+    stager = ast.Stager(cuda, depth=2)
+    stager._ring._is_done = lambda event: True  # the ring's guard says every copy has run
+    wrong, addresses = delayed_loop(cuda, mds[:200], expected[:200], stager)
+    assert len(addresses) == 2 and stager.stats.event_waits == 0
+    assert wrong > 0, "the unguarded ring must corrupt, or the guarded test proves nothing"
 
 
 @pytest.mark.gpu
 def test_unguarded_single_slot_corrupts_under_the_same_delay(cuda, ring_steps):
-    """One pinned buffer rewritten without waiting for its copy: the check above would fail."""
+    """The hazard itself, in plain torch: one pinned buffer rewritten without waiting for its
+    copy gets later values into earlier copies under the same delay."""
     _, expected_np, expected = ring_steps
     steps = 200
-    cycles = int(cycles_per_ms() * 1.0)
+    cycles = _calibrated_cycles(torch, 1.0)
     pinned = torch.empty(expected_np.shape[1], dtype=torch.int64, pin_memory=True)
     host = pinned.numpy()
     mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
@@ -422,6 +387,109 @@ def test_unguarded_single_slot_corrupts_under_the_same_delay(cuda, ring_steps):
         mismatches += (device != expected[step]).sum()
     torch.cuda.synchronize()
     assert int(mismatches.item()) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+def test_held_lowerings_keep_their_values_while_valid_under_a_delayed_stream(cuda, ring_steps, check):
+    """A depth-4 ring: each lowering (the object, or a slice of one field) is held for 3 further
+    lowerings, then compared on the device, in stream order after those lowerings' copies, and
+    dropped just before its slot comes round. A checking stager accepts this (it is within
+    the contract)."""
+    mds, _, expected = ring_steps
+    depth, steps = 4, 200
+    cycles = _calibrated_cycles(torch, 0.5)
+    stager = ast.Stager(cuda, depth=depth, check=check)
+    held = collections.deque()
+    mismatches = torch.zeros((), dtype=torch.int64, device=cuda)
+    torch.cuda.synchronize()
+    for step, md in enumerate(mds[:steps]):
+        torch.cuda._sleep(cycles)
+        out = ast.lower(md, cuda, stager=stager)
+        held.append((step, out if step % 2 else out.block_table_tensor[1:]))  # the object, or a slice only
+        del out
+        if len(held) == depth:  # the oldest has seen depth - 1 further lowerings; the next rewrites it
+            old_step, old = held.popleft()
+            if old_step % 2:
+                mismatches += (ring_got(old) != expected[old_step]).sum()
+            else:
+                want = expected[old_step][2 * RING_REQS + 1 + RING_WIDTH: 2 * RING_REQS + 1 + RING_REQS * RING_WIDTH]
+                mismatches += (old.reshape(-1).long() != want).sum()
+            del old
+    torch.cuda.synchronize()
+    assert int(mismatches.item()) == 0
+    for step, value in held:  # the last depth - 1: still valid
+        if step % 2:
+            assert torch.equal(ring_got(value), expected[step]), step
+        else:
+            want = torch.from_numpy(mds[step].block_table[1:].astype(np.int32)).to(cuda)
+            assert torch.equal(value, want), step
+    assert stager.stats.copies == steps and stager.stats.event_waits > 0
+
+
+@pytest.mark.gpu
+def test_a_checking_stager_refuses_a_held_lowering_and_a_stream_change_on_cuda(cuda, ring_steps):
+    """Past its validity a held lowering is refused before anything is written (its values stay,
+    with the copies before it still queued), and so is a lowering on another stream."""
+    mds, _, expected = ring_steps
+    stager = ast.Stager(cuda, depth=2, check=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(_calibrated_cycles(torch, 20.0))  # the copies below stay queued meanwhile
+    first = ast.lower(mds[0], cuda, stager=stager)
+    ast.lower(mds[1], cuda, stager=stager)  # dropped at once
+    copies = stager.stats.copies
+    with pytest.raises(ast.StaleLoweringError, match="still referenced") as refused:
+        ast.lower(mds[2], cuda, stager=stager)  # would rewrite first's slot
+    assert isinstance(refused.value, attnsync.SpecError)
+    assert stager.stats.copies == copies, "nothing copied"
+    side = torch.cuda.Stream(cuda)
+    side.wait_stream(torch.cuda.current_stream(cuda))
+    with torch.cuda.stream(side), pytest.raises(ast.StaleLoweringError, match="one Stager per stream"):
+        ast.lower(mds[3], cuda, stager=stager)
+    torch.cuda.current_stream(cuda).wait_stream(side)
+    assert stager.stats.copies == copies, "nothing copied"
+    assert torch.equal(ring_got(first), expected[0]), "the held lowering was not rewritten"
+    del first
+    torch.cuda._sleep(_calibrated_cycles(torch, 5.0))
+    again = ast.lower(mds[2], cuda, stager=stager)  # released: the slot is free again
+    assert torch.equal(ring_got(again), expected[2])
+    assert stager.stats.copies == copies + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["default", "depth-0"])
+def test_fresh_memory_lowerings_are_never_rewritten_under_a_delayed_stream(cuda, ring_steps, kind):
+    """`lower` without a stager (and `Stager(depth=0)`): every lowering owns its memory, so all
+    held lowerings keep their values and addresses."""
+    mds, _, expected = ring_steps
+    steps = 64
+    stager = None if kind == "default" else ast.Stager(cuda, depth=0)
+    stats = stats_of(stager, cuda)
+    copies = stats.copies
+    cycles = _calibrated_cycles(torch, 0.5)
+    kept = []
+    torch.cuda.synchronize()
+    for md in mds[:steps]:
+        torch.cuda._sleep(cycles)
+        kept.append(ast.lower(md, cuda, stager=stager))
+    torch.cuda.synchronize()
+    for step, out in enumerate(kept):
+        assert torch.equal(ring_got(out), expected[step]), step
+    assert len({out.slot_mapping.data_ptr() for out in kept}) == steps
+    assert len({out.seq_lens_cpu_upper_bound.data_ptr() for out in kept}) == steps
+    assert stats.copies == copies + steps
+
+
+@pytest.mark.gpu
+def test_a_fresh_lowerings_pinned_source_lives_until_its_copy_ran(cuda, ring_steps):
+    """Depth 0, nothing held: each lowering's pinned source goes back to torch's caching host
+    allocator at once, which must not hand it to a later lowering before the copy that reads
+    it has run. 150 lowerings of different values behind a delayed stream stay exact."""
+    mds, _, expected = ring_steps
+    stager = ast.Stager(cuda, depth=0)
+    wrong, _ = delayed_loop(cuda, mds[:150], expected[:150], stager)
+    assert wrong == 0
+    assert stager.stats.copies == 150 and stager.stats.event_waits == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +544,18 @@ def test_bucketed_jax_lowerings_compile_a_consumer_once(jax_gpu):
     assert len(traces) == 1 and consume._cache_size() == 1
 
 
+@pytest.mark.gpu
+def test_persistent_stager_under_a_delayed_stream(cuda, ring_steps):
+    """One device address every step, each step's values there in stream order, and the
+    rotating host slots guarded as the ring's are."""
+    mds, _, expected = ring_steps
+    stager = ast.Stager(cuda, persistent=True)
+    wrong, addresses = delayed_loop(cuda, mds[:300], expected[:300], stager)
+    assert wrong == 0
+    assert len(addresses) == 1
+    assert stager.stats.copies == 300 and stager.stats.event_waits > 0
+
+
 # --------------------------------------------------------------------------------------------
 # int32 range for JAX, CPU vs GPU, multi-device
 
@@ -495,7 +575,9 @@ def test_jax_refuses_int64_beyond_int32_before_staging(jax_gpu, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_lowering_equals_cpu_lowering_and_brute_force(cuda):
+    """Random shapes, fresh memory and through one checking ring (its slots grow as shapes do)."""
     rng = np.random.default_rng(7)
+    ring = ast.Stager(cuda, check=True)
     for _ in range(30):
         r = int(rng.integers(0, 10))
         q = rng.integers(1, 6, r)
@@ -506,9 +588,13 @@ def test_gpu_lowering_equals_cpu_lowering_and_brute_force(cuda):
                                block_size=bs, padded_num_reqs=r + 2, padded_num_tokens=int(q.sum()) + 3)
         md = attnsync.build(batch)
         gpu, cpu = ast.lower(md, cuda), ast.lower(md, "cpu")
+        ringed = ast.lower(md, cuda, stager=ring)
         for name in TORCH_DEVICE_FIELDS:
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+            assert torch.equal(getattr(ringed, name).cpu(), getattr(cpu, name)), name
         np.testing.assert_array_equal(gpu.slot_mapping.cpu().numpy(), brute_force_common(batch)["slot_mapping"])
+        del ringed
+    assert ring.stats.copies == 30
 
 
 @pytest.mark.gpu

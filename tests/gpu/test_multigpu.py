@@ -209,21 +209,21 @@ def _host_values(md) -> np.ndarray:
     return np.concatenate([md.query_start_loc, md.seq_lens, md.block_table.ravel(), md.slot_mapping]).astype(np.int64)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-runtime-copy", "torch-copy"])
-def test_lowering_to_another_device_is_ordered_on_that_devices_stream(devices, monkeypatch, direct):
+@pytest.mark.parametrize("check", [False, True], ids=["ring", "checked-ring"])
+def test_lowering_to_another_device_is_ordered_on_that_devices_stream(devices, check):
     """Lowered to cuda:1 while cuda:0 is current and busy: the staged copy must be queued on
     cuda:1's stream. On cuda:0's default stream it would wait behind cuda:0's work while
     cuda:1's reader ran first (stale values), and the event guarding the pinned buffer would
-    not cover it (a later step could overwrite the buffer before the copy read it)."""
-    monkeypatch.setattr(ast, "_USE_DIRECT_CALLS", direct)
+    not cover it (a later step could overwrite the buffer before the copy read it). A checking
+    stager sees one stream throughout (cuda:1's), whichever device is current."""
     first, other = devices
     steps = 64
     mds = [attnsync.build(batch(seed=step)) for step in range(steps)]
     expected = torch.from_numpy(np.stack([_host_values(md) for md in mds])).to(other)
     with torch.cuda.device(other):
         torch.cuda.synchronize()
-    stager = ast.Stager(other)
-    assert (stager._direct is not None) == direct
+    stager = ast.Stager(other, check=check)
+    assert stager.device == other
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(2_000_000)
@@ -241,3 +241,4 @@ def test_lowering_to_another_device_is_ordered_on_that_devices_stream(devices, m
     for device in devices:
         torch.cuda.synchronize(device)
     assert int(mismatches.item()) == 0
+    assert stager.stats.copies == steps
