@@ -27,5 +27,5 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 tmd = ast.lower(md, device=device)  # one pinned non_blocking copy; the host never waits
 print("torch:", tmd.query_start_loc, tmd.slot_mapping, tmd.max_seq_len)
 
-jmd = asj.lower(md)  # int32 JAX arrays: DLPack on the GPU, one device_put on the CPU
+jmd = asj.lower(md)  # one packed int32 vector, one device_put; fields are static slices of it
 print("jax  :", jmd.query_start_loc, jmd.seq_lens)
