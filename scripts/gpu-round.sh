@@ -16,15 +16,15 @@ export PYTHONPATH=/tmp/site XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED
 nvidia-smi --query-gpu=name --format=csv,noheader
 ls .whl/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 (cd "$OLD" && "$PY" -m attnsync._native_build >/dev/null) && "$PY" -m attnsync._native_build >/dev/null
-echo "== compare"; timeout 120 "$PY" bench/compare_commits.py --old "$OLD" --blocks 4 --iters 1500 --json "$OUT/cmp.json" 2>&1 | tail -8
+echo "== compare"; timeout 100 "$PY" bench/compare_commits.py --old "$OLD" --blocks 4 --iters 1000 --json "$OUT/cmp.json" 2>&1 | tail -8
 for side in old new; do
   tree=$PWD; [ "$side" = old ] && tree=$(cd "$OLD" && pwd)
   mkdir -p "/tmp/dl-$side"
   # each side runs its own tree's decode_loop.py (the old one predates the integrations layer)
-  echo "== decode_loop $side"; PYTHONPATH="$tree:/tmp/site" timeout 90 "$PY" "$tree/bench/decode_loop.py" --quick --out "/tmp/dl-$side" 2>&1 | grep -iE "steps/s|attnsync|naive|once|error|skipped|\\|" | head -14
+  echo "== decode_loop $side"; PYTHONPATH="$tree:/tmp/site" timeout 70 "$PY" "$tree/bench/decode_loop.py" --quick --out "/tmp/dl-$side" 2>&1 | grep -iE "steps/s|attnsync|naive|once|error|skipped|\\|" | head -14
   cp "/tmp/dl-$side/decode_loop.json" "$OUT/decode_$side.json" 2>/dev/null
 done
-echo "== gpu tests"; PYTHONPATH="$PWD:/tmp/site" timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multigpu" \
+echo "== gpu tests"; PYTHONPATH="$PWD:/tmp/site" timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multigpu" \
   tests/gpu/test_core_gpu.py tests/gpu/test_pinned_tables_gpu.py tests/gpu/test_equivalence_gpu.py -k "not flashinfer" >"$OUT/pytest.log" 2>&1
 tail -15 "$OUT/pytest.log"
 echo "== demo"; PYTHONPATH="$PWD:/tmp/site" timeout 40 "$PY" -m attnsync demo --json >"$OUT/demo.json" 2>"$OUT/demo.err"; echo "demo exit $?"
