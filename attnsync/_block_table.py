@@ -312,6 +312,9 @@ class BlockTableState:
         self.version = 0
         self.pending = False
         self._edits = 0  # verbs applied so far: a view made before a later verb is stale
+        # The record of the last take_updates: a lowering checks it is staging this state's own
+        # latest record, not one of another state that happens to share the versions.
+        self.last_updates: BlockTableUpdates | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -628,7 +631,8 @@ class BlockTableState:
         self._touched[touched] = False
         self.version += 1
         self.pending = False
-        return BlockTableUpdates(header, flat, real)
+        self.last_updates = BlockTableUpdates(header, flat, real)
+        return self.last_updates
 
     # -- internals -------------------------------------------------------------------------
 
@@ -757,6 +761,9 @@ class BlockTableView:
     """
 
     __slots__ = ("_edits", "_state", "_table", "condensed", "rows", "version")
+    # `attnsync.Batch(block_table=view)` recognises a view by this (the batch module cannot
+    # import this one, which imports it).
+    is_block_table_view = True
 
     def __init__(self, state: BlockTableState, rows: Any) -> None:
         self._state = state
@@ -788,6 +795,36 @@ class BlockTableView:
             table.setflags(write=False)
             self._table = table
         return self._table
+
+    @property
+    def state(self) -> BlockTableState:
+        """The state the view reads."""
+        return self._state
+
+    @property
+    def max_page_bound(self) -> int:
+        """An upper bound of every page id in the view (`num_cache_pages - 1`): the verbs
+        refused any id at or above it, so a batch needs no scan to bound its slot ids."""
+        return self._state.num_cache_pages - 1
+
+    def is_prefix(self, padded_num_rows: int) -> bool:
+        """Whether the batch's table padded to `padded_num_rows` rows is exactly the first
+        `padded_num_rows` rows of the table: the view is condensed and the rows after the
+        batch's are free (free rows are zero). The device table's prefix is then the batch's
+        table, a view with no gather; O(padded_num_rows - num_rows)."""
+        self._require_current()
+        n = self.num_rows
+        if not self.condensed or padded_num_rows > self._state.max_rows:
+            return self.condensed and padded_num_rows == n
+        return not self._state._live[n:padded_num_rows].any()
+
+    def padded_rows(self, padded_num_rows: int) -> np.ndarray:
+        """int32 [padded_num_rows]: the table row of each batch row, the pad row after the
+        real ones (the gather index of `row_pages` and `paged_kv_indices`)."""
+        self._require_current()
+        out = np.full(padded_num_rows, self._state.pad_row, dtype=np.int32)
+        out[: self.num_rows] = self.rows
+        return out
 
     def _require_current(self) -> None:
         if self._state._edits != self._edits:
