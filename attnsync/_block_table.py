@@ -251,6 +251,72 @@ def _int32_vector(value: Any, what: str) -> np.ndarray:
     return as_int_array(value, what, ndim=1)
 
 
+def check_step(table: Any, updates: BlockTableUpdates | None, view: BlockTableView) -> None:
+    """Refuse a device-table step whose record, view and device table do not belong together.
+
+    `table` is a device half (its `version`, `width`, `pad_row`); `updates` the step's record
+    (None: already applied); `view` the step's `BlockTableView`. Refused: a stale view (a verb
+    since), verbs after the record was taken, a record never staged (the table behind the
+    view), a record applied before or skipped, and a record of another state. Checks only:
+    the caller stages and applies once this returns.
+    """
+    state = view.state
+    if state.width != table.width or state.pad_row != table.pad_row:
+        raise SpecError(
+            f"table_view: the view is of a table of width {state.width} with pad row {state.pad_row}, the "
+            f"device table has width {table.width} and pad row {table.pad_row}. Fix: pass the view of "
+            f"the state the device table was made from.")
+    view._require_current()  # refuses a view made before a later verb
+    if state.pending:
+        raise SpecError(
+            "table_view: verbs changed the block table after this step's record was taken, so neither "
+            "the device table nor the step's batch has those changes. Fix: take_updates() once per step, "
+            "after the step's last verb, and lower the step with that record.")
+    if updates is None:
+        if table.version != view.version:
+            raise SpecError(
+                f"table_updates: the device table is at version {table.version}, but the step was built at "
+                f"version {view.version}: the pending updates were never staged. Fix: pass the step's "
+                f"record, lower(md, ..., table_updates=state.take_updates()), once per step.")
+    else:
+        if updates is not state.last_updates:
+            raise SpecError(
+                "table_updates: this record is not the last one the view's state returned (another "
+                "state's, or an older step's). Fix: pass this step's state.take_updates() record.")
+        _require_next(table.version, updates.header, "table_updates")
+        if updates.header.version != view.version:
+            raise SpecError(
+                f"table_updates: the record takes the table to version {updates.header.version}, but the "
+                f"step's view is of version {view.version}. Fix: pass the record take_updates() returned "
+                f"just before this step's view was made.")
+        if updates.header.width != table.width or updates.header.pad_row != table.pad_row:
+            raise SpecError(
+                f"table_updates: the record is for a table of width {updates.header.width} (pad row "
+                f"{updates.header.pad_row}), the device table has width {table.width} (pad row "
+                f"{table.pad_row}). Fix: apply records only to the table of their state.")
+
+
+def check_metadata(md: Any, width: int, view: BlockTableView) -> int:
+    """Refuse metadata a device-table lowering cannot serve (no block table, another shape,
+    another batch than `view`'s); returns its padded row count."""
+    values = getattr(md, "__dict__", {})
+    if "block_table" not in values or "num_reqs" not in values:
+        raise SpecError(f"block_table: {type(md).__name__} has no device block table to take from a device "
+                        f"table. Fix: lower it without block_table=.")
+    padded = md.num_reqs
+    block_table = md.block_table
+    if block_table.shape != (padded, width):
+        raise SpecError(
+            f"block_table: the metadata's table has shape {block_table.shape}, the device table's rows "
+            f"have width {width} for {padded} rows. Fix: build the step from Batch(block_table=view).")
+    scheduled = md.__dict__.get("num_scheduled_reqs", padded)
+    if view.num_rows != scheduled:
+        raise SpecError(
+            f"table_view: the view has {view.num_rows} rows, the metadata {scheduled} requests. Fix: pass "
+            f"the view the step's Batch was made from.")
+    return padded
+
+
 class BlockTableState:
     """The host half of a device-resident block table: a mirror plus the pending changes.
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._block_table import BlockTableUpdates, BlockTableView, _require_next, bucket_count
+from .._block_table import BlockTableUpdates, BlockTableView, bucket_count, check_metadata, check_step
 from .._plan import LoweringPlan, _getter
 from .._validate import SpecError
 from ..backends.flashinfer import DEVICE_INDICES_MARK
@@ -122,55 +122,8 @@ def _check(plan: LoweringPlan, stager: Any, md: Any, table: Any, updates: Any, v
     if table.device != stager.device:
         raise SpecError(f"block_table: the device table is on {table.device}, the lowering stages to "
                         f"{stager.device}. Fix: one device table per device.")
-    if "block_table" not in plan.staged_fields or "num_reqs" not in md.__dict__:
-        raise SpecError(f"block_table: {type(md).__name__} has no device block table to take from a device "
-                        f"table. Fix: lower it without block_table=.")
-    state = view.state
-    if state.width != table.width or state.pad_row != table.pad_row:
-        raise SpecError(
-            f"table_view: the view is of a table of width {state.width} with pad row {state.pad_row}, the "
-            f"device table has width {table.width} and pad row {table.pad_row}. Fix: pass the view of "
-            f"the state the device table was made from.")
-    view._require_current()  # refuses a view made before a later verb
-    if state.pending:
-        raise SpecError(
-            "table_view: verbs changed the block table after this step's record was taken, so neither "
-            "the device table nor the step's batch has those changes. Fix: take_updates() once per step, "
-            "after the step's last verb, and lower the step with that record.")
-    if updates is None:
-        if table.version != view.version:
-            raise SpecError(
-                f"table_updates: the device table is at version {table.version}, but the step was built at "
-                f"version {view.version}: the pending updates were never staged. Fix: pass the step's "
-                f"record, lower(md, ..., table_updates=state.take_updates()), once per step.")
-    else:
-        if updates is not state.last_updates:
-            raise SpecError(
-                "table_updates: this record is not the last one the view's state returned (another "
-                "state's, or an older step's). Fix: pass this step's state.take_updates() record.")
-        _require_next(table.version, updates.header, "table_updates")
-        if updates.header.version != view.version:
-            raise SpecError(
-                f"table_updates: the record takes the table to version {updates.header.version}, but the "
-                f"step's view is of version {view.version}. Fix: pass the record take_updates() returned "
-                f"just before this step's view was made.")
-        if updates.header.width != table.width or updates.header.pad_row != table.pad_row:
-            raise SpecError(
-                f"table_updates: the record is for a table of width {updates.header.width} (pad row "
-                f"{updates.header.pad_row}), the device table has width {table.width} (pad row "
-                f"{table.pad_row}). Fix: apply records only to the table of their state.")
-    padded = md.num_reqs
-    block_table = md.block_table
-    if block_table.shape != (padded, table.width):
-        raise SpecError(
-            f"block_table: the metadata's table has shape {block_table.shape}, the device table's rows "
-            f"have width {table.width} for {padded} rows. Fix: build the step from Batch(block_table=view).")
-    scheduled = md.__dict__.get("num_scheduled_reqs", padded)
-    if view.num_rows != scheduled:
-        raise SpecError(
-            f"table_view: the view has {view.num_rows} rows, the metadata {scheduled} requests. Fix: pass "
-            f"the view the step's Batch was made from.")
-    return padded
+    check_step(table, updates, view)
+    return check_metadata(md, table.width, view)
 
 
 @functools.lru_cache(maxsize=64)
