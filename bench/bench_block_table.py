@@ -203,7 +203,7 @@ def measure_whole(case: Case, *, rounds: int, calls: int) -> dict[str, Any]:
     from attnsync.adapters import _torch_table_lowering
     from attnsync.adapters.torch import _WIDE, Stager, lower
 
-    torch, state, n = case.torch, case.state, case.num_reqs
+    state, n = case.state, case.num_reqs
     stager = Stager(case.device, depth=2)
     memory = stager.table_memory
     query = np.ones(n, dtype=np.int32)

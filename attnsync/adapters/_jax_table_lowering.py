@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._block_table import BlockTableUpdates, BlockTableView, _offsets, bucket_count, check_metadata, check_step
+from .._block_table import (
+    BlockTableUpdates,
+    BlockTableView,
+    _offsets,
+    bucket_count,
+    check_metadata,
+    check_step,
+)
 from .._validate import SpecError
 from . import jax as _jax
 from .jax_block_table import JaxBlockTable

@@ -107,7 +107,7 @@ def test_record_applied_twice_is_refused_and_writes_nothing():
     lowered = lower(_md(state, view), "cpu", block_table=device, table_updates=updates, table_view=view)
     assert lowered.block_table_tensor.tolist() == [[1, 2, 0, 0], [3, 0, 0, 0]]
     before = device.storage.clone()
-    with pytest.raises(SpecError, match="already at version 1.*applied before"):
+    with pytest.raises(SpecError, match=r"already at version 1.*applied before"):
         lower(_md(state, view), "cpu", block_table=device, table_updates=updates, table_view=view)
     assert torch.equal(device.storage, before) and device.version == 1
     # the record once applied, the same step lowers again without it
@@ -136,16 +136,16 @@ def test_verbs_after_the_record_are_refused():
 
 
 def test_bad_rows_and_page_ids_are_refused_by_the_verbs_and_views():
-    state, device = _small()
+    state, _ = _small()
     with pytest.raises(SpecError, match="row 7 does not exist"):
         state.append(7, [4])
-    with pytest.raises(SpecError, match="page id 30 .* out of range"):
+    with pytest.raises(SpecError, match=r"page id 30 .* out of range"):
         state.append(0, [30])
     state.take_updates()
     with pytest.raises(SpecError, match="holds no request"):
         state.view([0, 2])
     view = state.view(2)
-    with pytest.raises(SpecError, match="holds 1 pages, but seq_len 9 .* needs 3"):
+    with pytest.raises(SpecError, match=r"holds 1 pages, but seq_len 9 .* needs 3"):
         _md(state, view, seq_lens=(5, 9))
 
 
