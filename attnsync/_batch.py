@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import InitVar, dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -81,6 +81,64 @@ def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any,
     return None if found is None else (*copies, *found)
 
 
+def _init_from_view(batch: Batch, block_size: int) -> None:
+    """`Batch.__post_init__` for `block_table=BlockTableView`: every check in O(rows), no copy.
+
+    The view's state checked every page id when its verbs stored it (each in
+    `[1, num_cache_pages)`), so the table is not scanned again: only the bound those ids imply
+    is checked (a scan happens only where that bound is not enough). The batch's `block_table`
+    is the view's table (the mirror's rows in place when the view is condensed).
+    """
+    view = batch.block_table
+    query_lens = as_int_array(batch.query_lens, "query_lens", ndim=1, minimum=0)
+    seq_lens = as_int_array(batch.seq_lens, "seq_lens", ndim=1, minimum=0)
+    num_reqs = query_lens.shape[0]
+    if seq_lens.shape[0] != num_reqs or view.num_rows != num_reqs:
+        raise SpecError(
+            f"seq_lens / block_table: expected one value and one view row per request ({num_reqs}, the "
+            f"length of query_lens), received {seq_lens.shape[0]} lengths and a view of "
+            f"{view.num_rows} rows. Fix: make the view with state.view(rows) for exactly the batch's rows."
+        )
+    too_long = query_lens > seq_lens
+    if too_long.any():
+        row = int(np.argmax(too_long))
+        raise SpecError(
+            f"query_lens: row {row} has query_len {int(query_lens[row])} > seq_len {int(seq_lens[row])}. "
+            f"Fix: pass seq_lens = num_computed_tokens + query_lens."
+        )
+    total_tokens = int(query_lens.sum(dtype=np.int64))
+    max_seq_len = int(seq_lens.max()) if num_reqs else 0
+    if total_tokens > INT32_MAX:
+        raise SpecError(f"query_lens: the total {total_tokens} does not fit int32.")
+    pages = view.pages  # (refuses a view made before a later verb)
+    short = pages_per_seq(seq_lens, block_size) > pages
+    if short.any():
+        row = int(np.argmax(short))
+        raise SpecError(
+            f"block_table: row {row} (table row {int(view.rows[row])}) holds {int(pages[row])} pages, "
+            f"but seq_len {int(seq_lens[row])} at block_size {block_size} needs "
+            f"{int(pages_per_seq(seq_lens[row : row + 1], block_size)[0])}. Fix: append the row's pages "
+            f"(BlockTableState.append / append_many) before describing the step."
+        )
+    table = view.table
+    max_page = view.max_page_bound
+    if (max_page + 1) * block_size - 1 > INT32_MAX:  # the bound is not enough: the real largest id
+        max_page = int(table.max()) if table.size else 0
+        if (max_page + 1) * block_size - 1 > INT32_MAX:
+            raise SpecError(
+                f"block_table: page id {max_page} at block_size {block_size} gives slot ids beyond "
+                f"int32. Fix: the KV cache cannot have that many slots."
+            )
+    num_cache_pages = None
+    if batch.num_cache_pages is not None:
+        num_cache_pages = as_int(batch.num_cache_pages, "num_cache_pages", minimum=1)
+        if max_page >= num_cache_pages:
+            batch._check_cache_pages(table, int(table.max()) if table.size else 0)
+    batch._finish(block_size, query_lens, seq_lens, table, num_reqs, total_tokens,
+                  int(query_lens.max()) if num_reqs else 0, max_seq_len, num_cache_pages)
+    batch.__dict__["table_view"] = view
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Batch:
     """Host description of one serving step (numpy int32 inside, read-only).
@@ -150,11 +208,17 @@ class Batch:
     max_query_len: int = field(init=False)
     max_seq_len: int = field(init=False)
     any_prefilling: bool = field(init=False)
+    # The `attnsync.BlockTableView` the batch's table was read from (block_table=view), else
+    # None: a device-table lowering takes the table rows from it (not a field: never copied).
+    table_view: ClassVar[Any] = None
 
     def __post_init__(self, table_memory: TableMemory | None) -> None:
         block_size = self.block_size
         if not (type(block_size) is int and 1 <= block_size <= INT32_MAX):  # (the common case inline)
             block_size = as_int(block_size, "block_size", minimum=1, maximum=INT32_MAX)
+        if getattr(type(self.block_table), "is_block_table_view", False):
+            _init_from_view(self, block_size)
+            return
         checked = _checked_natively(self.query_lens, self.seq_lens, self.block_table, table_memory)
         if checked is not None:
             # The compiled happy path (attnsync/_accel.py): the three arrays copied, lengths

@@ -251,6 +251,72 @@ def _int32_vector(value: Any, what: str) -> np.ndarray:
     return as_int_array(value, what, ndim=1)
 
 
+def check_step(table: Any, updates: BlockTableUpdates | None, view: BlockTableView) -> None:
+    """Refuse a device-table step whose record, view and device table do not belong together.
+
+    `table` is a device half (its `version`, `width`, `pad_row`); `updates` the step's record
+    (None: already applied); `view` the step's `BlockTableView`. Refused: a stale view (a verb
+    since), verbs after the record was taken, a record never staged (the table behind the
+    view), a record applied before or skipped, and a record of another state. Checks only:
+    the caller stages and applies once this returns.
+    """
+    state = view.state
+    if state.width != table.width or state.pad_row != table.pad_row:
+        raise SpecError(
+            f"table_view: the view is of a table of width {state.width} with pad row {state.pad_row}, the "
+            f"device table has width {table.width} and pad row {table.pad_row}. Fix: pass the view of "
+            f"the state the device table was made from.")
+    view._require_current()  # refuses a view made before a later verb
+    if state.pending:
+        raise SpecError(
+            "table_view: verbs changed the block table after this step's record was taken, so neither "
+            "the device table nor the step's batch has those changes. Fix: take_updates() once per step, "
+            "after the step's last verb, and lower the step with that record.")
+    if updates is None:
+        if table.version != view.version:
+            raise SpecError(
+                f"table_updates: the device table is at version {table.version}, but the step was built at "
+                f"version {view.version}: the pending updates were never staged. Fix: pass the step's "
+                f"record, lower(md, ..., table_updates=state.take_updates()), once per step.")
+    else:
+        if updates is not state.last_updates:
+            raise SpecError(
+                "table_updates: this record is not the last one the view's state returned (another "
+                "state's, or an older step's). Fix: pass this step's state.take_updates() record.")
+        _require_next(table.version, updates.header, "table_updates")
+        if updates.header.version != view.version:
+            raise SpecError(
+                f"table_updates: the record takes the table to version {updates.header.version}, but the "
+                f"step's view is of version {view.version}. Fix: pass the record take_updates() returned "
+                f"just before this step's view was made.")
+        if updates.header.width != table.width or updates.header.pad_row != table.pad_row:
+            raise SpecError(
+                f"table_updates: the record is for a table of width {updates.header.width} (pad row "
+                f"{updates.header.pad_row}), the device table has width {table.width} (pad row "
+                f"{table.pad_row}). Fix: apply records only to the table of their state.")
+
+
+def check_metadata(md: Any, width: int, view: BlockTableView) -> int:
+    """Refuse metadata a device-table lowering cannot serve (no block table, another shape,
+    another batch than `view`'s); returns its padded row count."""
+    values = getattr(md, "__dict__", {})
+    if "block_table" not in values or "num_reqs" not in values:
+        raise SpecError(f"block_table: {type(md).__name__} has no device block table to take from a device "
+                        f"table. Fix: lower it without block_table=.")
+    padded = md.num_reqs
+    block_table = md.block_table
+    if block_table.shape != (padded, width):
+        raise SpecError(
+            f"block_table: the metadata's table has shape {block_table.shape}, the device table's rows "
+            f"have width {width} for {padded} rows. Fix: build the step from Batch(block_table=view).")
+    scheduled = md.__dict__.get("num_scheduled_reqs", padded)
+    if view.num_rows != scheduled:
+        raise SpecError(
+            f"table_view: the view has {view.num_rows} rows, the metadata {scheduled} requests. Fix: pass "
+            f"the view the step's Batch was made from.")
+    return padded
+
+
 class BlockTableState:
     """The host half of a device-resident block table: a mirror plus the pending changes.
 
@@ -312,6 +378,9 @@ class BlockTableState:
         self.version = 0
         self.pending = False
         self._edits = 0  # verbs applied so far: a view made before a later verb is stale
+        # The record of the last take_updates: a lowering checks it is staging this state's own
+        # latest record, not one of another state that happens to share the versions.
+        self.last_updates: BlockTableUpdates | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -628,7 +697,8 @@ class BlockTableState:
         self._touched[touched] = False
         self.version += 1
         self.pending = False
-        return BlockTableUpdates(header, flat, real)
+        self.last_updates = BlockTableUpdates(header, flat, real)
+        return self.last_updates
 
     # -- internals -------------------------------------------------------------------------
 
@@ -757,6 +827,9 @@ class BlockTableView:
     """
 
     __slots__ = ("_edits", "_state", "_table", "condensed", "rows", "version")
+    # `attnsync.Batch(block_table=view)` recognises a view by this (the batch module cannot
+    # import this one, which imports it).
+    is_block_table_view = True
 
     def __init__(self, state: BlockTableState, rows: Any) -> None:
         self._state = state
@@ -788,6 +861,36 @@ class BlockTableView:
             table.setflags(write=False)
             self._table = table
         return self._table
+
+    @property
+    def state(self) -> BlockTableState:
+        """The state the view reads."""
+        return self._state
+
+    @property
+    def max_page_bound(self) -> int:
+        """An upper bound of every page id in the view (`num_cache_pages - 1`): the verbs
+        refused any id at or above it, so a batch needs no scan to bound its slot ids."""
+        return self._state.num_cache_pages - 1
+
+    def is_prefix(self, padded_num_rows: int) -> bool:
+        """Whether the batch's table padded to `padded_num_rows` rows is exactly the first
+        `padded_num_rows` rows of the table: the view is condensed and the rows after the
+        batch's are free (free rows are zero). The device table's prefix is then the batch's
+        table, a view with no gather; O(padded_num_rows - num_rows)."""
+        self._require_current()
+        n = self.num_rows
+        if not self.condensed or padded_num_rows > self._state.max_rows:
+            return self.condensed and padded_num_rows == n
+        return not self._state._live[n:padded_num_rows].any()
+
+    def padded_rows(self, padded_num_rows: int) -> np.ndarray:
+        """int32 [padded_num_rows]: the table row of each batch row, the pad row after the
+        real ones (the gather index of `row_pages` and `paged_kv_indices`)."""
+        self._require_current()
+        out = np.full(padded_num_rows, self._state.pad_row, dtype=np.int32)
+        out[: self.num_rows] = self.rows
+        return out
 
     def _require_current(self) -> None:
         if self._state._edits != self._edits:

@@ -18,6 +18,13 @@ pages. On a CPU-only machine the apply runs on CPU tensors (`--device cpu`, the 
 with `--device cuda` the apply and the full copy are queued on the GPU (host enqueue time; the
 queue is drained between calls, outside the timing).
 
+The whole step (`--whole`, on by default): scheduler verb, `Batch`, `attnsync.build` (common
+metadata) and `lower` through a depth-2 `Stager`, both ways: `delta` is
+`Batch(block_table=state.view(n))` lowered with `block_table=`, `table_updates=`, `table_view=`
+(the record rides in the step's one copy; `block_table_tensor` is the device table's prefix);
+`full` is `Batch(block_table=state.as_batch_table(n))` lowered plainly (on CUDA through the
+stager's pinned table memory, the plain path's fastest form). Bytes are the staged layout's.
+
 Targets (an H100 host, 4,096 x 2,048): delta uploads <= 64 KB, takes <= 150 us of host time, and
 >= 20x less host time than the full table.
 """
@@ -186,6 +193,88 @@ def measure(case: Case, *, rounds: int, calls: int) -> dict[str, Any]:
     return out
 
 
+BLOCK_SIZE = 16
+
+
+def measure_whole(case: Case, *, rounds: int, calls: int) -> dict[str, Any]:
+    """The whole decode step, delta against full, in alternating blocks; host microseconds."""
+    import attnsync
+    from attnsync._plan import plan_of
+    from attnsync.adapters import _torch_table_lowering
+    from attnsync.adapters.torch import _WIDE, Stager, lower
+
+    state, n = case.state, case.num_reqs
+    stager = Stager(case.device, depth=2)
+    memory = stager.table_memory
+    query = np.ones(n, dtype=np.int32)
+    times: dict[str, list[float]] = {"whole_delta": [], "whole_full": []}
+    sizes: dict[str, int] = {}
+
+    def seq_lens() -> np.ndarray:
+        return (state._len[:n] * BLOCK_SIZE - 3).astype(np.int32)  # every row inside its last page
+
+    def delta_step() -> Any:
+        rows, pages = case.next_crossing()
+        state.append_many(rows, pages)
+        updates = state.take_updates(pad=True)
+        view = state.view(n)
+        md = attnsync.build(attnsync.Batch(query_lens=query, seq_lens=seq_lens(), block_table=view,
+                                           block_size=BLOCK_SIZE))
+        out = lower(md, case.device, stager=stager, block_table=case.table, table_updates=updates, table_view=view)
+        sizes["delta"] = _torch_table_lowering._derived_plan(plan_of(type(md)), True, False, False).layouts(
+            {**md.__dict__, "_block_table_updates": np.zeros(max(64, updates.flat.shape[0]), np.int32)},
+            _WIDE).staged.nbytes
+        return out
+
+    def full_step() -> Any:
+        rows, pages = case.next_crossing()
+        state.append_many(rows, pages)
+        case.table.apply_record(state.take_updates(pad=True))  # (keeps the device table in step, untimed below)
+        md = attnsync.build(attnsync.Batch(query_lens=query, seq_lens=seq_lens(), block_table=state.as_batch_table(n),
+                                           block_size=BLOCK_SIZE, table_memory=memory))
+        out = lower(md, case.device, stager=stager)
+        sizes["full"] = plan_of(type(md)).layouts(md.__dict__, _WIDE).staged.nbytes
+        return out
+
+    def block(kind: str) -> None:
+        fn, spent = (delta_step, []) if kind == "whole_delta" else (full_step, [])
+        for i in range(calls + 3):
+            case.drain()
+            start = time.perf_counter()
+            if kind == "whole_delta":
+                fn()
+            else:  # time everything but the device table's own upkeep
+                rows, pages = case.next_crossing()
+                state.append_many(rows, pages)
+                t0 = time.perf_counter()
+                case.table.apply_record(state.take_updates(pad=True))
+                upkeep = time.perf_counter() - t0
+                md = attnsync.build(attnsync.Batch(
+                    query_lens=query, seq_lens=seq_lens(), block_table=state.as_batch_table(n),
+                    block_size=BLOCK_SIZE, table_memory=memory))
+                lower(md, case.device, stager=stager)
+                start += upkeep
+            if i >= 3:
+                spent.append((time.perf_counter() - start) * 1e6)
+        times[kind].append(statistics.median(spent))
+
+    full_step()
+    delta_step()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for kind in (("whole_delta", "whole_full") if r % 2 == 0 else ("whole_full", "whole_delta")):
+                block(kind)
+    finally:
+        gc.enable()
+    case.drain()
+    assert np.array_equal(case.table.storage.cpu().numpy(), state.mirror), "device table diverged"
+    out = {key: statistics.median(values) for key, values in times.items()}
+    out["whole_delta_bytes"], out["whole_full_bytes"] = sizes["delta"], sizes["full"]
+    out["whole_ratio"] = out["whole_full"] / out["whole_delta"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write DIR/bench_block_table.json")
@@ -193,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls (a smoke test)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the apply runs (default: cuda when available, else cpu)")
+    parser.add_argument("--no-whole", action="store_true", help="skip the whole-step comparison")
     args = parser.parse_args(argv)
     import torch
 
@@ -206,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for num_reqs, width in SIZES:
         case = Case(num_reqs, width, device, rng)
         row = {"num_reqs": num_reqs, "width": width, **measure(case, rounds=rounds, calls=calls)}
+        if not args.no_whole:
+            row.update(measure_whole(case, rounds=rounds, calls=calls // 2))
         results.append(row)
         del case
         gc.collect()
@@ -236,12 +328,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     big = next(r for r in results if (r["num_reqs"], r["width"]) == (4096, 2048))
-    return {
+    out = {
         "delta_bytes": big["delta_bytes"], "bytes_ok": big["delta_bytes"] <= 64 * 1024,
         "delta_host_us": big["delta_host"], "host_ok": big["delta_host"] <= 150,
         "host_ratio": big["host_ratio"], "ratio_ok": big["host_ratio"] >= 20,
         "note": "targets are for an H100 host; a CPU-only run is indicative only",
     }
+    if "whole_delta" in big:
+        small = next(r for r in results if (r["num_reqs"], r["width"]) == (256, 512))
+        out.update({
+            "whole_delta_bytes": big["whole_delta_bytes"], "whole_bytes_ok": big["whole_delta_bytes"] <= 64 * 1024,
+            "whole_delta_us": big["whole_delta"], "whole_host_ok": big["whole_delta"] <= 150,
+            "whole_ratio": big["whole_ratio"], "whole_ratio_ok": big["whole_ratio"] >= 20,
+            "small_whole_ratio": small["whole_ratio"], "small_no_slower": small["whole_ratio"] >= 1.0,
+        })
+    return out
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -260,6 +361,16 @@ def _table(report: dict[str, Any]) -> str:
     lines.append(f"\n4096 x 2048: {t['delta_bytes']:,} bytes (<= 65,536: {t['bytes_ok']}), delta host "
                  f"{t['delta_host_us']:.1f} us (<= 150: {t['host_ok']}), full/delta {t['host_ratio']:.1f}x "
                  f"(>= 20: {t['ratio_ok']}); {t['note']}")
+    if "whole_delta_us" in t:
+        lines += ["\nwhole step (verb + Batch + build + lower, common metadata, depth-2 stager)\n",
+                  "| reqs x pages | delta bytes | full bytes | delta us | full us | full/delta |", "|---|---|---|---|---|---|"]
+        for r in report["results"]:
+            lines.append(f"| {r['num_reqs']} x {r['width']} | {r['whole_delta_bytes']:,} | {r['whole_full_bytes']:,} | "
+                         f"{r['whole_delta']:.1f} | {r['whole_full']:.1f} | {r['whole_ratio']:.1f}x |")
+        lines.append(f"\nwhole step 4096 x 2048: {t['whole_delta_bytes']:,} bytes (<= 65,536: {t['whole_bytes_ok']}), "
+                     f"{t['whole_delta_us']:.1f} us (<= 150: {t['whole_host_ok']}), full/delta {t['whole_ratio']:.1f}x "
+                     f"(>= 20: {t['whole_ratio_ok']}); 256 x 512 full/delta {t['small_whole_ratio']:.2f}x "
+                     f"(no slower: {t['small_no_slower']})")
     return "\n".join(lines)
 
 

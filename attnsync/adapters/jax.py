@@ -70,6 +70,7 @@ import numpy as np
 from .._buckets import Bucket, scalar_roles
 from .._plan import BUILT_MARK, check_lowerable, plan_of
 from .._validate import INT32_MAX, INT32_MIN, SpecError
+from ..backends.flashinfer import DEVICE_INDICES_MARK as _DEVICE_INDICES_MARK
 
 __all__ = ["Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered"]
 
@@ -502,7 +503,7 @@ def _target(device: Any, sharding: Any) -> Any:
 
 
 def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding: Any = None,
-          **removed: Any) -> Any:
+          block_table: Any = None, table_updates: Any = None, table_view: Any = None, **removed: Any) -> Any:
     """Lower host metadata `md` (from `attnsync.build`) to JAX: one int32 `device_put`.
 
     Args:
@@ -519,6 +520,14 @@ def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding
             `NamedSharding(mesh, PartitionSpec())`) instead of `device`: the metadata of a
             tensor-parallel server, the same on every device of the mesh; one transfer per
             device.
+        block_table: a `JaxBlockTable` (attnsync.adapters.jax_block_table) holding the block
+            table on `device`: the table is then not uploaded. `table_updates` (the step's
+            `take_updates()` record, None when already applied) rides in the same `device_put`
+            and is applied to the donated table inside one jitted function, which gathers the
+            block table (and FlashInfer's `paged_kv_indices`) into the packed vector; the
+            result equals the plain lowering. Needs `table_view`, the `BlockTableView` the
+            step's `Batch` was made from. docs/block_table.md describes the path.
+        table_updates, table_view: see `block_table`.
 
     Returns:
         A `Jax<MetadataClass>` (with `bucket`: `JaxBucketed<MetadataClass>`) pytree: its one
@@ -541,6 +550,19 @@ def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding
     """
     if removed:
         _refuse_keywords(removed)
+    if block_table is not None or table_updates is not None or table_view is not None:
+        if block_table is None or table_view is None or sharding is not None:
+            raise SpecError("block_table, table_view: a device-table lowering needs both the JaxBlockTable "
+                            "(block_table=) and the step's BlockTableView (table_view=), and one device "
+                            "(no sharding=).")
+        from . import _jax_table_lowering  # (it imports this module)
+
+        return _jax_table_lowering.lower_with_table(md, device, bucket, block_table, table_updates, table_view)
+    if getattr(md, "__dict__", _NO_DICT).get(_DEVICE_INDICES_MARK):
+        raise SpecError(
+            "paged_kv_indices: this metadata was built with device_indices=True, so its host "
+            "paged_kv_indices is a placeholder and only a device block table can supply the real one. "
+            "Fix: lower(md, device, block_table=device_table, table_updates=record, table_view=view).")
     plan, md, built = _prepare(md, bucket)
     target = _target(device, sharding)
     on_cpu = sharding is None and target.platform == "cpu"

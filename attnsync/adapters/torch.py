@@ -24,6 +24,7 @@ from .._plan import LoweringPlan, StepLayout, plan_of
 from .._spec import BUILT_MARK, check_lowerable
 from .._staging import PackedLayout, SlotRing, StagingStats, pack, plan_layout, unpack
 from .._validate import SpecError
+from . import _torch_table_lowering as _table_lowering
 from ._cuda_calls import CurrentStream, HostToDevice
 from ._pinned_tables import PinnedTables, pack_fields
 
@@ -352,7 +353,8 @@ def with_fields(lowered: Any, **updates: Any) -> Any:
 
 
 def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
-          stager: Stager | None = None) -> Any:
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> Any:
     """Lower host metadata `md` (from `attnsync.build`) to torch tensors on `device`.
 
     Device fields are views into one staged buffer filled by one pinned `non_blocking` copy on
@@ -370,6 +372,14 @@ def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None
             Default: fresh memory per lowering, never rewritten. A serving loop passes its own
             `Stager(device, depth=2)` (reused memory, less host time) or a persistent one
             (fixed addresses, for CUDA graphs).
+        block_table: a `TorchBlockTable` (attnsync.adapters.torch_block_table) holding the
+            block table on `device`. The step's table is then not uploaded: `table_updates`
+            (the step's `BlockTableState.take_updates()` record, or None when it was already
+            applied) rides in the same packed copy and is applied in stream order, and
+            `block_table_tensor` (and FlashInfer's `paged_kv_indices`) come from the device
+            table. Needs `table_view`, the `BlockTableView` the step's `Batch` was made from.
+            docs/block_table.md describes the path and its ownership.
+        table_updates, table_view: see `block_table`.
 
     Returns:
         A frozen `Torch<MetadataClass>` with vLLM's field names (for the common backend:
@@ -380,13 +390,17 @@ def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None
     plan = _plan_of(md)
     stager = _stager_for(device, stager)
     values = md.__dict__
-    if seq_lens is None:
+    if block_table is not None or table_updates is not None or table_view is not None:
+        fields = _table_lowering.lower_with_table(plan, stager, md, seq_lens, block_table, table_updates, table_view)
+    elif seq_lens is None:
         if plan.exact_slots_flag and not values["slot_mapping_exact"]:
             raise SpecError(
                 "seq_lens: the batch has inexact rows (seq_lens_exact=False), so the host cannot know "
                 "where their new tokens go in the cache. Fix: pass the exact device lengths, "
                 "lower(md, device, seq_lens=exact_int32_cuda_tensor), and the slot mapping is "
                 "recomputed on the device.")
+        if "paged_kv_indices" in values:
+            _table_lowering.refuse_device_indices(values)
         fields = stager.lower(plan, values)
     else:
         fields = _lower_device_lengths(plan, stager, md, _check_device_seq_lens(seq_lens, md, stager.device))

@@ -16,6 +16,12 @@ Options:
         prefilling, are decodes. FlashInfer's decode wrapper runs exactly one query token per
         request, so keep 1 unless you run the decode rows some other way (the planning helper
         refuses decode rows of more than one token).
+    device_indices (bool, default False): leave `paged_kv_indices` to the device. The host
+        array is then a zero-filled placeholder of the right shape, never computed (on a
+        batch over a `BlockTableView` it would read most of the table), and the metadata is
+        marked so that only a device-table lowering (`lower(md, ..., block_table=...)`, which
+        gathers the indices from the device table) accepts it; `paged_kv_indptr` and
+        `paged_kv_last_page_len` stay on the host as always.
 
 Rules the builder enforces:
     * Decode-first order: the decode rows come first, everything else (extends and fresh
@@ -177,13 +183,24 @@ def paged_kv_arrays(
     return indptr.copy(), indices.copy(), _fields.paged_kv_last_page_len(seq_lens, block_size).copy()
 
 
-def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
+# The instance-dict key marking metadata built with device_indices=True (its host
+# paged_kv_indices is a placeholder); the adapters' plain lowerings refuse such metadata.
+DEVICE_INDICES_MARK = "_attnsync_device_indices"
+
+
+def _placeholder_indices(num_pages: int) -> np.ndarray:
+    """A read-only zero array of `num_pages` entries that takes no memory (device_indices)."""
+    return np.broadcast_to(np.zeros(1, dtype=np.int32), (num_pages,))
+
+
+def build(batch: Batch, /, *, decode_threshold: int = 1, device_indices: bool = False) -> FlashInferMetadata:
     """Build FlashInfer's host metadata for `batch` (host only, numpy; the "plan" phase).
 
     Args:
         batch: a validated `attnsync.Batch` in decode-first order with exact lengths.
         decode_threshold: rows with at most this many new tokens (and not still prefilling)
             are decodes; keep 1 for FlashInfer's decode wrapper.
+        device_indices: leave `paged_kv_indices` to a device-table lowering (module docs).
 
     Returns:
         A `FlashInferMetadata` of read-only arrays; lower it with
@@ -236,14 +253,17 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
     else:
         max_decode_q = int(q[:nd].max()) if nd else 0
         max_prefill_q = int(q[nd:].max())
+    if not isinstance(device_indices, bool):
+        raise TypeError(f"device_indices: expected a bool, received {device_indices!r}.")
     # FlashInfer's prefills are every non-decode row (the common split's extends too)
-    return construct(FlashInferMetadata, {
+    md = construct(FlashInferMetadata, {
         "query_start_loc": query_start_loc,
         "seq_lens": seq_lens,
         "block_table": block_table,
         "slot_mapping": _fields.slot_mapping(q, s, table, page, tokens),
         "paged_kv_indptr": indptr,
-        "paged_kv_indices": _fields.paged_kv_indices(block_table, indptr),
+        "paged_kv_indices": (_placeholder_indices(num_pages) if device_indices
+                             else _fields.paged_kv_indices(block_table, indptr)),
         "paged_kv_last_page_len": _fields.paged_kv_last_page_len(seq_lens, page),
         "prefill_qo_indptr": _fields.prefill_qo_indptr(query_start_loc, nd, n),
         "prefill_paged_kv_indptr": _fields.prefill_paged_kv_indptr(indptr, nd, n),
@@ -264,3 +284,6 @@ def build(batch: Batch, /, *, decode_threshold: int = 1) -> FlashInferMetadata:
         "num_decode_pages": decode_pages,
         "num_pages": num_pages,
     })
+    if device_indices:
+        md.__dict__[DEVICE_INDICES_MARK] = True
+    return md
