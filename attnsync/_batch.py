@@ -160,7 +160,7 @@ class Batch:
     max_seq_len: int = field(init=False)
     any_prefilling: bool = field(init=False)
 
-    def __post_init__(self, table_memory: TableMemory | None, check: str = "fast") -> None:
+    def __post_init__(self, table_memory: TableMemory | None, check: str) -> None:
         block_size = self.block_size
         if not (type(block_size) is int and 1 <= block_size <= INT32_MAX):  # (the common case inline)
             block_size = as_int(block_size, "block_size", minimum=1, maximum=INT32_MAX)

@@ -59,7 +59,7 @@ def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
 _DISPATCH: dict[str, tuple[str, Any, frozenset[str], frozenset[str]]] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _options_of(builder: Any) -> frozenset[str]:
     """Keyword-only option names of a backend's `build` (cached: inspect is slow per step)."""
     return frozenset(
@@ -67,7 +67,7 @@ def _options_of(builder: Any) -> frozenset[str]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _required_of(builder: Any) -> frozenset[str]:
     """Keyword-only option names of a backend's `build` that have no default."""
     return frozenset(

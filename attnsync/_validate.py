@@ -9,7 +9,6 @@ boundary trusts the result and uses plain `assert` for invariants established he
 
 from __future__ import annotations
 
-import functools
 import numbers
 import operator
 from collections.abc import Iterator

@@ -13,11 +13,10 @@ import tracemalloc
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from strategies import batch_kwargs
 
 import attnsync
 from attnsync.backends import flex
-
-from strategies import batch_kwargs
 
 
 @settings(max_examples=150, deadline=None)
