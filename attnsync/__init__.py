@@ -19,6 +19,7 @@ from ._build import build as build
 from ._spec import CommonMetadata as CommonMetadata
 from ._validate import SpecError as SpecError
 from .backends import available_backends as available_backends
+from .backends import backend_info as backend_info
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "CommonMetadata",
     "SpecError",
     "available_backends",
+    "backend_info",
     "build",
     "reorder",
 ]

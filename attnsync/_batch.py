@@ -21,6 +21,7 @@ from ._validate import (
     as_bool_array,
     as_int,
     as_int_array,
+    check_contents,
     freeze,
 )
 
@@ -176,6 +177,13 @@ class Batch:
             (it is not a field), and a batch refused during validation needs no give-back: the
             object reclaims a buffer once nothing references it. A wrong array (shape, dtype,
             layout or read-only) is refused with a `TypeError`.
+        check: init-only, how much of what the pages mean is checked. "fast" (default): the
+            checks above and no per-page work. "full" (tests, debugging; work in proportion to
+            every live page): also refuses a new token written into page 0 (the padding page),
+            a live context position in page 0, two tokens writing one cache slot, and a row
+            writing a page that another row (or the same row in another column) also holds;
+            rows may share pages they only read (prefix caching). At every level, padding
+            beyond 65,536 rows or 16,777,216 tokens is refused before anything is allocated.
 
     Attributes:
         num_reqs: R, the real request count.
@@ -202,6 +210,7 @@ class Batch:
     padded_num_tokens: int | None = None
     num_cache_pages: int | None = None
     table_memory: InitVar[TableMemory | None] = None
+    check: InitVar[str] = "fast"
     num_reqs: int = field(init=False)
     num_tokens: int = field(init=False)
     all_exact: bool = field(init=False)
@@ -212,7 +221,7 @@ class Batch:
     # None: a device-table lowering takes the table rows from it (not a field: never copied).
     table_view: ClassVar[Any] = None
 
-    def __post_init__(self, table_memory: TableMemory | None) -> None:
+    def __post_init__(self, table_memory: TableMemory | None, check: str) -> None:
         block_size = self.block_size
         if not (type(block_size) is int and 1 <= block_size <= INT32_MAX):  # (the common case inline)
             block_size = as_int(block_size, "block_size", minimum=1, maximum=INT32_MAX)
@@ -268,6 +277,7 @@ class Batch:
         num_cache_pages = self._check_cache_pages(block_table, max_page)
         self._finish(block_size, query_lens, seq_lens, block_table, num_reqs, total_tokens,
                      max_query_len, max_seq_len, num_cache_pages)
+        check_contents(self, check)  # pages and padding (attnsync/_validate.py)
 
     def _check_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
         """The general path: query_lens, seq_lens and block_table validated and copied, the

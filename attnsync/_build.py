@@ -8,7 +8,7 @@ from typing import Any
 
 from ._batch import Batch
 from ._validate import SpecError
-from .backends import BACKENDS, backend_module
+from .backends import BACKENDS, backend_module, missing_options_error
 
 
 def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
@@ -37,28 +37,40 @@ def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
             f"{type(batch).__name__}. Fix: attnsync.build(attnsync.Batch(...), backend=...)."
         )
     try:
-        path, builder, accepted = _DISPATCH[backend]
+        path, builder, accepted, required = _DISPATCH[backend]
         if BACKENDS.get(backend) != path:  # the registry changed since (tests register backends)
             raise KeyError(backend)
     except (KeyError, TypeError):  # first use (imports the module), or not a backend name
         module = backend_module(backend)
-        path, builder, accepted = _DISPATCH[backend] = (BACKENDS[backend], module.build, _options_of(module.build))
+        path, builder, accepted, required = _DISPATCH[backend] = (
+            BACKENDS[backend], module.build, _options_of(module.build), _required_of(module.build))
     if options and not accepted.issuperset(options):
         unknown = sorted(set(options) - accepted)
         raise SpecError(
             f"build: backend {backend!r} has no option(s) {unknown}; its options are {sorted(accepted)}."
         )
+    if required and not required.issubset(options):  # (Python's own message names no backend)
+        raise missing_options_error(backend, [name for name in sorted(required) if name not in options])
     return builder(batch, **options)
 
 
 # backend name -> (its build function, its option names): `importlib.import_module` costs
 # microseconds a step even for a module already imported.
-_DISPATCH: dict[str, tuple[str, Any, frozenset[str]]] = {}
+_DISPATCH: dict[str, tuple[str, Any, frozenset[str], frozenset[str]]] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _options_of(builder: Any) -> frozenset[str]:
     """Keyword-only option names of a backend's `build` (cached: inspect is slow per step)."""
     return frozenset(
         p.name for p in inspect.signature(builder).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+@functools.cache
+def _required_of(builder: Any) -> frozenset[str]:
+    """Keyword-only option names of a backend's `build` that have no default."""
+    return frozenset(
+        p.name for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
     )

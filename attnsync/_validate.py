@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,25 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
     worse, silently copy device memory to the host: exactly the synchronisation attnsync exists
     to avoid. So device arrays are refused with a message that says where host data comes from.
     """
+    if type(value) is np.ndarray:
+        return value
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{field}: expected a plain array, received a numpy masked array "
+            f"{_describe(np.ma.getdata(value))} with mask {_describe(np.ma.getmaskarray(value))}; "
+            f"its mask would be ignored. Fix: pass `np.ma.getdata(x)` for the values or "
+            f"`x.filled(fill)` with the value masked entries stand for."
+        )
     if isinstance(value, np.ndarray):
         return value
+    if isinstance(value, Iterator | set | frozenset | dict):
+        kind = "an unordered " + type(value).__name__ if isinstance(value, set | frozenset | dict) else (
+            f"a one-shot iterator ({type(value).__name__})")
+        raise TypeError(
+            f"{field}: expected a list, a numpy array or a CPU tensor, received {kind}, which has "
+            f"no fixed length or order to read one value per request from. Fix: pass "
+            f"`list(...)` of it (or a numpy array)."
+        )
     device = getattr(value, "device", None)
     device_text = str(device) if device is not None else ""
     if device_text and not device_text.lower().startswith(("cpu", "tfrt_cpu")):
@@ -229,3 +247,126 @@ def freeze(arr: np.ndarray) -> np.ndarray:
     """Mark a freshly built array read-only so a frozen dataclass is frozen for its data too."""
     arr.setflags(write=False)  # half the cost of `arr.flags.writeable = False`
     return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch contents: what the pages and padding of a shape-valid batch mean.
+
+CHECK_LEVELS = ("fast", "full")
+
+# Padding is a CUDA-graph or jit bucket, allocated by every build in proportion to its size, so
+# a bucket far beyond any captured size is refused before anything is allocated.
+MAX_PADDED_REQS = 1 << 16
+MAX_PADDED_TOKENS = 1 << 24
+
+
+def check_padding(padded_reqs: int, num_reqs: int, padded_tokens: int, num_tokens: int) -> None:
+    """Refuse padding beyond `MAX_PADDED_REQS` rows / `MAX_PADDED_TOKENS` tokens (real rows and
+    tokens themselves are never limited here: their arrays already exist)."""
+    if padded_reqs > max(num_reqs, MAX_PADDED_REQS):
+        raise SpecError(
+            f"padded_num_reqs: {padded_reqs} rows, expected at most {MAX_PADDED_REQS} (or the "
+            f"batch's own {num_reqs}). Every build allocates its padded rows (block table "
+            f"included). Fix: pad to the bucket you captured or jitted, or leave it None."
+        )
+    if padded_tokens > max(num_tokens, MAX_PADDED_TOKENS):
+        raise SpecError(
+            f"padded_num_tokens: {padded_tokens} tokens, expected at most {MAX_PADDED_TOKENS} (or "
+            f"the batch's own {num_tokens}). Every build allocates its padded tokens. Fix: pad "
+            f"to the bucket you captured or jitted, or leave it None."
+        )
+
+
+def _entries(rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every block-table entry in columns [first[i], last[i]] of rows[i]."""
+    counts = (last - first + 1).astype(np.int64)
+    row_of = np.repeat(rows, counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    cols = np.repeat(first.astype(np.int64), counts) + (np.arange(row_of.size, dtype=np.int64) - starts)
+    return row_of, cols
+
+
+def check_pages(query_lens: np.ndarray, seq_lens: np.ndarray, block_table: np.ndarray,
+                block_size: int, exact: np.ndarray) -> None:
+    """`Batch(check="full")`: refuse a batch whose tokens sit or are written where they must not.
+
+    Refused: a new token written into page 0, the padding page; a live context position in
+    page 0; a page a row writes that appears a second time among the rows' live pages (two
+    tokens writing one slot, one row writing into another row's page, or a row holding the
+    page it writes twice). Rows may share pages they only read (prefix caching). Rows marked
+    inexact are not checked: the host does not know where their tokens go. Work
+    in proportion to every live page of the batch (a sort of them), so this is a level for
+    tests and debugging, not the per-step default.
+    """
+    bs = block_size
+    q64, s64 = query_lens.astype(np.int64), seq_lens.astype(np.int64)
+    writes = (q64 > 0) & exact
+    rows = np.flatnonzero(writes)
+    if rows.size:
+        first = (s64[rows] - q64[rows]) // bs
+        last = (s64[rows] - 1) // bs
+        row_of, cols = _entries(rows, first, last)
+        pages = block_table[row_of, cols]
+        zero = pages == 0
+        if zero.any():
+            i = int(np.argmax(zero))
+            r, c = int(row_of[i]), int(cols[i])
+            lo, hi = max(int(s64[r] - q64[r]), c * bs), min(int(s64[r]), (c + 1) * bs)
+            raise SpecError(
+                f"block_table: row {r} writes its new tokens at positions [{lo}, {hi}) into "
+                f"block_table[{r}, {c}] = 0, page 0, the padding page (unused entries are padded "
+                f"with 0, so page 0 holds no live token). Fix: allocate a page for the row's new "
+                f"tokens and put its id in column {c}."
+            )
+    npages = np.where(exact, -(-s64 // bs), 0)  # (an inexact row's live length is unknown)
+    live = np.arange(block_table.shape[1], dtype=np.int64) < npages[:, None]
+    zero = live & (block_table == 0)
+    if zero.any():
+        r, c = (int(i) for i in np.unravel_index(int(np.argmax(zero)), zero.shape))
+        raise SpecError(
+            f"block_table: row {r} (seq_len {int(s64[r])}) reads positions [{c * bs}, "
+            f"{min(int(s64[r]), (c + 1) * bs)}) from block_table[{r}, {c}] = 0, page 0, the padding "
+            f"page (unused entries are padded with 0, so page 0 holds no live token). Fix: put "
+            f"the id of the page holding those positions in column {c}."
+        )
+    if not rows.size:
+        return
+    live_pages = block_table[live]  # row-major: every live entry once
+    order = np.sort(live_pages)
+    counts = np.searchsorted(order, pages, side="right") - np.searchsorted(order, pages, side="left")
+    shared = counts > 1
+    if not shared.any():
+        return
+    i = int(np.argmax(shared))
+    r, c, page = int(row_of[i]), int(cols[i]), int(pages[i])
+    holders = np.argwhere(live & (block_table == page))
+    r2, c2 = next((int(a), int(b)) for a, b in holders if (int(a), int(b)) != (r, c))
+
+    def written(row: int, col: int) -> tuple[int, int]:  # offsets the row's new tokens write
+        lo = max(int(s64[row] - q64[row]), col * bs) if writes[row] else (col + 1) * bs
+        return lo - col * bs, min(int(s64[row]), (col + 1) * bs) - col * bs
+
+    (a0, a1), (b0, b1) = written(r, c), written(r2, c2)
+    if max(a0, b0) < min(a1, b1):
+        who = "the same row" if r2 == r else f"row {r2}"
+        what = (f"{who} writes it too (block_table[{r2}, {c2}]): both write cache slot "
+                f"{page * bs + max(a0, b0)}, two tokens into one slot")
+    elif r2 == r:
+        what = f"row {r} holds page {page} twice (columns {c2} and {c}) and writes it"
+    else:
+        what = (f"row {r2} also holds it (block_table[{r2}, {c2}]); rows may share pages they "
+                f"only read (prefix caching), but a page a row writes is its own")
+    raise SpecError(
+        f"block_table: row {r} writes its new tokens into page {page} (block_table[{r}, {c}]), and "
+        f"{what}. Fix: give each row a fresh page of its own for the tokens it writes."
+    )
+
+
+def check_contents(batch: Any, check: Any) -> None:
+    """`Batch`'s checks of its padding and, at level "full", of what its pages mean (see
+    `check_pages`), after every field is set; the one call `Batch` makes for them."""
+    if batch.padded_num_reqs > MAX_PADDED_REQS or batch.padded_num_tokens > MAX_PADDED_TOKENS:
+        check_padding(batch.padded_num_reqs, batch.num_reqs, batch.padded_num_tokens, batch.num_tokens)
+    if check != "fast" and as_choice(check, "check", CHECK_LEVELS) == "full":
+        check_pages(batch.query_lens, batch.seq_lens, batch.block_table, batch.block_size,
+                    batch.seq_lens_exact)

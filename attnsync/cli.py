@@ -1,4 +1,4 @@
-"""The `attnsync` command: `attnsync demo [--json]`, `attnsync verify` and `attnsync --version`.
+"""The `attnsync` command: `attnsync demo [--fields] [--json]`, `attnsync verify` and `attnsync --version`.
 
 `attnsync verify` (the equivalence matrix) lives in `attnsync.verify`; `main` hands it its
 arguments untouched. The demo probes frameworks with verify's probe
@@ -327,8 +327,9 @@ def _shape_text(shape: list[int]) -> str:
     return "()" if not shape else "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def format_text(doc: dict[str, Any]) -> str:
-    """The demo report as aligned plain text."""
+def format_text(doc: dict[str, Any], *, fields: bool = False) -> str:
+    """The demo report as aligned plain text: one summary line per backend and framework, and
+    with `fields` every lowered field's shape, dtype, device and first values too."""
     b = doc["batch"]
     lines = [
         f"attnsync {doc['attnsync']} demo (python {doc['python']}): one mixed serving step, built on the "
@@ -351,12 +352,30 @@ def format_text(doc: dict[str, Any]) -> str:
         ["name", "status", "detail"],
         [[name, fw["status"], fw.get("version") or fw.get("reason")] for name, fw in doc["frameworks"].items()],
     )
-    lines += ["", "backends:"]
-    lines += _table(
-        ["name", "status", "detail"],
-        [[name, rep["status"], rep.get("metadata_class") or rep.get("reason")]
-         for name, rep in doc["backends"].items()],
-    )
+    built = [name for name, rep in doc["backends"].items() if rep["status"] == "ok"]
+    if not fields and len(built) == len(doc["backends"]):  # (the summary fits a screen)
+        lines += ["", f"backends: all {len(built)} built ({', '.join(built)})"]
+    else:
+        lines += ["", "backends:"]
+        lines += _table(
+            ["name", "status", "detail"],
+            [[name, rep["status"], rep.get("metadata_class") or rep.get("reason")]
+             for name, rep in doc["backends"].items()],
+        )
+    if not fields:
+        # A framework skipped above is skipped for every backend: said once, not once a backend.
+        ran = {name for name, fw in doc["frameworks"].items() if fw["status"] == "ok"}
+        lines += ["", "lowerings to the frameworks available (--fields lists every field; --json "
+                  "gives all values):"]
+        lines += _table(
+            ["backend", "framework", "status", "fields", "H2D copies", "syncs", "path or reason"],
+            [[name, fw_name, low["status"], len(low.get("fields", {})) if low["status"] == "ok" else "-",
+              low.get("h2d_copies", "-"), low.get("syncs", "-"),
+              low["path"] if low["status"] == "ok" else low.get("reason")]
+             for name, rep in doc["backends"].items() for fw_name, low in rep.get("lowerings", {}).items()
+             if fw_name in ran or low["status"] != "skipped"],
+        )
+        return "\n".join(lines)
     for name, rep in doc["backends"].items():
         for fw_name, low in rep.get("lowerings", {}).items():
             lines.append("")
@@ -406,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
         "H2D copies issued and the syncs seen (on a GPU).",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON document (arrays as full lists)")
+    demo.add_argument("--fields", action="store_true",
+                      help="list every lowered field (shape, dtype, device, first values) of each lowering")
     demo.add_argument(
         "--backend", action="append", choices=available_backends(), metavar="NAME",
         help=f"only this backend (repeatable; default all: {', '.join(available_backends())})",
@@ -460,6 +481,6 @@ def _main(argv: list[str]) -> int:
         backends = list(dict.fromkeys(args.backend or available_backends()))
         frameworks = list(dict.fromkeys(args.framework or FRAMEWORKS))
         doc = run_demo(backends=backends, frameworks=frameworks)
-        print(format_json(doc) if args.json else format_text(doc))
+        print(format_json(doc) if args.json else format_text(doc, fields=args.fields))
         return 1 if _failed(doc) else 0
     raise AssertionError(args.command)  # argparse refuses unknown commands before this

@@ -43,8 +43,27 @@ def _demo_json(capsys, *args: str) -> dict:
     return doc
 
 
+def test_demo_default_output_fits_a_screen_with_one_line_per_lowering():
+    result = _run("demo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 60, len(lines)
+    assert not any(line.startswith("== ") for line in lines)  # no field dumps without --fields
+    start = lines.index(next(line for line in lines if line.startswith("lowerings to the frameworks")))
+    assert lines[start + 1].split()[:4] == ["backend", "framework", "status", "fields"]
+    rows = [line.split() for line in lines[start + 2:] if line.strip()]
+    doc = cli.run_demo(backends=list(attnsync.available_backends()), frameworks=list(cli.FRAMEWORKS))
+    ran = [fw for fw, info in doc["frameworks"].items() if info["status"] == "ok"]
+    assert [(row[0], row[1]) for row in rows] == [(b, fw) for b in attnsync.available_backends() for fw in ran]
+    for row in rows:
+        assert row[2] == "ok" and int(row[3]) == len(doc["backends"][row[0]]["lowerings"][row[1]]["fields"])
+    full = _run("demo", "--fields")
+    assert full.returncode == 0 and len(full.stdout.splitlines()) > 3 * len(lines)
+    assert "== common -> numpy" in full.stdout
+
+
 def test_demo_text_runs_and_is_aligned():
-    result = _run("demo", "--backend", "common")
+    result = _run("demo", "--backend", "common", "--fields")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("== common -> numpy")))

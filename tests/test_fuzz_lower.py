@@ -18,7 +18,9 @@ What the adapters do *not* re-check, by design, is the values of a built metadat
 array where a bool one was) lowers as given. Integer arrays of another width whose values fit
 int32 are narrowed to int32, as the JAX adapter always did.
 
-The number of inputs tried per category is printed by the module's last test (`-s` not needed).
+The number of inputs tried per category is written by the module's last test to the file named
+by the environment variable ATTNSYNC_FUZZ_STATS, else to `fuzz_stats.txt` in pytest's base temp
+directory (e.g. /tmp/pytest-of-$USER/pytest-N/), never into pytest's output.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -455,14 +459,16 @@ def test_in_range_wider_integers_are_narrowed_not_refused():
     assert j.block_table.dtype == np.int32 and np.asarray(j.block_table).tolist() == md.block_table.tolist()
 
 
-def test_counts_reach_thousands(capsys):
-    """Runs last in this module (file order): print how many inputs the fuzz above tried."""
+def test_counts_reach_thousands(tmp_path_factory):
+    """Runs last in this module (file order): how many inputs the fuzz above tried, written to
+    a file (a print would break `pytest -q`'s progress line)."""
     tried = sum(v for k, v in COUNTS.items() if ":" not in k)
     lines = [f"fuzz (tests/test_fuzz_lower.py): {tried} malformed inputs tried, each refused with "
              f"SpecError/TypeError naming the field"]
     lines += [f"  {key}: {COUNTS[key]}" for key in sorted(COUNTS)]
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    path = Path(os.environ.get("ATTNSYNC_FUZZ_STATS") or tmp_path_factory.getbasetemp() / "fuzz_stats.txt")
+    path.write_text("\n".join(lines) + "\n")
+    assert path.read_text().startswith("fuzz (tests/test_fuzz_lower.py): ")
     if tried < 100:
         pytest.skip("run the whole module to count")
     assert tried >= 2000, COUNTS

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import attnsync
 
-PUBLIC = ["Batch", "Bucket", "BucketLadder", "CommonMetadata", "SpecError", "available_backends", "build", "reorder"]
+PUBLIC = ["Batch", "Bucket", "BucketLadder", "CommonMetadata", "SpecError", "available_backends", "backend_info",
+          "build", "reorder"]
 
 
 def test_all_is_pinned():

@@ -240,6 +240,9 @@ def inverse_block_table(
     return out
 
 
+_BINCOUNT_RATIO = 16  # cache pages per candidate up to which the bincount proof is used
+
+
 def _first_occurrences(key: np.ndarray, key_bound: int) -> np.ndarray:
     """Mask of the first occurrence of each value of `key` (values in [0, key_bound)).
 
@@ -360,8 +363,12 @@ def block_sparse_pages(
         pages, blocks = pages[real], blocks[real]
         # Without shared pages (no prefix caching, no reused pages in this batch) every
         # (block, page) pair is already unique: one bincount over the cache pages proves it
-        # and skips the sort, the costliest step of this function in decode batches.
-        if pages.size and np.bincount(pages, minlength=num_pages).max() > 1:
+        # and skips the sort, the costliest step of this function in decode batches. The
+        # bincount's work grows with the cache, so it runs only where the cache is at most
+        # _BINCOUNT_RATIO times the batch's candidates; otherwise the sort runs (work in
+        # proportion to the batch; on unique pairs it keeps every one, the same result).
+        if pages.size and (num_pages > _BINCOUNT_RATIO * pages.size
+                           or np.bincount(pages, minlength=num_pages).max() > 1):
             first = _first_occurrences(blocks * num_pages + pages, num_q_blocks * num_pages)
             pages, blocks = pages[first], blocks[first]
         # blocks is sorted (block order): a block's count is the length of its run, found by

@@ -309,8 +309,12 @@ def _captured_work(staged: dict[str, torch.Tensor], md: FlexMetadata) -> dict[st
 
 
 def _pages_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``ceil(seq_lens / block_size)``: pages each row's length needs (same dtype)."""
-    return torch.div(seq_lens + (block_size - 1), block_size, rounding_mode="floor")
+    """``ceil(seq_lens / block_size)``: pages each row's length needs (same dtype).
+
+    As quotient plus "a remainder is left": ``seq_lens + block_size - 1`` would wrap in int32
+    for a length near 2**31 that `Batch` accepts."""
+    whole = torch.div(seq_lens, block_size, rounding_mode="floor")
+    return whole + (whole * block_size != seq_lens).to(whole.dtype)
 
 
 def _row_fields_device(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,

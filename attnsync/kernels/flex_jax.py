@@ -74,7 +74,8 @@ def physical_to_logical_jax(block_table: jax.Array, seq_lens: jax.Array, *, bloc
     """The inverse block table, int32 [R, num_pages]: scatter-max of live columns, page 0 -> -1."""
     rows, width = block_table.shape
     columns = jnp.arange(width, dtype=jnp.int32)
-    used = (seq_lens + (block_size - 1)) // block_size
+    # quotient plus "a remainder is left": `seq_lens + block_size - 1` wraps in int32 near 2**31
+    used = seq_lens // block_size + (seq_lens % block_size != 0).astype(seq_lens.dtype)
     live = columns[None, :] < used[:, None]
     index = jnp.where(live, block_table, 0)
     logical = jnp.where(live, columns[None, :], -1)
@@ -103,7 +104,8 @@ def kv_blocks_jax(
     tokens = doc_ids.shape[0]
     num_blocks = -(-tokens // q_block_size)
     token = jnp.arange(tokens, dtype=jnp.int32)
-    position = decode_offset[doc_ids] + token - query_start_loc[doc_ids]
+    # (the offset within the row first: offset + token alone can pass 2**31 - 1 in int32)
+    position = decode_offset[doc_ids] + (token - query_start_loc[doc_ids])
     reach = jnp.where(token < query_start_loc[-1], position // block_size, -1)
     columns = jnp.arange(max_pages, dtype=jnp.int32)
     pages = jnp.where(columns[None, :] <= reach[:, None], block_table[doc_ids, :max_pages], 0)
@@ -147,7 +149,7 @@ def flex_token_mask(jmd: Any, *, physical_to_logical: jax.Array | None = None) -
     row = jmd.doc_ids[q_idx]
     logical_block = inverse[row, kv_idx // page]
     kv_pos = logical_block * page + kv_idx % page
-    q_pos = jmd.decode_offset[row] + q_idx - jmd.query_start_loc[row]
+    q_pos = jmd.decode_offset[row] + (q_idx - jmd.query_start_loc[row])  # (no int32 wrap on the way)
     valid = (q_idx < jmd.query_start_loc[row + 1]) & (logical_block >= 0) & (kv_pos < jmd.seq_lens[row])
     return listed & valid & (kv_pos <= q_pos)
 
