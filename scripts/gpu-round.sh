@@ -25,7 +25,7 @@ for side in old new; do
   cp "/tmp/dl-$side/decode_loop.json" "$OUT/decode_$side.json" 2>/dev/null
 done
 echo "== gpu tests"; PYTHONPATH="$PWD:/tmp/site" timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multigpu" \
-  tests/gpu/test_core_gpu.py tests/gpu/test_pinned_tables_gpu.py tests/gpu/test_equivalence_gpu.py -k "not flashinfer" >"$OUT/pytest.log" 2>&1
+  tests/gpu/test_core_gpu.py tests/gpu/test_pinned_tables_gpu.py tests/adapters/test_table_lowering_torch.py tests/adapters/test_block_table_torch.py tests/gpu/test_equivalence_gpu.py -k "not flashinfer" >"$OUT/pytest.log" 2>&1
 tail -15 "$OUT/pytest.log"
 echo "== demo"; PYTHONPATH="$PWD:/tmp/site" timeout 40 "$PY" -m attnsync demo --json >"$OUT/demo.json" 2>"$OUT/demo.err"; echo "demo exit $?"
 "$PY" - "$OUT/demo.json" <<'PY'
