@@ -121,7 +121,8 @@ class Stager:
         self._ring = None
         if depth:
             # The one guard of reused pinned memory: a slot is repacked only once the event
-            # recorded after its last copy has completed (attnsync._staging.SlotRing).
+            # recorded after its last copy has completed (attnsync._staging.SlotRing); the host
+            # waits (`synchronize`) only while a copy from `depth` lowerings back is still pending.
             self._ring = SlotRing(num_slots=depth, allocate=self._allocate_slot,
                                   is_done=(lambda event: event.query()) if self._cuda else bool,
                                   wait=(lambda event: event.synchronize()) if self._cuda else bool)
@@ -234,6 +235,7 @@ class Stager:
 
 
 def _wait_for_copies(ring: SlotRing, tables: PinnedTables) -> None:
+    """A dropped stager's teardown: its pinned buffers go back to torch only after their copies ran."""
     for event in [memory.event for memory in ring.owners()] + tables.events():
         if event is not None:
             event.synchronize()
