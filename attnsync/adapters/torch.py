@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._plan import LoweringPlan, StepLayout, plan_of
-from .._spec import BUILT_MARK, check_lowerable
+from .._plan import BUILT_MARK, LoweringPlan, StepLayout, check_lowerable, plan_of
 from .._staging import PackedLayout, SlotRing, StagingStats, pack, plan_layout, unpack
 from .._validate import SpecError
 from . import _torch_table_lowering as _table_lowering
