@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import InitVar, dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _accel
 from ._fields import DECODE, LONG_EXTEND, PREFILL, REGION_NAMES, SHORT_EXTEND, pages_per_seq, regions
@@ -24,6 +25,9 @@ from ._validate import (
     check_contents,
     freeze,
 )
+
+if TYPE_CHECKING:  # (a runtime import would be circular: the view's module imports this one)
+    from ._block_table import BlockTableView
 
 __all__ = ["DECODE", "LONG_EXTEND", "PREFILL", "REGION_NAMES", "SHORT_EXTEND", "Batch", "TableMemory",
            "decode_first_error", "reorder", "require_decode_first"]
@@ -62,7 +66,7 @@ def _table_buffer(table_memory: TableMemory, shape: tuple[int, int]) -> np.ndarr
 
 
 def _checked_natively(query_lens: Any, seq_lens: Any, block_table: Any,
-                      table_memory: TableMemory | None) -> tuple | None:
+                      table_memory: TableMemory | None) -> tuple[Any, ...] | None:
     """`Batch`'s array checks in one compiled call when all three are plain int32 arrays and
     pass (copies, total tokens, the longest query and sequence, the table's largest entry as
     uint32 or None); None otherwise, and the numpy checks run (and name any problem)."""
@@ -90,7 +94,7 @@ def _init_from_view(batch: Batch, block_size: int) -> None:
     is checked (a scan happens only where that bound is not enough). The batch's `block_table`
     is the view's table (the mirror's rows in place when the view is condensed).
     """
-    view = batch.block_table
+    view: Any = batch.block_table  # (a BlockTableView here, not the array the field ends as)
     query_lens = as_int_array(batch.query_lens, "query_lens", ndim=1, minimum=0)
     seq_lens = as_int_array(batch.seq_lens, "seq_lens", ndim=1, minimum=0)
     num_reqs = query_lens.shape[0]
@@ -200,14 +204,16 @@ class Batch:
         (2, 5)
     """
 
+    # Typed as the values after construction; the arguments' types are those of the
+    # `__init__` stub below (lists, arrays, CPU tensors), which mypy reads and runtime never sees.
     query_lens: np.ndarray
     seq_lens: np.ndarray
     block_table: np.ndarray
     block_size: int
-    seq_lens_exact: Any = True
-    is_prefilling: Any = None
-    padded_num_reqs: int | None = None
-    padded_num_tokens: int | None = None
+    seq_lens_exact: np.ndarray = True  # type: ignore[assignment]  # (one bool becomes an array)
+    is_prefilling: np.ndarray | None = None
+    padded_num_reqs: int = None  # type: ignore[assignment]  # (None: the real count is set)
+    padded_num_tokens: int = None  # type: ignore[assignment]  # (None: the real count is set)
     num_cache_pages: int | None = None
     table_memory: InitVar[TableMemory | None] = None
     check: InitVar[str] = "fast"
@@ -220,6 +226,16 @@ class Batch:
     # The `attnsync.BlockTableView` the batch's table was read from (block_table=view), else
     # None: a device-table lowering takes the table rows from it (not a field: never copied).
     table_view: ClassVar[Any] = None
+
+    if TYPE_CHECKING:  # what the constructor accepts (the dataclass makes the real __init__)
+        def __init__(
+            self, *, query_lens: ArrayLike, seq_lens: ArrayLike, block_table: ArrayLike | BlockTableView,
+            block_size: int | np.integer[Any], seq_lens_exact: bool | ArrayLike = True,
+            is_prefilling: ArrayLike | None = None, padded_num_reqs: int | np.integer[Any] | None = None,
+            padded_num_tokens: int | np.integer[Any] | None = None,
+            num_cache_pages: int | np.integer[Any] | None = None, table_memory: TableMemory | None = None,
+            check: Literal["fast", "full"] = "fast",
+        ) -> None: ...
 
     def __post_init__(self, table_memory: TableMemory | None, check: str) -> None:
         block_size = self.block_size
@@ -331,11 +347,12 @@ class Batch:
                 block_table: np.ndarray, num_reqs: int, total_tokens: int, max_query_len: int,
                 max_seq_len: int, num_cache_pages: int | None) -> None:
         """The per-row flags and padded sizes, checked; every field set."""
-        if type(self.seq_lens_exact) is bool:  # one flag for every row: a shared read-only array
-            exact = _uniform_flags(num_reqs, self.seq_lens_exact)
+        given: Any = self.seq_lens_exact  # (still the argument as passed: one bool or array-like)
+        if type(given) is bool:  # one flag for every row: a shared read-only array
+            exact = _uniform_flags(num_reqs, given)
         else:
-            exact = freeze(as_bool_array(self.seq_lens_exact, "seq_lens_exact", length=num_reqs))
-        all_exact = self.seq_lens_exact is True or bool(exact.all())
+            exact = freeze(as_bool_array(given, "seq_lens_exact", length=num_reqs))
+        all_exact = given is True or bool(exact.all())
         no_context = None if all_exact else ~exact & (seq_lens <= query_lens)
         if no_context is not None and no_context.any():
             row = int(np.argmax(no_context))
@@ -373,9 +390,9 @@ class Batch:
                 f"padded_num_tokens: {padded_tokens} is smaller than the batch's {total_tokens} "
                 f"tokens. Fix: choose a bucket >= {total_tokens} (or leave it None)."
             )
-        query_lens.setflags(False)  # (write=False, by position: cheaper than the keyword)
-        seq_lens.setflags(False)
-        block_table.setflags(False)
+        query_lens.setflags(False)  # type: ignore[call-arg]  # (write=False, by position: cheaper than the keyword)
+        seq_lens.setflags(False)  # type: ignore[call-arg]
+        block_table.setflags(False)  # type: ignore[call-arg]
         # Every field in one update of the instance dict: the one place a Batch is written past
         # its frozen class's __setattr__ (cheaper than one object.__setattr__ per field).
         self.__dict__.update({
@@ -399,7 +416,8 @@ class Batch:
     @property
     def num_computed_tokens(self) -> np.ndarray:
         """shape [R], int32: `seq_lens - query_lens` (an upper bound where a row is inexact)."""
-        return self.seq_lens - self.query_lens
+        computed: np.ndarray = self.seq_lens - self.query_lens
+        return computed
 
     def regions(self, decode_threshold: int = 1) -> np.ndarray:
         """Region of each row in the decode-first order: shape [R], int8 in {0, 1, 2, 3}.

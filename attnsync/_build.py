@@ -4,11 +4,41 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._batch import Batch
 from ._validate import SpecError
 from .backends import BACKENDS, backend_module, missing_options_error
+
+if TYPE_CHECKING:  # (at run time a backend's module is imported the first time it is built)
+    from ._spec import CommonMetadata
+    from .backends.flashinfer import FlashInferMetadata
+    from .backends.flex import FlexMetadata
+    from .backends.mamba import MambaMetadata
+    from .backends.tree import TreeMetadata
+    from .backends.triton import TritonMetadata
+    from .backends.turboquant import TurboQuantMetadata
+
+
+# The metadata class each backend name builds, for type checkers; a name only known at run
+# time (a `str`) gives `Any`.
+@overload
+def build(batch: Batch, /, backend: Literal["common"] = "common", **options: Any) -> CommonMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["flashinfer"], **options: Any) -> FlashInferMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["flex"], **options: Any) -> FlexMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["mamba"], **options: Any) -> MambaMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["tree"], **options: Any) -> TreeMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["triton"], **options: Any) -> TritonMetadata: ...
+@overload
+def build(batch: Batch, /, backend: Literal["turboquant"], **options: Any) -> TurboQuantMetadata: ...
+@overload
+def build(batch: Batch, /, backend: str, **options: Any) -> Any: ...
 
 
 def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
@@ -56,7 +86,7 @@ def build(batch: Batch, /, backend: str = "common", **options: Any) -> Any:
 
 # backend name -> (its build function, its option names): `importlib.import_module` costs
 # microseconds a step even for a module already imported.
-_DISPATCH: dict[str, tuple[str, Any, frozenset[str], frozenset[str]]] = {}
+_DISPATCH: dict[str, tuple[str, Callable[..., Any], frozenset[str], frozenset[str]]] = {}
 
 
 @functools.cache

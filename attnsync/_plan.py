@@ -88,7 +88,7 @@ class LoweringPlan:
     host_values: tuple[str, ...]
     host_values_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
     arrays_of: Callable[[Mapping[str, Any]], tuple[np.ndarray, ...]] = field(repr=False)
-    _layouts: dict[tuple, StepLayout] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple[Any, ...], StepLayout] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def staged_fields(self) -> tuple[str, ...]:
@@ -111,7 +111,7 @@ class LoweringPlan:
         adds its dtypes to the key.
         """
         arrays = self.arrays_of(values)
-        key = tuple([a.shape for a in arrays])
+        key: tuple[Any, ...] = tuple([a.shape for a in arrays])
         if not values.get(BUILT_MARK):
             key += tuple([a.dtype.str for a in arrays])
         step = self._layouts.get((key, wide))
@@ -155,7 +155,9 @@ def plan_of(md_class: type) -> LoweringPlan:
         raise TypeError(f"{md_class!r} is not a metadata dataclass")
     fields = dataclasses.fields(md_class)
     names = {f.name for f in fields}
-    staged, mirrors, rules = [], [], []
+    staged: list[tuple[str, str]] = []
+    mirrors: list[tuple[str, str]] = []
+    rules: list[tuple[str, str | None, int]] = []
     for f in fields:
         place = f.metadata.get("place")
         if place is None:
@@ -172,7 +174,9 @@ def plan_of(md_class: type) -> LoweringPlan:
         else:
             rules.append((f.name, None, 0))
     staged.sort(key=lambda pair: pair[0] != "block_table")  # the table first (module docstring)
-    scalars, kinds, statics = [], [], []
+    scalars: list[str] = []
+    kinds: list[tuple[str, str]] = []
+    statics: list[str] = []
     for f in fields:
         if "place" in f.metadata:
             continue
@@ -216,7 +220,8 @@ def check_lowerable(md: Any) -> None:
     """
     if getattr(md, "__dict__", {}).get(BUILT_MARK):
         return  # made by `construct` from a validated Batch; an edited copy has no mark
-    plan = plan_of(type(md))
+    cls: type = type(md)  # (typed: mypy finds type[Any] unhashable for the cache)
+    plan = plan_of(cls)
     for name, kind in plan.scalar_kinds:
         value = getattr(md, name)
         if type(value) is (bool if kind == "bool" else int) and (kind == "bool" or value >= 0):

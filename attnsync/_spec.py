@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -28,11 +28,16 @@ from ._fields import DECODE, LONG_EXTEND, PAD_SLOT_ID, PREFILL, SHORT_EXTEND, fr
 from ._plan import BUILT_MARK, check_lowerable
 from ._validate import SpecError, as_int
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
     "BUILT_MARK", "PAD_SLOT_ID", "CommonMetadata", "array_field", "array_fields", "build_common",
     "check_lowerable", "common_fields", "construct", "fields_getter", "frozen_zeros", "inexact_error",
     "inherit", "inherit_fields", "prefix_mask", "scalar_fields",
 ]
+
+_M = TypeVar("_M", bound="DataclassInstance")  # a metadata dataclass
 
 
 def array_field(*, place: str, device_name: str | None = None, host_name: str | None = None) -> Any:
@@ -45,12 +50,12 @@ def array_field(*, place: str, device_name: str | None = None, host_name: str | 
     return field(metadata={"place": place, "device_name": device_name, "host_name": host_name})
 
 
-def array_fields(md: Any) -> list[dataclasses.Field]:
+def array_fields(md: Any) -> list[dataclasses.Field[Any]]:
     """The array fields of a metadata dataclass, in declaration order."""
     return [f for f in dataclasses.fields(md) if "place" in f.metadata]
 
 
-def scalar_fields(md: Any) -> list[dataclasses.Field]:
+def scalar_fields(md: Any) -> list[dataclasses.Field[Any]]:
     """The host scalar fields (int, bool, str) of a metadata dataclass."""
     return [f for f in dataclasses.fields(md) if "place" not in f.metadata]
 
@@ -122,7 +127,7 @@ class CommonMetadata:
 
 
 
-def construct(cls: type, values: dict[str, Any]) -> Any:
+def construct(cls: type[_M], values: dict[str, Any]) -> _M:
     """An instance of the frozen metadata dataclass `cls` holding `values`, one per field.
 
     The one place that makes metadata past the frozen dataclass's generated `__init__`, which
@@ -142,7 +147,7 @@ def construct(cls: type, values: dict[str, Any]) -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
         missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
         raise AssertionError(f"{cls.__name__}: fields missing {missing}, unknown {extra}")
-    md = object.__new__(cls)
+    md: _M = object.__new__(cls)
     # Trusted by the adapters' `check_lowerable`: `dataclasses.replace` and hand-made instances
     # go through `__init__` and carry no mark, so edited metadata is still checked.
     values[BUILT_MARK] = True
@@ -166,7 +171,7 @@ def inherit(common: CommonMetadata, cls: type, /, **own: Any) -> Any:
 def inherit_fields(common: dict[str, Any], cls: type, /, **own: Any) -> Any:
     """`inherit` from the common fields as a dict (`common_fields`'s result)."""
     names, fetch = _shared_names(cls)
-    values = dict(zip(names, fetch(common)))
+    values = dict(zip(names, fetch(common), strict=False))
     values.update(own)
     return construct(cls, values)
 

@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def init_params(cfg: ServerConfig, key: jax.Array) -> dict[str, Any]:
     m = cfg.mlp or 4 * h
     keys = iter(jax.random.split(key, 2 + 6 * cfg.layers))
 
-    def dense(k, fan_in, fan_out):
+    def dense(k: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
         return jax.random.normal(k, (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
 
     layers = [
@@ -136,7 +137,7 @@ def _rms(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def _layer_qkv(p: dict[str, jax.Array], x: jax.Array, cfg: ServerConfig):
+def _layer_qkv(p: dict[str, jax.Array], x: jax.Array, cfg: ServerConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     h = _rms(x)
     n = x.shape[0]
     q = (h @ p["wq"]).reshape(n, cfg.num_q_heads, cfg.head_dim)
@@ -150,7 +151,7 @@ def _layer_out(p: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Ar
     return x + jax.nn.gelu(_rms(x) @ p["w1"]) @ p["w2"]
 
 
-def make_step(cfg: ServerConfig):
+def make_step(cfg: ServerConfig) -> Callable[..., tuple[Any, jax.Array, jax.Array]]:
     """The jitted step: (params, caches, last_tokens, md, inputs) -> (caches, last_tokens, next).
 
     `md` is any pytree with the four common device fields as attributes and the padded sizes
@@ -160,7 +161,8 @@ def make_step(cfg: ServerConfig):
     scale = 1.0 / math.sqrt(cfg.head_dim)
     num_slots = cfg.num_pages * cfg.block_size
 
-    def step(params, caches, last_tokens, md, inputs):
+    def step(params: Any, caches: Any, last_tokens: jax.Array, md: Any,
+             inputs: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
         # Static: the bucket's padded sizes (pytree meta fields), hence the shapes.
         t_pad, r_pad = md.num_actual_tokens, md.num_reqs
         prompt_ids, row_slot = inputs[:t_pad], inputs[t_pad : t_pad + r_pad]
@@ -235,7 +237,7 @@ _listening = [False]
 def compile_count() -> int:
     """Backend compiles in this process so far (from the first call on)."""
     if not _listening[0]:
-        def listener(event: str, duration: float, **kwargs: Any) -> None:
+        def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
             if event == _COMPILE_EVENT:
                 _compiles[0] += 1
 
@@ -294,7 +296,8 @@ class Scheduler:
         out, rungs = [], self.ladder.token_sizes
         for bucket in self.ladder.buckets():
             smaller = [r for r in rungs if r < bucket.num_tokens]
-            if bucket.is_uniform_decode and smaller and bucket.num_reqs * bucket.uniform_query_len <= smaller[-1]:
+            if (bucket.is_uniform_decode and smaller and bucket.uniform_query_len is not None
+                    and bucket.num_reqs * bucket.uniform_query_len <= smaller[-1]):
                 continue
             out.append(bucket)
         return out

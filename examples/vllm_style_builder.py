@@ -109,14 +109,16 @@ class AttnsyncMetadataBuilder:
         if self.persistent is None:
             md = attnsync.build(batch, self.backend, **self.options)
             return ast.lower(md, self.device)
-        bucket = self.ladder.bucket_for(batch)
+        ladder = self.ladder
+        assert ladder is not None  # (a persistent builder is made with its ladder)
+        bucket = ladder.bucket_for(batch)
         if batch.padded_num_tokens > bucket.num_tokens or batch.padded_num_reqs > bucket.num_reqs:
             raise attnsync.SpecError(
                 f"ladder: vLLM padded this step to {batch.padded_num_reqs} rows and "
                 f"{batch.padded_num_tokens} tokens, more than the bucket {bucket}. Fix: build the "
                 f"ladder with vLLM's CUDA-graph capture sizes as token_sizes."
             )
-        md = attnsync.build(self.ladder.pad(batch, bucket), self.backend, **self.options)
+        md = attnsync.build(ladder.pad(batch, bucket), self.backend, **self.options)
         return self.persistent.for_bucket(bucket).lower(md)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: Any) -> Any:

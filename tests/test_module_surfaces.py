@@ -11,6 +11,9 @@ SURFACES = {
     "attnsync.adapters.torch": [
         "TORCH_DTYPES", "PinnedTables", "StaleLoweringError", "Stager", "default_stager", "device_slot_mapping",
         "lower", "lower_replicated", "slots_from_device_lengths", "token_rows_and_back", "views_of", "with_fields",
+        # the lowering classes, importable for isinstance and annotations (tests/test_typing.py)
+        "TorchCommonMetadata", "TorchFlashInferMetadata", "TorchFlexMetadata", "TorchLowering",
+        "TorchMambaMetadata", "TorchTreeMetadata", "TorchTritonMetadata", "TorchTurboQuantMetadata",
     ],
     "attnsync.integrations": [],
     "attnsync.integrations.flashinfer": [

@@ -61,7 +61,7 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,43 @@ from .._buckets import Bucket, scalar_roles
 from .._plan import BUILT_MARK, check_lowerable, plan_of
 from .._validate import INT32_MAX, INT32_MIN, SpecError
 from ..backends.flashinfer import DEVICE_INDICES_MARK as _DEVICE_INDICES_MARK
+from ._jax_base import JaxLowering
+from ._jax_lowered import DECLARED as _DECLARED
+from ._jax_lowered import (
+    JaxBucketedCommonMetadata,
+    JaxBucketedFlashInferMetadata,
+    JaxBucketedFlexMetadata,
+    JaxBucketedMambaMetadata,
+    JaxBucketedTreeMetadata,
+    JaxBucketedTritonMetadata,
+    JaxBucketedTurboQuantMetadata,
+    JaxCommonMetadata,
+    JaxFlashInferMetadata,
+    JaxFlexMetadata,
+    JaxMambaMetadata,
+    JaxTreeMetadata,
+    JaxTritonMetadata,
+    JaxTurboQuantMetadata,
+)
 
-__all__ = ["Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered"]
+if TYPE_CHECKING:  # (the metadata classes, for `lower`'s overloads only)
+    from .._spec import CommonMetadata
+    from ..backends.flashinfer import FlashInferMetadata
+    from ..backends.flex import FlexMetadata
+    from ..backends.mamba import MambaMetadata
+    from ..backends.tree import TreeMetadata
+    from ..backends.triton import TritonMetadata
+    from ..backends.turboquant import TurboQuantMetadata
+
+__all__ = [
+    "JaxBucketedCommonMetadata", "JaxBucketedFlashInferMetadata", "JaxBucketedFlexMetadata",
+    "JaxBucketedMambaMetadata", "JaxBucketedTreeMetadata", "JaxBucketedTritonMetadata",
+    "JaxBucketedTurboQuantMetadata", "JaxCommonMetadata", "JaxFlashInferMetadata", "JaxFlexMetadata",
+    "JaxLowering", "JaxMambaMetadata", "JaxTreeMetadata", "JaxTritonMetadata", "JaxTurboQuantMetadata",
+    "Layout", "lower", "lower_replicated", "pack", "unpack", "zeros_like_lowered",
+]
+
+_L = TypeVar("_L", bound=JaxLowering)
 
 JAX_DTYPE = np.int32  # the packed vector's dtype: JAX gets int32 only (x64 off wraps wider values)
 _INT32 = np.dtype(np.int32)
@@ -136,7 +171,7 @@ class _Fields:
         self.ravel, self.floats, self.wide = tuple(ravel), tuple(floats), tuple(wide)
         self._key = tuple(entries.items())
         self._hash = hash(self._key)
-        self._split: Any = None
+        self._split: Callable[[Any], tuple[Any, ...]] | None = None
 
     def __eq__(self, other: object) -> bool:
         return self is other or (type(other) is _Fields and self._hash == other._hash and self._key == other._key)
@@ -183,7 +218,7 @@ class Layout:
 
     __slots__ = ("_hash", "cls", "fields", "values")
 
-    def __init__(self, cls: type, fields: _Fields, values: tuple[Any, ...]) -> None:
+    def __init__(self, cls: type[JaxLowering], fields: _Fields, values: tuple[Any, ...]) -> None:
         self.cls = cls
         self.fields = fields
         self.values = values
@@ -226,52 +261,7 @@ class Layout:
 # The lowered pytree classes.
 
 
-class _Lowered:
-    """Base of the lowered classes: one packed vector (the only data leaf) and its `Layout`."""
-
-    __slots__ = ("_cache", "layout", "packed")
-    _data_names: tuple[str, ...] = ()
-    _static_names: tuple[str, ...] = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable: lower new metadata instead of setting {name!r}.")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable: {name!r} cannot be deleted.")
-
-    def _data(self, name: str) -> Any:
-        cache = self._cache
-        if cache is not None:
-            return cache[name]
-        packed, fields = self.packed, self.layout.fields
-        if isinstance(packed, jax.core.Tracer):
-            return fields.take(packed, name)  # inside a trace: a static slice, nothing kept
-        if isinstance(packed, np.ndarray):
-            return fields.take_numpy(packed, name)  # `unpack` of a host vector: numpy views
-        if packed.is_deleted():
-            raise RuntimeError(
-                f"{name}: this lowering's packed vector was donated (or deleted) before the field was "
-                f"read. Fix: read the fields needed outside jit before donating the lowering, or do "
-                f"not donate a lowering that is read later."
-            )
-        parts = fields.split(packed)
-        out = dict(zip(fields.names, parts, strict=True))
-        # Inside some other trace (a lowering closed over by a jitted function) the parts are
-        # tracers: keeping them would leak them past their trace.
-        if not parts or not isinstance(parts[0], jax.core.Tracer):
-            _setattr(self, "_cache", out)
-        return out[name]
-
-    def __repr__(self) -> str:
-        packed = self.packed
-        where = ""
-        if isinstance(packed, jax.Array) and not isinstance(packed, jax.core.Tracer):
-            where = " on " + ", ".join(sorted(str(d) for d in packed.devices()))
-        scalars = ", ".join(f"{k}={v!r}" for k, v in self.layout.scalars.items())
-        return f"{type(self).__name__}(packed=int32[{self.layout.size}]{where}; {scalars})"
-
-
-def _new(cls: type, packed: Any, layout: Layout) -> Any:
+def _new(cls: type[_L], packed: Any, layout: Layout) -> _L:
     obj = object.__new__(cls)
     _setattr(obj, "packed", packed)
     _setattr(obj, "layout", layout)
@@ -279,20 +269,29 @@ def _new(cls: type, packed: Any, layout: Layout) -> Any:
     return obj
 
 
-def _make_class(name: str, doc: str, data: tuple[str, ...], static: tuple[str, ...]) -> type:
+def _make_class(name: str, doc: str, data: tuple[str, ...], static: tuple[str, ...],
+                declared: type[JaxLowering] | None = None) -> type[JaxLowering]:
+    """The lowered class: `declared` (the importable class of a built-in backend, whose
+    annotations name exactly these fields) given its properties, else a new class."""
     clash = set(_RESERVED) & set(data + static)
     assert not clash, f"metadata field(s) {sorted(clash)} shadow the lowered object's own attributes"
     namespace: dict[str, Any] = {"__slots__": (), "__doc__": doc, "_data_names": data, "_static_names": static}
     for field in data:
-        namespace[field] = property(lambda self, f=field: self._data(f), doc=f"{field} (data: a slice of `packed`).")
+        namespace[field] = property(lambda self, f=field: self._data(f), doc=f"{field} (data: a slice of `packed`).")  # type: ignore[misc]
     for i, field in enumerate(static):
-        namespace[field] = property(lambda self, i=i: self.layout.values[i], doc=f"{field} (static host scalar).")
-    cls = type(name, (_Lowered,), namespace)
+        namespace[field] = property(lambda self, i=i: self.layout.values[i], doc=f"{field} (static host scalar).")  # type: ignore[misc]
+    if declared is not None and declared.__name__ == name and tuple(declared.__annotations__) == data + static:
+        cls = declared
+        for key, value in namespace.items():
+            if key != "__slots__":
+                setattr(cls, key, value)
+    else:  # a backend registered at run time (or declarations out of date: tests/test_typing.py)
+        cls = type(name, (JaxLowering,), namespace)
     cls.__module__ = __name__
     jax.tree_util.register_pytree_with_keys(
         cls,
         lambda obj: (((jax.tree_util.GetAttrKey("packed"), obj.packed),), obj.layout),
-        lambda layout, leaves: _new(cls, leaves[0], layout),
+        lambda layout, leaves: _new(cls, leaves[0], layout),  # type: ignore[index]  # (a sequence)
         lambda obj: ((obj.packed,), obj.layout),
     )
     return cls
@@ -303,7 +302,7 @@ class _Variant:
 
     __slots__ = ("cls", "data", "get_static", "layouts", "static", "steps")
 
-    def __init__(self, cls: type, data: tuple[str, ...], static: tuple[str, ...], steps: int) -> None:
+    def __init__(self, cls: type[JaxLowering], data: tuple[str, ...], static: tuple[str, ...], steps: int) -> None:
         self.cls, self.data, self.static, self.steps = cls, data, static, steps
         self.get_static = _getter(static)
         self.layouts: dict[Any, _Fields] = {}
@@ -345,18 +344,19 @@ def _plan(md_class: type) -> _Plan:
     scalars = tuple(sorted(shared.host_values, key=declared.index))
     bound, step, static = scalar_roles(md_class)
     base = md_class.__name__
+    qualified = f"{md_class.__module__}.{md_class.__qualname__}"
     plain_cls = _make_class(
         "Jax" + base,
         f"JAX lowering of `{base}`: one packed int32 vector (`packed`, the only pytree leaf) and a "
         f"static `Layout`; fields {list(arrays)} read as slices of it, host scalars as static ints.",
-        arrays, scalars,
+        arrays, scalars, _DECLARED.get((qualified, False)),
     )
     bucketed_cls = _make_class(
         "JaxBucketed" + base,
         f"Bucketed JAX lowering of `{base}`: one packed int32 vector holding the arrays and the "
         f"per-step counts {list(step)} (0-d int32 arrays); the bucket's bounds {list(bound)} and "
         f"the build options are static.",
-        arrays + step, bound + static,
+        arrays + step, bound + static, _DECLARED.get((qualified, True)),
     )
     return _Plan(
         arrays=arrays, step=step, get_arrays=_getter(arrays), get_step=_getter(step),
@@ -372,7 +372,7 @@ def _plan(md_class: type) -> _Plan:
 def _prepare(md: Any, bucket: Bucket | None) -> tuple[_Plan, Any, bool]:
     """The plan of `md` after every refusal that needs no device (bucket bounds applied), and
     whether `md` is unedited output of `attnsync.build`."""
-    plan = _plan(type(md))
+    plan = _plan(type(md))  # type: ignore[arg-type]  # (mypy finds type[Any] unhashable)
     built = bool(getattr(md, "__dict__", _NO_DICT).get(BUILT_MARK))
     check_lowerable(md)  # fields edited by hand (dataclasses.replace) are refused, naming the field
     if getattr(md, "slot_mapping_exact", True) is False:
@@ -502,6 +502,53 @@ def _target(device: Any, sharding: Any) -> Any:
     return device
 
 
+# --- typed overloads of lower: generated by `python tests/test_typing.py --write`; do not edit ---
+@overload
+def lower(md: CommonMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxCommonMetadata: ...
+@overload
+def lower(md: CommonMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedCommonMetadata: ...
+@overload
+def lower(md: FlashInferMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxFlashInferMetadata: ...
+@overload
+def lower(md: FlashInferMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedFlashInferMetadata: ...
+@overload
+def lower(md: FlexMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxFlexMetadata: ...
+@overload
+def lower(md: FlexMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedFlexMetadata: ...
+@overload
+def lower(md: MambaMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxMambaMetadata: ...
+@overload
+def lower(md: MambaMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedMambaMetadata: ...
+@overload
+def lower(md: TreeMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxTreeMetadata: ...
+@overload
+def lower(md: TreeMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedTreeMetadata: ...
+@overload
+def lower(md: TritonMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxTritonMetadata: ...
+@overload
+def lower(md: TritonMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedTritonMetadata: ...
+@overload
+def lower(md: TurboQuantMetadata, device: Any = None, *, bucket: None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxTurboQuantMetadata: ...
+@overload
+def lower(md: TurboQuantMetadata, device: Any = None, *, bucket: Bucket, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxBucketedTurboQuantMetadata: ...
+@overload
+def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding: Any = None, block_table: Any = None,
+          table_updates: Any = None, table_view: Any = None, **removed: Any) -> JaxLowering: ...
+# --- end of generated overloads of lower ---
 def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding: Any = None,
           block_table: Any = None, table_updates: Any = None, table_view: Any = None, **removed: Any) -> Any:
     """Lower host metadata `md` (from `attnsync.build`) to JAX: one int32 `device_put`.
@@ -570,6 +617,53 @@ def lower(md: Any, device: Any = None, *, bucket: Bucket | None = None, sharding
     return _new(layout.cls, jax.device_put(vector, target), layout)
 
 
+# --- typed overloads of lower_replicated: generated by `python tests/test_typing.py --write`; do not edit ---
+@overload
+def lower_replicated(md: CommonMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxCommonMetadata, ...]: ...
+@overload
+def lower_replicated(md: CommonMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedCommonMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlashInferMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxFlashInferMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlashInferMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedFlashInferMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlexMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxFlexMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlexMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedFlexMetadata, ...]: ...
+@overload
+def lower_replicated(md: MambaMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxMambaMetadata, ...]: ...
+@overload
+def lower_replicated(md: MambaMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedMambaMetadata, ...]: ...
+@overload
+def lower_replicated(md: TreeMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxTreeMetadata, ...]: ...
+@overload
+def lower_replicated(md: TreeMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedTreeMetadata, ...]: ...
+@overload
+def lower_replicated(md: TritonMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxTritonMetadata, ...]: ...
+@overload
+def lower_replicated(md: TritonMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedTritonMetadata, ...]: ...
+@overload
+def lower_replicated(md: TurboQuantMetadata, devices: Iterable[Any], *,
+                     bucket: None = None) -> tuple[JaxTurboQuantMetadata, ...]: ...
+@overload
+def lower_replicated(md: TurboQuantMetadata, devices: Iterable[Any], *,
+                     bucket: Bucket) -> tuple[JaxBucketedTurboQuantMetadata, ...]: ...
+@overload
+def lower_replicated(md: Any, devices: Iterable[Any], *,
+                     bucket: Bucket | None = None) -> tuple[JaxLowering, ...]: ...
+# --- end of generated overloads of lower_replicated ---
 def lower_replicated(md: Any, devices: Iterable[Any], *, bucket: Bucket | None = None) -> tuple[Any, ...]:
     """Lower one host metadata `md` to several devices: one lowering per device.
 
@@ -613,7 +707,8 @@ def lower_replicated(md: Any, devices: Iterable[Any], *, bucket: Bucket | None =
 def _copy(vector: np.ndarray) -> np.ndarray:
     out = _fresh_vector(vector.size, True)
     if out is None:
-        return vector.copy()
+        copied: np.ndarray = vector.copy()
+        return copied
     np.copyto(out, vector)
     return out
 
@@ -638,7 +733,7 @@ def pack(md: Any, *, bucket: Bucket | None = None) -> tuple[np.ndarray, Layout]:
     return _pack(plan, md, bucket is not None, built=built)
 
 
-def unpack(vector: Any, layout: Layout) -> Any:
+def unpack(vector: Any, layout: Layout) -> JaxLowering:
     """The lowering around `vector` (traced, a device array, or the numpy vector of `pack`).
 
     Inside jit its fields are static slices of the traced vector; on a numpy vector they are
@@ -656,6 +751,7 @@ def unpack(vector: Any, layout: Layout) -> Any:
     return _new(layout.cls, vector, layout)
 
 
-def zeros_like_lowered(lowered: Any) -> Any:
+def zeros_like_lowered(lowered: _L) -> _L:
     """A lowering of the same class and layout with a zero vector (warm-up shapes in tests)."""
-    return jax.tree_util.tree_map(jnp.zeros_like, lowered)
+    zeros: _L = jax.tree_util.tree_map(jnp.zeros_like, lowered)
+    return zeros

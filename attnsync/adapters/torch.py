@@ -15,7 +15,8 @@ import dataclasses
 import functools
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 import torch
@@ -26,12 +27,40 @@ from .._validate import SpecError
 from . import _torch_table_lowering as _table_lowering
 from ._cuda_calls import CurrentStream, HostToDevice
 from ._pinned_tables import PinnedTables, pack_fields
+from ._torch_lowered import DECLARED as _DECLARED
+from ._torch_lowered import (
+    TorchCommonMetadata,
+    TorchFlashInferMetadata,
+    TorchFlexMetadata,
+    TorchLowering,
+    TorchMambaMetadata,
+    TorchTreeMetadata,
+    TorchTritonMetadata,
+    TorchTurboQuantMetadata,
+)
+
+if TYPE_CHECKING:  # (the metadata classes, for `lower`'s overloads only)
+    from .._spec import CommonMetadata
+    from ..backends.flashinfer import FlashInferMetadata
+    from ..backends.flex import FlexMetadata
+    from ..backends.mamba import MambaMetadata
+    from ..backends.tree import TreeMetadata
+    from ..backends.triton import TritonMetadata
+    from ..backends.turboquant import TurboQuantMetadata
 
 __all__ = [
     "TORCH_DTYPES",
     "PinnedTables",
     "Stager",
     "StaleLoweringError",
+    "TorchCommonMetadata",
+    "TorchFlashInferMetadata",
+    "TorchFlexMetadata",
+    "TorchLowering",
+    "TorchMambaMetadata",
+    "TorchTreeMetadata",
+    "TorchTritonMetadata",
+    "TorchTurboQuantMetadata",
     "default_stager",
     "device_slot_mapping",
     "lower",
@@ -52,6 +81,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 # Fields whose device copy is wider in torch than in the host metadata: vLLM's cache-write
 # kernels take int64 slot ids. The host value is int32 (validated to fit), so JAX stays int32.
 _WIDE = (("slot_mapping", np.int64),)
+_T = TypeVar("_T")
 
 
 class StaleLoweringError(SpecError):
@@ -115,7 +145,7 @@ class Stager:
         self._fixed: tuple[PackedLayout, torch.Tensor] | None = None  # persistent: (layout, buffer)
         self._stream: torch.cuda.Stream | None = None  # check mode: the stream this stager serves
         self._accepted: set[str] = set()  # device names already checked against self.device
-        self._handed: list[tuple[tuple[str, weakref.ref], ...]] = [()] * depth  # check mode, per slot
+        self._handed: list[tuple[tuple[str, weakref.ref[torch.Tensor]], ...]] = [()] * depth  # check mode, per slot
         self.table_memory = PinnedTables() if self._cuda else None
         self._ring = None
         if depth:
@@ -124,14 +154,14 @@ class Stager:
             # waits (`synchronize`) only while a copy from `depth` lowerings back is still pending.
             self._ring = SlotRing(num_slots=depth, allocate=self._allocate_slot,
                                   is_done=(lambda event: event.query()) if self._cuda else bool,
-                                  wait=(lambda event: event.synchronize()) if self._cuda else bool)
+                                  wait=(lambda event: event.synchronize()) if self._cuda else bool)  # type: ignore[arg-type]  # (bool: nothing to wait for on the CPU)
         self.stats = self._ring.stats if self._ring is not None else StagingStats()
         if self._cuda and depth:
             self._current = CurrentStream(self.device.index)
             self._host_to_device = HostToDevice(self.device)
             # torch's pinned allocator does not see direct copies: a dropped stager's pinned
             # buffers are freed only after their last copies have run.
-            weakref.finalize(self, _wait_for_copies, self._ring, self.table_memory).atexit = False
+            weakref.finalize(self, _wait_for_copies, self._ring, self.table_memory).atexit = False  # type: ignore[arg-type]  # (both exist on CUDA)
 
     def lower(self, plan: LoweringPlan, values: dict[str, Any]) -> dict[str, Any]:
         """Stage one step's fields (`values`: a metadata instance dict); returns the lowered
@@ -146,7 +176,7 @@ class Stager:
             if self.check:
                 self._refuse_stale(self._ring.next_index)
             index, memory, _ = self._ring.acquire(step.nbytes)  # waits while its last copy may be pending
-            entry = memory.entries.get(step) or memory.entry(plan, step)
+            entry: _Entry = memory.entries.get(step) or memory.entry(plan, step)
             table = self._table_block(plan, staged, step.staged)
             if table is None:
                 pack_fields(entry.targets, staged + mirrors)
@@ -248,7 +278,7 @@ class _SlotMemory:
     def __init__(self, stager: Stager, nbytes: int) -> None:
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=stager._cuda)
         if stager.persistent:
-            self.device = stager._fixed[1]
+            self.device = stager._fixed[1]  # type: ignore[index]  # (laid out by the first lowering, before any slot)
         elif stager._cuda:
             self.device = torch.empty(nbytes, dtype=torch.uint8, device=stager.device)
         else:  # a host device: values are packed straight into the device buffer
@@ -279,8 +309,8 @@ class _Entry:
         packed = memory.host if memory.event is not None else memory.device
         self.targets = tuple(unpack(step.staged, packed.numpy()).values()) + self.mirror_targets
         device = memory.device
-        self.fresh_views = lambda: _named_views(plan, device, step, mirror)
-        self.fields = self.fresh_views()
+        self.fresh_views: Callable[[], dict[str, Any]] = lambda: _named_views(plan, device, step, mirror)
+        self.fields: dict[str, Any] = self.fresh_views()
 
 
 def _named_views(plan: LoweringPlan, device: torch.Tensor, step: StepLayout, mirror: torch.Tensor) -> dict[str, Any]:
@@ -322,19 +352,25 @@ def default_stager(device: Any) -> Stager:
 
 
 @functools.cache
-def _lowered_class(md_class: type) -> type:
-    """The torch-side frozen dataclass of `md_class`: its lowered names, in plan order."""
+def _lowered_class(md_class: type) -> type[TorchLowering]:
+    """The torch-side frozen dataclass of `md_class`: its lowered names, in plan order (the
+    importable class of a built-in backend, else one made here)."""
     plan = plan_of(md_class)
     hints = [(name, "torch.Tensor") for _, name in plan.staged + plan.mirrors]
     hints += [(name, "int") for name in plan.scalars] + [(name, "Any") for name in plan.statics]
+    declared = _DECLARED.get(f"{md_class.__module__}.{md_class.__qualname__}")
+    if declared is not None and tuple(f.name for f in dataclasses.fields(declared)) == tuple(n for n, _ in hints):
+        declared.__module__ = __name__  # (where users import it from)
+        return declared
+    # a backend registered at run time (or declarations out of date: tests/test_typing.py)
     return dataclasses.make_dataclass(
-        "Torch" + md_class.__name__, hints, frozen=True, kw_only=True, eq=False,
+        "Torch" + md_class.__name__, hints, bases=(TorchLowering,), frozen=True, kw_only=True, eq=False,
         namespace={"__doc__": f"torch lowering of `{md_class.__name__}`: device fields are views into one "
                               "staged buffer, `*_cpu` fields are CPU tensors, ints are host scalars."},
     )
 
 
-def _instance(cls: type, fields: dict[str, Any]) -> Any:
+def _instance(cls: type[_T], fields: dict[str, Any]) -> _T:
     """A lowered object holding `fields` (every field of `cls`, the caller's dict adopted).
 
     The one place the adapter skips a frozen dataclass's generated `__init__`, which sets each
@@ -345,7 +381,7 @@ def _instance(cls: type, fields: dict[str, Any]) -> Any:
     return obj
 
 
-def with_fields(lowered: Any, **updates: Any) -> Any:
+def with_fields(lowered: _T, **updates: Any) -> _T:
     """A copy of a lowered object with some of its own fields replaced (others are refused)."""
     unknown = set(updates) - set(lowered.__dict__)
     if unknown:
@@ -353,9 +389,43 @@ def with_fields(lowered: Any, **updates: Any) -> Any:
     return _instance(type(lowered), {**lowered.__dict__, **updates})
 
 
+# --- typed overloads of lower: generated by `python tests/test_typing.py --write`; do not edit ---
+@overload
+def lower(md: CommonMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchCommonMetadata: ...
+@overload
+def lower(md: FlashInferMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchFlashInferMetadata: ...
+@overload
+def lower(md: FlexMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchFlexMetadata: ...
+@overload
+def lower(md: MambaMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchMambaMetadata: ...
+@overload
+def lower(md: TreeMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchTreeMetadata: ...
+@overload
+def lower(md: TritonMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchTritonMetadata: ...
+@overload
+def lower(md: TurboQuantMetadata, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchTurboQuantMetadata: ...
+@overload
 def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
           stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
-          table_view: Any = None) -> Any:
+          table_view: Any = None) -> TorchLowering: ...
+# --- end of generated overloads of lower ---
+def lower(md: Any, device: Any = "cuda", *, seq_lens: torch.Tensor | None = None,
+          stager: Stager | None = None, block_table: Any = None, table_updates: Any = None,
+          table_view: Any = None) -> TorchLowering:
     """Lower host metadata `md` (from `attnsync.build`) to torch tensors on `device`.
 
     Device fields are views into one staged buffer filled by one pinned `non_blocking` copy on
@@ -487,7 +557,7 @@ def _check_device_seq_lens(seq_lens: Any, md: Any, device: torch.device) -> torc
 
 def _plan_of(md: Any) -> LoweringPlan:
     """The lowering plan of `md`'s class, after refusing what is not lowerable metadata."""
-    cls = type(md)
+    cls: type = type(md)  # (typed: mypy finds type[Any] unhashable for the cache)
     try:
         plan = plan_of(cls)  # (cached per class; refuses what is not a dataclass)
     except TypeError:
@@ -531,7 +601,7 @@ def views_of(buffer: torch.Tensor, layout: PackedLayout) -> dict[str, torch.Tens
 
 
 @functools.lru_cache(maxsize=1024)
-def _view_recipe(layout: PackedLayout) -> tuple[tuple[torch.dtype, ...], tuple[tuple[str, int, tuple, tuple, int], ...]]:
+def _view_recipe(layout: PackedLayout) -> tuple[tuple[torch.dtype, ...], tuple[tuple[str, int, tuple[int, ...], tuple[int, ...], int], ...]]:
     """The dtypes to view a staged buffer as, and per field (name, dtype index, shape, strides,
     element offset): worked out once per layout."""
     names = list(dict.fromkeys(e.dtype for e in layout.entries))
@@ -571,7 +641,33 @@ def _as_device(device: Any) -> torch.device:
     return dev
 
 
-def lower_replicated(md: Any, devices: Any, *, stagers: Any = None) -> tuple[Any, ...]:
+# --- typed overloads of lower_replicated: generated by `python tests/test_typing.py --write`; do not edit ---
+@overload
+def lower_replicated(md: CommonMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchCommonMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlashInferMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchFlashInferMetadata, ...]: ...
+@overload
+def lower_replicated(md: FlexMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchFlexMetadata, ...]: ...
+@overload
+def lower_replicated(md: MambaMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchMambaMetadata, ...]: ...
+@overload
+def lower_replicated(md: TreeMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchTreeMetadata, ...]: ...
+@overload
+def lower_replicated(md: TritonMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchTritonMetadata, ...]: ...
+@overload
+def lower_replicated(md: TurboQuantMetadata, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchTurboQuantMetadata, ...]: ...
+@overload
+def lower_replicated(md: Any, devices: Any, *,
+                     stagers: Any = None) -> tuple[TorchLowering, ...]: ...
+# --- end of generated overloads of lower_replicated ---
+def lower_replicated(md: Any, devices: Any, *, stagers: Any = None) -> tuple[TorchLowering, ...]:
     """Lower one host metadata `md` to several devices: one pinned non_blocking copy each.
 
     For tensor-parallel engines, where every rank's attention reads the same metadata: build
