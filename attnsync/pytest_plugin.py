@@ -299,7 +299,7 @@ class PageableCopyDetector:
         def to(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not detector._paused and self.device.type == "cpu":
                 try:
-                    device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+                    device, _dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
                 except Exception:  # let torch report its own argument errors
                     device, non_blocking = None, False
                 if non_blocking and detector._is_target(device):
