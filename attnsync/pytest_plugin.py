@@ -35,7 +35,8 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import pytest
 
@@ -45,7 +46,7 @@ __all__ = ["CompileCounter", "JaxTransferGuard", "PageableCopy", "PageableCopyDe
            "TorchSyncGuard"]
 
 # The guards a test's fixtures (and markers) asked for; the call hook arms them around the body.
-_GUARDS = pytest.StashKey[list]()
+_GUARDS = pytest.StashKey[list[Any]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,14 +58,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "pageable or non-dense memory (the pageable_copy_detector fixture)")
 
 
-def _register(request: pytest.FixtureRequest, guard: Any) -> Any:
+_G = TypeVar("_G")
+
+
+def _register(request: pytest.FixtureRequest, guard: _G) -> _G:
     request.node.stash.setdefault(_GUARDS, []).append(guard)
     return guard
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    guards = list(item.stash.get(_GUARDS, []))
+    guards: list[Any] = list(item.stash[_GUARDS]) if _GUARDS in item.stash else []
     if item.get_closest_marker("attnsync_no_pageable_copy") and not any(
             isinstance(g, PageableCopyDetector) for g in guards) and _torch_or_none() is not None:
         guards.append(PageableCopyDetector())
@@ -212,7 +216,7 @@ def _describe(t: Any) -> str:
 def _caller() -> str:
     """The first frame outside torch and this module: the user's line that made the copy."""
     here = os.path.abspath(__file__)
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if path != here and f"{os.sep}torch{os.sep}" not in path:
@@ -435,7 +439,7 @@ class CompileCounter:
             self._traces[key].append(_signature(args, kwargs))  # runs only while JAX traces
             return fn(*args, **kwargs)
 
-        wrapped = jax.jit(traced, **jit_kwargs)
+        wrapped: Callable[..., Any] = jax.jit(traced, **jit_kwargs)
         self._name_of(wrapped, key)
         return wrapped
 
@@ -448,7 +452,7 @@ class CompileCounter:
             self._traces[key].append(_signature(tuple(example_inputs), {}))
             return inner(graph, example_inputs)
 
-        wrapped = torch.compile(fn, backend=counting, **compile_kwargs)
+        wrapped: Callable[..., Any] = torch.compile(fn, backend=counting, **compile_kwargs)
         self._name_of(wrapped, key)
         return wrapped
 
