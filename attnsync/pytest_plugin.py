@@ -68,7 +68,8 @@ def _register(request: pytest.FixtureRequest, guard: _G) -> _G:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    guards: list[Any] = list(item.stash[_GUARDS]) if _GUARDS in item.stash else []
+    registered: list[Any] = item.stash.get(_GUARDS, [])
+    guards = list(registered)
     if item.get_closest_marker("attnsync_no_pageable_copy") and not any(
             isinstance(g, PageableCopyDetector) for g in guards) and _torch_or_none() is not None:
         guards.append(PageableCopyDetector())
