@@ -19,7 +19,9 @@ array where a bool one was) lowers as given. Integer arrays of another width who
 int32 are narrowed to int32, as the JAX adapter always did.
 
 At least 10,000 malformed inputs are tried per run (the module's last test asserts it), with
-fixed seeds: Hypothesis is derandomized, so every run (CI included) tries the same inputs. Set
+fixed seeds: Hypothesis is derandomized, so every run of the same command on the same code (CI
+included) tries the same inputs. (Hypothesis also draws constants from the project modules that
+are loaded, so this module alone tries slightly other inputs than the whole suite.) Set
 ATTNSYNC_FUZZ_SEED=<int> to explore with another seed. Inputs are kept small (a four-row batch)
 so the module stays a few seconds of CI time.
 
