@@ -8,8 +8,12 @@ Frameworks are imported inside each function, so importing this module stays che
   and requires the host to return long before the kernel ends. It catches every host block,
   including those the debug mode misses (`Event.synchronize`, `torch.cuda.synchronize`,
   pageable device-to-host copies, syncs inside FlashInfer or JAX; see docs/sync-free.md).
+- `count_h2d_copies(fn)`: host-to-device copies `fn` made, from the torch profiler.
 - `naive_common_torch(batch, device)`: the sync-ful way (device lists, `.item()` maxima), the
   baseline of the equivalence tests and benchmarks.
+
+The same checks as pytest fixtures, for an engine's own builders: `attnsync.pytest_plugin`
+(docs/testing-kit.md).
 """
 
 from __future__ import annotations
@@ -91,19 +95,24 @@ def host_time_under_busy_gpu(fn: Callable[[], Any], *, sleep_ms: float = 50.0) -
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def assert_no_host_stall(fn: Callable[[], Any], *, budget_ms: float = 1.0, sleep_ms: float = 50.0) -> Any:
+def assert_no_host_stall(fn: Callable[[], Any], *, budget_ms: float = 1.0, sleep_ms: float = 50.0,
+                         attempts: int = 1) -> Any:
     """Assert `fn` returns within `budget_ms` of host time while the GPU is busy for `sleep_ms`.
 
     A call that waits for the GPU in any way takes about `sleep_ms`, far above the budget.
-    Returns `fn`'s result. Warm `fn` up first: first calls may compile or allocate.
+    With `attempts` > 1 the probe is retried: a real stall fails every attempt, host noise
+    (a preempted thread) only one. Returns `fn`'s result. Warm `fn` up first: first calls may
+    compile or allocate.
     """
-    elapsed, result = host_time_under_busy_gpu(fn, sleep_ms=sleep_ms)
-    if elapsed > budget_ms:
-        raise AssertionError(
-            f"host stalled: the call took {elapsed:.2f} ms of host time while a {sleep_ms:.0f} ms "
-            f"kernel was queued (budget {budget_ms} ms). Something waited for the GPU."
-        )
-    return result
+    for _ in range(max(1, attempts)):
+        elapsed, result = host_time_under_busy_gpu(fn, sleep_ms=sleep_ms)
+        if elapsed <= budget_ms:
+            return result
+    tries = f" in each of {attempts} attempts" if attempts > 1 else ""
+    raise AssertionError(
+        f"host stalled: the call took {elapsed:.2f} ms of host time while a {sleep_ms:.0f} ms "
+        f"kernel was queued (budget {budget_ms} ms){tries}. Something waited for the GPU."
+    )
 
 
 def count_h2d_copies(fn: Callable[[], Any]) -> tuple[int, Any]:

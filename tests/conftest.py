@@ -24,6 +24,17 @@ if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    """Our tests use attnsync's pytest plugin. Installed, its entry point has loaded it already
+    (registering it again would fail); a checkout installed before the entry point existed
+    gets it here."""
+    manager = config.pluginmanager
+    if not (manager.has_plugin("attnsync") or manager.has_plugin("attnsync.pytest_plugin")):
+        import attnsync.pytest_plugin
+
+        manager.register(attnsync.pytest_plugin, "attnsync.pytest_plugin")
+
+
 def pytest_collection_modifyitems(config, items):
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     no_interpreter = pytest.mark.skip(

@@ -95,13 +95,37 @@ def test_device_slot_mapping_dispatches_no_syncing_op():
     assert spy.seen == []
 
 
-def test_whole_cpu_lowering_with_device_seq_lens_dispatches_no_syncing_op():
+def test_whole_cpu_lowering_with_device_seq_lens_dispatches_no_syncing_op(pageable_copy_detector):
+    """No syncing op, and (the plugin's detector, which counts the CPU as a device on a host
+    without CUDA) no non_blocking copy from pageable memory."""
     md = attnsync.build(attnsync.Batch(**BATCH))
     lens = torch.from_numpy(TRUE_LENS.astype(np.int32))
     with SyncSpy() as spy:
         out = ast.lower(md, "cpu", seq_lens=lens)
     assert spy.seen == []
+    assert pageable_copy_detector.calls == []
     assert out.slot_mapping.tolist() == [145, 112, 113, 176, 177, 178, 63, -1, -1]
+
+
+@pytest.mark.parametrize("backend", ["common", "flashinfer", "flex", "tree", "turboquant"])
+def test_every_cpu_lowering_makes_no_pageable_non_blocking_copy(pageable_copy_detector, backend):
+    options = {"flex": {"num_cache_pages": 12}, "tree": {"speculative_token_tree": "[(0,)]"}}.get(backend, {})
+    batch = attnsync.Batch(query_lens=[1, 2, 3], seq_lens=[20, 35, 3], block_table=[[4, 9, 0], [2, 5, 7], [11, 0, 0]],
+                           block_size=16, seq_lens_exact=[False, True, True] if backend == "common" else True)
+    md = attnsync.build(batch, backend=backend, **options)
+    lens = torch.tensor([18, 35, 3], dtype=torch.int32) if backend == "common" else None
+    with SyncSpy() as spy:
+        out = ast.lower(md, "cpu", seq_lens=lens)
+    assert spy.seen == [] and pageable_copy_detector.calls == []
+    assert out.query_start_loc.tolist() == [0, 1, 3, 6]
+
+
+def test_the_detector_used_above_catches_a_pageable_non_blocking_copy(pageable_copy_detector):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU stands in for a device only on a host without CUDA")
+    torch.from_numpy(TRUE_LENS.astype(np.int32)).to("cpu", non_blocking=True)
+    (call,) = pageable_copy_detector.clear()
+    assert call.call == "Tensor.to(int32[5] -> cpu, non_blocking=True)" and "not pinned" in call.reason
 
 
 def _item(seq_lens, **_):

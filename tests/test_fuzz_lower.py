@@ -18,6 +18,13 @@ What the adapters do *not* re-check, by design, is the values of a built metadat
 array where a bool one was) lowers as given. Integer arrays of another width whose values fit
 int32 are narrowed to int32, as the JAX adapter always did.
 
+At least 10,000 malformed inputs are tried per run (the module's last test asserts it), with
+fixed seeds: Hypothesis is derandomized, so every run of the same command on the same code (CI
+included) tries the same inputs. (Hypothesis also draws constants from the project modules that
+are loaded, so this module alone tries slightly other inputs than the whole suite.) Set
+ATTNSYNC_FUZZ_SEED=<int> to explore with another seed. Inputs are kept small (a four-row batch)
+so the module stays a few seconds of CI time.
+
 The number of inputs tried per category is written by the module's last test to the file named
 by the environment variable ATTNSYNC_FUZZ_STATS, else to `fuzz_stats.txt` in pytest's base temp
 directory (e.g. /tmp/pytest-of-$USER/pytest-N/), never into pytest's output.
@@ -27,13 +34,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import attnsync
@@ -41,12 +50,32 @@ from attnsync import SpecError
 from attnsync._spec import array_fields, scalar_fields
 
 COUNTS: collections.Counter = collections.Counter()
+SECONDS: collections.Counter = collections.Counter()
+SEED = os.environ.get("ATTNSYNC_FUZZ_SEED")  # unset: derandomized (the same inputs every run)
 
 
-def fuzz(max_examples: int) -> settings:
-    """Hypothesis settings of this module: `max_examples` inputs, no deadline, no example database."""
-    return settings(max_examples=max_examples, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+def fuzz(max_examples: int):
+    """Hypothesis settings of this module: `max_examples` inputs, no deadline, no example
+    database, fixed seeds (derandomized, or ATTNSYNC_FUZZ_SEED); the test's time is recorded."""
+    config = settings(max_examples=max_examples, deadline=None, database=None, derandomize=SEED is None,
+                      suppress_health_check=list(HealthCheck))
+
+    def apply(test):
+        test = config(test)
+        if SEED is not None:
+            test = seed(int(SEED))(test)
+
+        @functools.wraps(test)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return test(*args, **kwargs)
+            finally:
+                SECONDS[test.__name__] += time.perf_counter() - start
+
+        return timed
+
+    return apply
 
 
 def refused(category: str, fn, names: tuple[str, ...]):
@@ -160,7 +189,7 @@ def junk():
     )
 
 
-@fuzz(500)
+@fuzz(1500)
 @given(keyword=st.sampled_from(BATCH_KEYWORDS), value=junk())
 def test_fuzz_batch_junk_keywords(keyword, value):
     if value is None and keyword in OPTIONAL_NONE:
@@ -172,13 +201,78 @@ def test_fuzz_batch_junk_keywords(keyword, value):
     refused("Batch keyword", lambda: attnsync.Batch(**{**BATCH, keyword: value}), (keyword,))
 
 
+@st.composite
+def bad_batch_values(draw):
+    """A well-typed `Batch` keyword with a value it must refuse, and the names the refusal may
+    give (a too-small block size or cache is reported by the table that no longer fits)."""
+    keyword = draw(st.sampled_from(BATCH_KEYWORDS))
+    rows = 4
+    big = draw(st.integers(2**31, 2**40))
+    small = st.integers(0, 40)
+    if keyword in ("query_lens", "seq_lens"):
+        good = list(BATCH[keyword])
+        kind = draw(st.sampled_from(["length", "negative", "int32", "query_above_seq"]))
+        if kind == "length":
+            value = draw(st.lists(small, min_size=0, max_size=8).filter(lambda v: len(v) != rows))
+        elif kind == "negative":
+            value = good.copy()
+            value[draw(st.integers(0, rows - 1))] = draw(st.integers(-(2**40), -1))
+        elif kind == "int32":
+            value = good.copy()
+            value[draw(st.integers(0, rows - 1))] = big
+        else:  # a query longer than its sequence, from either side
+            row = draw(st.integers(0, rows - 1))
+            value = good.copy()
+            if keyword == "query_lens":
+                value[row] = BATCH["seq_lens"][row] + draw(st.integers(1, 50))
+            else:
+                value[row] = BATCH["query_lens"][row] - 1 if BATCH["query_lens"][row] > 0 else -1
+        return keyword, value, (keyword, "seq_lens", "query_lens")
+    if keyword == "block_table":
+        table = np.array(BATCH["block_table"])
+        kind = draw(st.sampled_from(["negative", "int32", "narrow", "rows", "3d"]))
+        if kind == "negative":
+            table[draw(st.integers(0, rows - 1)), draw(st.integers(0, 3))] = draw(st.integers(-(2**31), -1))
+            value = table
+        elif kind == "int32":
+            value = table.astype(np.int64)
+            value[draw(st.integers(0, rows - 1)), draw(st.integers(0, 3))] = big
+        elif kind == "narrow":  # row 1 (seq_len 40) needs 3 pages of 16
+            value = table[:, : draw(st.integers(0, 2))]
+        elif kind == "rows":
+            value = np.resize(table, (draw(st.sampled_from([0, 1, 2, 3, 5, 7])), 4))
+        else:
+            value = table.reshape(rows, 2, 2)
+        return keyword, value, ("block_table",)
+    if keyword == "block_size":  # <= 0, beyond int32, or too small for the table's width
+        value = draw(st.one_of(st.integers(-(2**40), 0), st.just(big), st.integers(1, 9)))
+        return keyword, value, ("block_size", "block_table")
+    if keyword in ("padded_num_reqs", "padded_num_tokens"):
+        floor = rows if keyword == "padded_num_reqs" else sum(BATCH["query_lens"])
+        value = draw(st.one_of(st.integers(-(2**40), floor - 1), st.just(big)))
+        return keyword, value, (keyword,)
+    if keyword == "num_cache_pages":  # page ids run to 16 (any larger count is a valid cache)
+        value = draw(st.integers(-(2**40), 16))
+        return keyword, value, ("num_cache_pages", "block_table")
+    # the per-row bools: one value per request
+    value = draw(st.lists(st.booleans(), min_size=0, max_size=8).filter(lambda v: len(v) != rows))
+    return keyword, value, (keyword,)
+
+
+@fuzz(1200)
+@given(case=bad_batch_values())
+def test_fuzz_batch_bad_values(case):
+    keyword, value, names = case
+    refused("Batch value", lambda: attnsync.Batch(**{**BATCH, keyword: value}), names)
+
+
 # --------------------------------------------------------------------------------------------
 # build: invalid, missing and unknown options; bad backend names
 
 CASES = [(name, option, value) for name in BACKENDS for option, values in INVALID[name].items() for value in values]
 
 
-@fuzz(1500)
+@fuzz(2500)
 @given(case=st.sampled_from(CASES), extra_rows=st.integers(0, 3), pad=st.integers(0, 5))
 def test_fuzz_build_invalid_options(case, extra_rows, pad):
     name, option, value = case
@@ -193,7 +287,7 @@ def test_build_missing_required_options(name, option):
     refused(f"build {name} missing", lambda: attnsync.build(_batch(), backend=name, **options), (option,))
 
 
-@fuzz(300)
+@fuzz(600)
 @given(name=st.sampled_from(BACKENDS), option=st.from_regex(r"[a-z][a-z_]{0,14}", fullmatch=True))
 def test_fuzz_build_unknown_options(name, option):
     if option in VALID_OPTIONS[name] or option in INVALID[name]:
@@ -202,7 +296,7 @@ def test_fuzz_build_unknown_options(name, option):
                                                            **{option: 1}), (option,))
 
 
-@fuzz(200)
+@fuzz(400)
 @given(backend=st.one_of(st.text(max_size=8), st.integers(), st.none(), st.just(["common"])),
        batch=st.sampled_from(["batch", None, {"query_lens": [1]}, 3]))
 def test_fuzz_build_bad_backend_or_batch(backend, batch):
@@ -290,7 +384,7 @@ def edited_metadata(draw):
     return name, field, dataclasses.replace(md, **{field: new})
 
 
-@fuzz(1200)
+@fuzz(2000)
 @given(case=edited_metadata())
 def test_fuzz_torch_lower_edited_metadata(case):
     pytest.importorskip("torch")
@@ -304,7 +398,7 @@ def test_fuzz_torch_lower_edited_metadata(case):
         refused("lower flex_torch", lambda: flex_torch.lower(md, "cpu"), (field,))
 
 
-@fuzz(800)
+@fuzz(1500)
 @given(case=edited_metadata())
 def test_fuzz_jax_lower_edited_metadata(case):
     pytest.importorskip("jax")
@@ -379,7 +473,7 @@ def bad_seq_lens(draw):
     return name, draw(st.booleans()), value
 
 
-@fuzz(300)
+@fuzz(700)
 @given(case=bad_seq_lens())
 def test_fuzz_torch_lower_bad_device_seq_lens(case):
     from attnsync.adapters import torch as ast
@@ -398,7 +492,7 @@ def _inexact(name):
     return _INEXACT[name]
 
 
-@fuzz(150)
+@fuzz(300)
 @given(name=st.sampled_from(BACKENDS),
        device=st.one_of(st.sampled_from(["nope", "cuda:x", "", "gpu", 1.5, None, [], "cuda:99"]),
                         st.text(min_size=1, max_size=5).filter(lambda t: t.strip() not in ("cpu", "cuda", "meta"))))
@@ -464,11 +558,14 @@ def test_counts_reach_thousands(tmp_path_factory):
     a file (a print would break `pytest -q`'s progress line)."""
     tried = sum(v for k, v in COUNTS.items() if ":" not in k)
     lines = [f"fuzz (tests/test_fuzz_lower.py): {tried} malformed inputs tried, each refused with "
-             f"SpecError/TypeError naming the field"]
+             f"SpecError/TypeError naming the field",
+             f"seed: {SEED if SEED is not None else 'derandomized (fixed)'}; "
+             f"{sum(SECONDS.values()):.1f} s in the fuzz tests"]
     lines += [f"  {key}: {COUNTS[key]}" for key in sorted(COUNTS)]
+    lines += [f"  time {name}: {SECONDS[name]:.2f} s" for name in sorted(SECONDS)]
     path = Path(os.environ.get("ATTNSYNC_FUZZ_STATS") or tmp_path_factory.getbasetemp() / "fuzz_stats.txt")
     path.write_text("\n".join(lines) + "\n")
     assert path.read_text().startswith("fuzz (tests/test_fuzz_lower.py): ")
     if tried < 100:
         pytest.skip("run the whole module to count")
-    assert tried >= 2000, COUNTS
+    assert tried >= 10_000, COUNTS
