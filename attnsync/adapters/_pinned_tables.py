@@ -23,23 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _accel
 from .._staging import PackedLayout, _round_up
 
-__all__ = ["PinnedTables", "pack_fields"]
-
-
-def pack_fields(targets: tuple[np.ndarray, ...], sources: tuple[np.ndarray, ...]) -> None:
-    """Copy each source array into its target view (same shapes; int32 may widen to int64).
-
-    One compiled call for the common pairs where attnsync's compiled twin is in use (a numpy
-    copy per field costs more than the step's own copy for a decode batch's dozen small
-    fields), numpy for what it leaves.
-    """
-    native = _accel.native
-    done = native.pack(targets, sources) if native is not None else 0
-    for target, source in zip(targets[done:], sources[done:], strict=True):
-        np.copyto(target, source, casting="unsafe")
+__all__ = ["PinnedTables"]
 
 
 class _Block:

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from .._plan import BUILT_MARK, LoweringPlan, StepLayout, check_lowerable, plan_of
-from .._staging import PackedLayout, SlotRing, StagingStats, pack, plan_layout, unpack
+from .._staging import PackedLayout, SlotRing, StagingStats, pack, pack_fields, plan_layout, unpack
 from .._validate import SpecError
 from . import _torch_table_lowering as _table_lowering
 from ._cuda_calls import CurrentStream, HostToDevice
-from ._pinned_tables import PinnedTables, pack_fields
+from ._pinned_tables import PinnedTables
 from ._torch_lowered import DECLARED as _DECLARED
 from ._torch_lowered import (
     TorchCommonMetadata,

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-from attnsync._staging import plan_layout  # noqa: E402
+from attnsync._staging import pack_fields, plan_layout  # noqa: E402
 from attnsync.adapters import _pinned_tables  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def test_targets_are_the_layout_fields_after_the_table_then_the_mirrors():
     mirror = (np.zeros(256, np.int32),)
     targets = block.targets(layout, mirror)
     assert len(targets) == 3 and targets[-1] is mirror[0]
-    _pinned_tables.pack_fields(targets, (np.arange(256, dtype=np.int32), np.arange(256, dtype=np.int32),
+    pack_fields(targets, (np.arange(256, dtype=np.int32), np.arange(256, dtype=np.int32),
                                          np.ones(256, np.int32)))
     raw = block.host
     seq = raw[layout.entry("seq_lens").offset:][:1024].view(np.int32)
